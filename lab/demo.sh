@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `make demo` (root): a single-host lab, site.yml against it, then one answer streamed
+# through nginx to this terminal word by word. The lab stays up afterwards.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+LABCTL=(lab/labctl.py)
+RELEASE=${LAB_RELEASE:-bookworm}
+PROMPT=${DEMO_PROMPT:-Explain in two sentences why nginx buffering breaks token streaming.}
+MAX_TOKENS=${DEMO_MAX_TOKENS:-60}
+
+if [ "$(id -u)" != 0 ]; then
+  echo "make demo needs root (systemd-nspawn, network namespaces)" >&2
+  exit 1
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Clearing any earlier lab"
+"$PY" "${LABCTL[@]}" destroy
+
+step "Creating the single-host lab (Debian ${RELEASE})"
+"$PY" "${LABCTL[@]}" create --topology single --release "$RELEASE"
+
+step "Deploying the stack with site.yml"
+make --no-print-directory deploy
+
+EDGE=$("$PY" "${LABCTL[@]}" address edge)
+URL="http://${EDGE}/v1/chat/stream"
+BODY=$("$PY" -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1], "max_tokens": int(sys.argv[2]), "granularity": "word"}))' \
+  "$PROMPT" "$MAX_TOKENS")
+
+step "Streaming an answer through nginx on ${EDGE} (words appear as they arrive)"
+# -N: no curl-side buffering, so what reaches the terminal is what nginx sent, when it sent it.
+curl -sS -N --fail-with-body --max-time 120 -H 'Content-Type: application/json' -d "$BODY" "$URL"
+echo
+
+cat <<EOF
+
+The lab is up.
+  Stream again:  curl -N -H 'Content-Type: application/json' -d '{"prompt": "hello"}' ${URL}
+  Log in:        ${PY} lab/labctl.py ssh single
+                 (same as: ssh -i lab/.state/ssh/id_ed25519 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null lab@${EDGE})
+  Inventory:     ansible/inventories/lab/hosts.yml   (make testinfra, make loadtest use it)
+  Remove it:     make lab-destroy
+EOF

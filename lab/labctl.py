@@ -1,0 +1,582 @@
+#!/usr/bin/env python3
+"""Throwaway lab hosts: systemd-nspawn system containers, one network namespace each.
+
+Each host boots a real systemd, has its own address on a private bridge, sshd and a
+sudo user `lab`, so Ansible and testinfra treat it like a small VM. Run as root.
+
+    labctl.py create --topology single|split --release bookworm|trixie
+    labctl.py destroy [--purge-images]
+    labctl.py status
+    labctl.py address HOST_OR_GROUP
+    labctl.py ssh HOST [COMMAND...]
+
+Everything the lab makes on the machine carries the `sglab-` prefix (namespaces, links,
+the NAT rule's comment, process names) or lives under lab/.state/, so `destroy` can
+clear what an interrupted run left without touching anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# The lab's only network settings: every address is derived from here.
+LAB_SUBNET = ipaddress.ip_network("10.231.0.0/24")
+GATEWAY_ADDRESS = LAB_SUBNET.network_address + 1
+FIRST_HOST_OFFSET = 10
+
+NAME_PREFIX = "sglab-"
+BRIDGE_NAME = f"{NAME_PREFIX}br0"
+NAT_COMMENT = f"{NAME_PREFIX}lab"
+LAB_USER = "lab"
+
+TOPOLOGIES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "single": [(f"{NAME_PREFIX}single", ("edge", "app", "simulator"))],
+    "split": [
+        (f"{NAME_PREFIX}edge", ("edge",)),
+        (f"{NAME_PREFIX}app1", ("app",)),
+        (f"{NAME_PREFIX}app2", ("app",)),
+        (f"{NAME_PREFIX}sim", ("simulator",)),
+    ],
+}
+INVENTORY_GROUPS = ("edge", "app", "simulator")
+RELEASES = ("bookworm", "trixie")
+BASE_PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "python3", "openssh-server",
+    "sudo", "iproute2", "ca-certificates",
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = REPO_ROOT / "lab" / ".state"
+IMAGES_DIR = STATE_DIR / "images"
+HOSTS_DIR = STATE_DIR / "hosts"
+SSH_KEY = STATE_DIR / "ssh" / "id_ed25519"
+STATE_FILE = STATE_DIR / "lab.json"
+LOCK_FILE = STATE_DIR / "lock"
+INVENTORY_FILE = REPO_ROOT / "ansible" / "inventories" / "lab" / "hosts.yml"
+
+# Trust and name resolution are copied from the controller: HTTPS from the hosts may pass
+# a TLS-intercepting egress proxy whose CA only the controller's store knows.
+CONTROLLER_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+CONTROLLER_EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
+CONTROLLER_RESOLV_CONF = Path("/etc/resolv.conf")
+
+BOOT_TIMEOUT_S = 90
+SSH_TIMEOUT_S = 60
+STOP_GRACE_S = 10
+SSH_OPTIONS = (
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "BatchMode=yes",
+)
+
+
+class LabError(Exception):
+    """A step failed; the message says which and why."""
+
+
+@dataclass
+class LabHost:
+    name: str
+    address: str
+    groups: tuple[str, ...]
+    nspawn_pid: int = 0
+
+    @property
+    def root(self) -> Path:
+        return HOSTS_DIR / self.name / "rootfs"
+
+    @property
+    def netns_path(self) -> str:
+        return f"/run/netns/{self.name}"
+
+
+def log(message: str) -> None:
+    print(f"[labctl] {message}", file=sys.stderr, flush=True)
+
+
+def run(argv: list[str], check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, check=False, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise LabError(f"`{shlex.join(argv)}` failed ({result.returncode}): {result.stderr.strip()}")
+    if not quiet and result.returncode != 0:
+        log(f"ignored: `{shlex.join(argv)}`: {result.stderr.strip()}")
+    return result
+
+
+def plan_hosts(topology: str) -> list[LabHost]:
+    return [
+        LabHost(name, str(LAB_SUBNET.network_address + FIRST_HOST_OFFSET + index), groups)
+        for index, (name, groups) in enumerate(TOPOLOGIES[topology])
+    ]
+
+
+@contextlib.contextmanager
+def lab_lock():
+    """Serialise labctl runs: two creates interleaving would tear each other's hosts down."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# ---------------------------------------------------------------- base image
+
+def image_tarball(release: str) -> Path:
+    # The package list is part of the name so a changed list never reuses a stale image.
+    digest = hashlib.sha256(",".join(BASE_PACKAGES).encode()).hexdigest()[:8]
+    return IMAGES_DIR / f"{release}-{digest}.tar"
+
+
+def ensure_base_image(release: str) -> Path:
+    tarball = image_tarball(release)
+    if tarball.exists():
+        log(f"base image {release}: cached ({tarball.name})")
+        return tarball
+    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+    build_dir = IMAGES_DIR / f"{release}.build"
+    build_log = IMAGES_DIR / f"{release}.debootstrap.log"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    log(f"base image {release}: debootstrap (first run only, about a minute)")
+    started = time.monotonic()
+    # No mirror argument: debootstrap's default mirror, never a host name in the repo.
+    argv = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+            release, str(build_dir)]
+    with open(build_log, "w") as out:
+        if subprocess.run(argv, check=False, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+            tail = build_log.read_text(errors="replace").splitlines()[-15:]
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise LabError(f"debootstrap {release} failed:\n" + "\n".join(tail))
+    prepare_base_image(build_dir)
+    partial = tarball.with_suffix(".partial")
+    run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(build_dir),
+         "-cpf", str(partial), "."])
+    partial.rename(tarball)
+    shutil.rmtree(build_dir, ignore_errors=True)
+    log(f"base image {release}: built in {time.monotonic() - started:.0f} s")
+    return tarball
+
+
+def prepare_base_image(root: Path) -> None:
+    """What every host shares: the sudo user, no shared SSH host keys, no package cache."""
+    run(["chroot", str(root), "useradd", "--create-home", "--shell", "/bin/bash", LAB_USER])
+    sudoers = root / "etc" / "sudoers.d" / LAB_USER
+    sudoers.write_text(f"{LAB_USER} ALL=(ALL) NOPASSWD:ALL\n")
+    sudoers.chmod(0o440)
+    for host_key in (root / "etc" / "ssh").glob("ssh_host_*"):
+        host_key.unlink()
+    for package in (root / "var" / "cache" / "apt" / "archives").glob("*.deb"):
+        package.unlink()
+    # Makes sure sshd starts at boot whatever the package's postinst did in the chroot.
+    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    ssh_link = wants / "ssh.service"
+    if not ssh_link.exists() and not ssh_link.is_symlink():
+        ssh_link.symlink_to("/lib/systemd/system/ssh.service")
+
+
+# ---------------------------------------------------------------- per host
+
+def ensure_ssh_key() -> Path:
+    if not SSH_KEY.exists():
+        SSH_KEY.parent.mkdir(parents=True, exist_ok=True)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{NAME_PREFIX}lab",
+             "-f", str(SSH_KEY)])
+    return SSH_KEY
+
+
+def populate_host_root(host: LabHost, tarball: Path, hosts: list[LabHost]) -> None:
+    host.root.mkdir(parents=True)
+    run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(host.root),
+         "-xpf", str(tarball)])
+    etc = host.root / "etc"
+    (etc / "hostname").write_text(f"{host.name}\n")
+    (etc / "machine-id").write_text(uuid.uuid4().hex + "\n")
+    lab_names = "".join(f"{other.address}\t{other.name}\n" for other in hosts)
+    (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{host.name}\n::1\tlocalhost\n{lab_names}")
+    resolv = etc / "resolv.conf"
+    resolv.unlink(missing_ok=True)  # may be a symlink into the image
+    shutil.copyfile(CONTROLLER_RESOLV_CONF, resolv)
+    copy_trust_store(host.root)
+    run(["ssh-keygen", "-A", "-f", str(host.root)])
+    ssh_dir = host.root / "home" / LAB_USER / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    authorized = ssh_dir / "authorized_keys"
+    authorized.write_text(SSH_KEY.with_suffix(".pub").read_text())
+    authorized.chmod(0o600)
+    owner = (host.root / "home" / LAB_USER).stat()
+    for path in (ssh_dir, authorized):
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def copy_trust_store(root: Path) -> None:
+    """The controller's CA bundle, plus its extra CAs so a later update-ca-certificates keeps them."""
+    bundle = root / "etc" / "ssl" / "certs" / "ca-certificates.crt"
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(CONTROLLER_CA_BUNDLE, bundle)
+    if CONTROLLER_EXTRA_CA_DIR.is_dir():
+        shutil.copytree(CONTROLLER_EXTRA_CA_DIR, root / "usr" / "local" / "share" / "ca-certificates",
+                        dirs_exist_ok=True)
+
+
+def setup_network(hosts: list[LabHost]) -> dict:
+    prefix = LAB_SUBNET.prefixlen
+    run(["ip", "link", "add", BRIDGE_NAME, "type", "bridge"])
+    run(["ip", "addr", "add", f"{GATEWAY_ADDRESS}/{prefix}", "dev", BRIDGE_NAME])
+    run(["ip", "link", "set", BRIDGE_NAME, "up"])
+    for host in hosts:
+        netns = ["ip", "-n", host.name]
+        run(["ip", "netns", "add", host.name])
+        run(["ip", "link", "add", host.name, "type", "veth", "peer", "name", "eth0", "netns", host.name])
+        run(["ip", "link", "set", host.name, "master", BRIDGE_NAME, "up"])
+        run([*netns, "addr", "add", f"{host.address}/{prefix}", "dev", "eth0"])
+        run([*netns, "link", "set", "lo", "up"])
+        run([*netns, "link", "set", "eth0", "up"])
+        run([*netns, "route", "add", "default", "via", str(GATEWAY_ADDRESS)])
+    forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+    run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    for rule in nat_rules():
+        run(["iptables", *rule[0:2], "-A", *rule[2:]])
+    return {"ip_forward_before": forward_before}
+
+
+def nat_rules() -> list[list[str]]:
+    """Table, chain and match of each rule the lab adds; all tagged with NAT_COMMENT."""
+    subnet = str(LAB_SUBNET)
+    tag = ["-m", "comment", "--comment", NAT_COMMENT]
+    return [
+        ["-t", "nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, *tag, "-j", "MASQUERADE"],
+        # Only matters where FORWARD's policy is DROP (CI runners with other tooling).
+        ["-t", "filter", "FORWARD", "-s", subnet, *tag, "-j", "ACCEPT"],
+        ["-t", "filter", "FORWARD", "-d", subnet, *tag, "-j", "ACCEPT"],
+    ]
+
+
+def boot_host(host: LabHost) -> None:
+    with open(HOSTS_DIR / host.name / "console.log", "w") as console_log:
+        process = subprocess.Popen(
+            ["systemd-nspawn", "-D", str(host.root), "-b", "-M", host.name,
+             "--register=no", "--keep-unit", f"--network-namespace-path={host.netns_path}",
+             "--console=read-only", "--resolv-conf=off", "--link-journal=no"],
+            stdin=subprocess.DEVNULL, stdout=console_log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # setsid: the host outlives this command
+        )
+    host.nspawn_pid = process.pid
+    (HOSTS_DIR / host.name / "nspawn.pid").write_text(f"{process.pid}\n")
+
+
+def container_leader(nspawn_pid: int) -> int | None:
+    """The container's PID 1, seen from the controller: the nspawn process's child."""
+    try:
+        children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def system_state(host: LabHost) -> str:
+    leader = container_leader(host.nspawn_pid)
+    if leader is None:
+        return "no-leader"
+    result = run(["nsenter", "-t", str(leader), "-a", "systemctl", "is-system-running"],
+                 check=False, quiet=True)
+    return result.stdout.strip() or "unknown"
+
+
+def wait_until(description: str, timeout_s: float, probe) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = probe()
+        if last is True:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"{description}: not ready after {timeout_s:.0f} s (last: {last})")
+        time.sleep(0.5)
+
+
+def wait_for_boot(host: LabHost) -> None:
+    def probe():
+        if not Path(f"/proc/{host.nspawn_pid}").exists():
+            tail = (HOSTS_DIR / host.name / "console.log").read_text(errors="replace")[-800:]
+            raise LabError(f"{host.name}: systemd-nspawn exited during boot:\n{tail}")
+        state = system_state(host)
+        return True if state in ("running", "degraded") else state
+    wait_until(f"{host.name} boot", BOOT_TIMEOUT_S, probe)
+    state = system_state(host)
+    if state == "degraded":
+        failed = run(["nsenter", "-t", str(container_leader(host.nspawn_pid)), "-a",
+                      "systemctl", "--failed", "--no-legend", "--plain"], check=False, quiet=True)
+        log(f"{host.name}: degraded, failed units: {failed.stdout.strip()}")
+
+
+def ssh_argv(host_address: str, command: list[str] | None = None, *extra_options: str) -> list[str]:
+    return ["ssh", "-i", str(SSH_KEY), *SSH_OPTIONS, *extra_options, f"{LAB_USER}@{host_address}",
+            *(command or [])]
+
+
+def wait_for_ssh(host: LabHost) -> None:
+    def probe():
+        argv = ssh_argv(host.address, ["sudo", "-n", "true"], "-o", "ConnectTimeout=3")
+        result = run(argv, check=False, quiet=True)
+        return True if result.returncode == 0 else result.stderr.strip()[-200:]
+    wait_until(f"{host.name} ssh", SSH_TIMEOUT_S, probe)
+
+
+# ---------------------------------------------------------------- inventory
+
+def write_inventory(hosts: list[LabHost], topology: str, release: str) -> None:
+    quote = json.dumps  # a JSON string is a valid YAML scalar
+    lines = [
+        "# Generated by lab/labctl.py for throwaway lab hosts; `make lab-destroy` removes it.",
+        "all:",
+        "  vars:",
+        f"    ansible_user: {LAB_USER}",
+        f"    ansible_ssh_private_key_file: {quote(str(SSH_KEY))}",
+        f"    ansible_ssh_common_args: {quote(' '.join(SSH_OPTIONS[:6]))}",
+        "    ansible_python_interpreter: /usr/bin/python3",
+        f"    lab_topology: {topology}",
+        f"    lab_release: {release}",
+        "  children:",
+    ]
+    for group in INVENTORY_GROUPS:
+        lines += [f"    {group}:", "      hosts:"]
+        for host in hosts:
+            if group in host.groups:
+                lines += [f"        {host.name}:", f"          ansible_host: {host.address}"]
+    INVENTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    INVENTORY_FILE.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- destroy
+
+def process_cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def nspawn_machine_name(argv: list[str]) -> str | None:
+    if not argv or os.path.basename(argv[0]) != "systemd-nspawn":
+        return None
+    for index, arg in enumerate(argv):
+        if arg in ("-M", "--machine") and index + 1 < len(argv):
+            return argv[index + 1]
+        for flag in ("--machine=", "-M"):
+            if arg.startswith(flag) and len(arg) > len(flag):
+                return arg[len(flag):]
+    return None
+
+
+def lab_processes() -> tuple[list[int], list[int]]:
+    """Our nspawn processes (by -M sglab-*) and processes whose root is one of our host dirs."""
+    nspawns, rooted = [], []
+    hosts_prefix = str(HOSTS_DIR) + "/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        name = nspawn_machine_name(process_cmdline(pid))
+        if name and name.startswith(NAME_PREFIX):
+            nspawns.append(pid)
+            continue
+        try:
+            root = os.readlink(f"/proc/{pid}/root")
+        except OSError:
+            continue
+        if root.startswith(hosts_prefix):
+            rooted.append(pid)
+    return nspawns, rooted
+
+
+def send_signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def stop_processes() -> None:
+    recorded = [int(p.read_text()) for p in HOSTS_DIR.glob(f"{NAME_PREFIX}*/nspawn.pid")
+                if p.read_text().strip().isdigit()]
+    nspawns, _ = lab_processes()
+    # A recorded PID counts only while it still is one of our nspawn processes (PIDs get reused).
+    targets = sorted({pid for pid in recorded if pid in nspawns} | set(nspawns))
+    for pid in targets:
+        log(f"stopping systemd-nspawn {pid} ({nspawn_machine_name(process_cmdline(pid))})")
+        send_signal(pid, signal.SIGTERM)  # nspawn asks the container's systemd to power off
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in targets):
+        time.sleep(0.3)
+    nspawns, rooted = lab_processes()
+    for pid in nspawns + rooted:
+        log(f"killing leftover process {pid}")
+        send_signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(lab_processes()):
+        time.sleep(0.3)
+
+
+def remove_network() -> None:
+    for line in run(["ip", "netns", "list"], check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(NAME_PREFIX):
+            run(["ip", "netns", "del", name], check=False)
+    for line in run(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name.startswith(NAME_PREFIX):
+            run(["ip", "link", "del", name], check=False)
+    for table, chain in (("nat", "POSTROUTING"), ("filter", "FORWARD")):
+        listed = run(["iptables", "-t", table, "-S", chain], check=False, quiet=True).stdout
+        for line in listed.splitlines():
+            rule = shlex.split(line)
+            if rule[:1] == ["-A"] and NAT_COMMENT in rule:
+                run(["iptables", "-t", table, "-D", *rule[1:]], check=False)
+
+
+def unmount_below(path: Path) -> None:
+    """Never delete through a mount point that something left inside a host directory."""
+    prefix = str(path) + "/"
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mount_point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        run(["umount", "-l", mount_point], check=False)
+
+
+def destroy(purge_images: bool = False) -> None:
+    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
+    stop_processes()
+    remove_network()
+    if state.get("ip_forward_before") == "0":
+        run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"], check=False)
+    if HOSTS_DIR.exists():
+        for host_dir in HOSTS_DIR.glob(f"{NAME_PREFIX}*"):
+            unmount_below(host_dir)
+            shutil.rmtree(host_dir)
+    if purge_images:
+        shutil.rmtree(IMAGES_DIR, ignore_errors=True)
+    STATE_FILE.unlink(missing_ok=True)
+    INVENTORY_FILE.unlink(missing_ok=True)
+    log("lab destroyed (nothing named sglab-* left)")
+
+
+# ---------------------------------------------------------------- commands
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("run as root: the lab makes network namespaces and boots containers")
+
+
+def create(topology: str, release: str) -> None:
+    for tool in ("debootstrap", "systemd-nspawn", "nsenter", "iptables", "ip", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            raise LabError(f"`{tool}` not found: `make deps` installs the controller's packages")
+    started = time.monotonic()
+    destroy()
+    tarball = ensure_base_image(release)
+    ensure_ssh_key()
+    hosts = plan_hosts(topology)
+    image_ready = time.monotonic()
+    for host in hosts:
+        populate_host_root(host, tarball, hosts)
+    state = {"topology": topology, "release": release, "hosts": []}
+    state.update(setup_network(hosts))
+    STATE_FILE.write_text(json.dumps(state, indent=2))
+    for host in hosts:
+        boot_host(host)
+    state["hosts"] = [asdict(host) for host in hosts]
+    STATE_FILE.write_text(json.dumps(state, indent=2))
+    for host in hosts:
+        wait_for_boot(host)
+    for host in hosts:
+        wait_for_ssh(host)
+    write_inventory(hosts, topology, release)
+    done = time.monotonic()
+    log(f"{topology} lab on {release} up: hosts in {done - image_ready:.1f} s "
+        f"(total {done - started:.1f} s); inventory {INVENTORY_FILE.relative_to(REPO_ROOT)}")
+    for host in hosts:
+        print(f"{host.name}\t{host.address}\t{','.join(host.groups)}")
+
+
+def load_hosts() -> list[LabHost]:
+    if not STATE_FILE.exists():
+        raise LabError("no lab: `make lab` creates one")
+    state = json.loads(STATE_FILE.read_text())
+    return [LabHost(h["name"], h["address"], tuple(h["groups"]), h["nspawn_pid"]) for h in state["hosts"]]
+
+
+def find_host(name_or_group: str) -> LabHost:
+    hosts = load_hosts()
+    for host in hosts:
+        if name_or_group in (host.name, host.name.removeprefix(NAME_PREFIX)):
+            return host
+    for host in hosts:
+        if name_or_group in host.groups:
+            return host
+    raise LabError(f"no lab host or group {name_or_group!r}; hosts: {', '.join(h.name for h in hosts)}")
+
+
+def status() -> None:
+    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else None
+    if state is None:
+        print("no lab")
+        return
+    print(f"topology {state['topology']}, release {state['release']}")
+    for host in load_hosts():
+        print(f"{host.name}\t{host.address}\t{','.join(host.groups)}\t{system_state(host)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    create_parser = commands.add_parser("create", help="destroy any old lab, then create one")
+    create_parser.add_argument("--topology", choices=sorted(TOPOLOGIES), default="split")
+    create_parser.add_argument("--release", choices=RELEASES, default="bookworm")
+    destroy_parser = commands.add_parser("destroy", help="remove hosts, namespaces, links, NAT rules")
+    destroy_parser.add_argument("--purge-images", action="store_true", help="also drop cached base images")
+    commands.add_parser("status", help="list hosts and their systemd state")
+    address_parser = commands.add_parser("address", help="print the address of a host or of a group's first host")
+    address_parser.add_argument("host")
+    ssh_parser = commands.add_parser("ssh", help="ssh into a lab host as the lab user")
+    ssh_parser.add_argument("host")
+    ssh_parser.add_argument("remote_command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    try:
+        if args.command == "address":
+            print(find_host(args.host).address)
+            return 0
+        if args.command == "ssh":
+            os.execvp("ssh", ssh_argv(find_host(args.host).address, args.remote_command))
+        require_root()
+        with lab_lock():
+            if args.command == "create":
+                try:
+                    create(args.topology, args.release)
+                except BaseException:
+                    log("create failed: tearing the partial lab down")
+                    destroy()
+                    raise
+            elif args.command == "destroy":
+                destroy(args.purge_images)
+            elif args.command == "status":
+                status()
+    except LabError as error:
+        log(f"error: {error}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
