@@ -1,0 +1,236 @@
+"""Locust users that judge every streamed response: did it arrive token by token, fast, complete?
+
+Locust alone times only the headers of a streamed response, so the users read the body
+themselves, one socket read at a time, and fire their own request events:
+  POST <path>        whole response: time = duration (ms), length = tokens; failure = error by kind
+  ttft_ms <path>     time to the first content read
+  itl_ms <path>      every gap between two content reads (and the last silence of a broken stream)
+  tokens_per_s <path>  tokens / duration, in the "response time" column
+  buffered <path>    one sample per complete response; a failure when it arrived buffered
+  corrupt <path>     one sample per complete response; a failure when the text is not the expected
+The SLO gates (slo.py) read these from Locust's stats, so they work on a distributed master too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import loadopts
+import slo
+from locust import FastHttpUser, constant, events, task
+from locust.runners import WorkerRunner
+from streamcheck import (
+    ABORTED,
+    BUFFERED,
+    CORRUPT,
+    ERROR_EVENT,
+    HTTP_STATUS,
+    OpenAIDecoder,
+    SSEDecoder,
+    StreamRecord,
+    TextDecoder,
+    count_tokens,
+    judge_buffered,
+    judge_corrupt,
+)
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    loadopts.add_options(parser)
+
+
+@events.init.add_listener
+def _configure_users(environment, **_kwargs) -> None:
+    options = environment.parsed_options
+    if options is None:
+        return
+    # FastHttpUser reads these when a user starts: the read timeout bounds a silent stream.
+    StreamUser.network_timeout = options.read_timeout_s
+    StreamUser.wait_time = constant(options.think_time_s)
+
+
+@events.quitting.add_listener
+def _apply_gates(environment, **_kwargs) -> None:
+    if isinstance(environment.runner, WorkerRunner) or environment.parsed_options is None:
+        return
+    options = environment.parsed_options
+    gates = slo.evaluate(environment.stats, options)
+    responses = slo.merged(environment.stats, slo.RESPONSE).num_requests
+    print(f"streamgate load: {responses} responses judged")
+    for gate in gates:
+        print(gate.summary())
+    user_exceptions = len(environment.runner.exceptions)
+    if user_exceptions:
+        print(f"FAIL: {user_exceptions} exceptions in the user code (see the log)")
+    if options.gates_json:
+        slo.write_json(options.gates_json, gates, responses)
+    failed = user_exceptions or not all(gate.passed for gate in gates)
+    environment.process_exit_code = 1 if failed else 0
+
+
+def _read_available(raw) -> bytes | None:
+    """The body bytes of one socket read as they arrive; None at the end of the message.
+
+    geventhttpclient's own read(n) waits for n bytes, which would hide how the stream arrived,
+    so this reads the socket once and feeds the response's parser (pinned geventhttpclient).
+    """
+    while not raw._body_buffer:
+        if raw.message_complete:
+            return None
+        sock = raw._sock
+        if sock is None:
+            raise ConnectionError("connection released before the end of the body")
+        data = sock.recv(raw.block_size)
+        if not data:
+            raise ConnectionError("connection closed before the end of the body")
+        raw.feed(data)
+    body = bytes(raw._body_buffer)
+    del raw._body_buffer[:]
+    return body
+
+
+def _discard_connection(raw) -> None:
+    """Close a connection whose body was not read to the end (never reuse it)."""
+    sock, pool = raw._sock, raw._pool
+    raw._sock = raw._pool = None
+    if sock is not None:
+        if pool is not None:
+            pool.release_socket(sock)
+        else:
+            sock.close()
+
+
+# identity: a compressing hop would have to buffer; the stream must reach us as it was written.
+REQUEST_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "text/event-stream, text/plain, application/json",
+    "Accept-Encoding": "identity",
+}
+
+
+class StreamUser(FastHttpUser):
+    """Measures and judges one streamed response per task; subclasses know one route each."""
+
+    abstract = True
+    path = ""
+    decoder_class: type[TextDecoder] = TextDecoder
+    wait_time = constant(0)
+
+    def request_body(self, options) -> dict:
+        return {"prompt": options.prompt, "model": options.model, "max_tokens": options.sim_tokens}
+
+    @task
+    def stream(self) -> None:
+        options = self.environment.parsed_options
+        decoder = self.decoder_class()
+        record = StreamRecord(started=time.perf_counter())
+        with self.client.post(
+            self.path,
+            data=json.dumps(self.request_body(options)),
+            headers=REQUEST_HEADERS,
+            stream=True,
+            catch_response=True,
+            name=self.path,
+        ) as response:
+            if response.status_code != 200 or getattr(response, "error", None):
+                record.error = self._error_before_body(response)
+            else:
+                self._read_body(response._response, record, decoder)
+            record.ended = time.perf_counter()
+            self._report(response, record, decoder, options)
+
+    @staticmethod
+    def _error_before_body(response) -> str:
+        if response.status_code:
+            return f"{HTTP_STATUS} {response.status_code}"
+        return f"{ABORTED}: {type(response.error).__name__}"
+
+    @staticmethod
+    def _read_body(raw, record: StreamRecord, decoder: TextDecoder) -> None:
+        try:
+            while (data := _read_available(raw)) is not None:
+                content, units = decoder.feed(data)
+                record.add_read(time.perf_counter(), content, units)
+        except TimeoutError:  # gevent raises socket.timeout, an alias
+            record.error = f"{ABORTED}: read timeout"
+        except OSError as error:  # ConnectionError and resets
+            record.error = f"{ABORTED}: {type(error).__name__}"
+        if record.error:
+            _discard_connection(raw)
+        elif decoder.error:
+            record.error = ERROR_EVENT
+
+    def _report(self, response, record: StreamRecord, decoder: TextDecoder, options) -> None:
+        expected = _expected_tokens(options)
+        tokens = count_tokens(record, decoder, expected)
+        response.request_meta["response_time"] = record.duration_ms()
+        response.request_meta["response_length"] = tokens
+        if record.error:
+            response.failure(record.error)
+        else:
+            response.success()
+        fire = self.environment.events.request.fire
+        if record.ttft_ms is not None:
+            fire(request_type=slo.TTFT, name=self.path, response_time=record.ttft_ms,
+                 response_length=0, exception=None, context={})
+        for gap_ms in record.gaps_ms():
+            fire(request_type=slo.ITL, name=self.path, response_time=gap_ms,
+                 response_length=0, exception=None, context={})
+        if record.error:
+            return
+        duration_s = record.duration_ms() / 1000
+        if duration_s > 0:
+            fire(request_type=slo.TOKENS_PER_S, name=self.path, response_time=tokens / duration_s,
+                 response_length=tokens, exception=None, context={})
+        timing = loadopts.timing_from(options)
+        verdicts = [(BUFFERED, judge_buffered(record, tokens, timing))]
+        if expected is not None:
+            verdicts.append((CORRUPT, judge_corrupt(record, expected)))
+        for kind, failure in verdicts:
+            fire(request_type=kind, name=self.path, response_time=0,
+                 response_length=tokens, exception=failure, context={})
+
+
+_expected_cache: dict[int, list[str]] = {}
+
+
+def _expected_tokens(options) -> list[str] | None:
+    """The simulator's deterministic tokens for this run, or None when not checking text."""
+    if options.expected_text == "none":
+        return None
+    if options.sim_tokens not in _expected_cache:
+        from streamgate.simulator.script import expected_tokens
+
+        _expected_cache[options.sim_tokens] = expected_tokens(options.sim_tokens)
+    return _expected_cache[options.sim_tokens]
+
+
+class TextStreamUser(StreamUser):
+    """The gateway's plain-text route."""
+
+    path = "/v1/chat/stream"
+
+
+class SSEStreamUser(StreamUser):
+    """The gateway's server-sent-events route."""
+
+    path = "/v1/chat/stream-sse"
+    decoder_class = SSEDecoder
+
+
+class OpenAIStreamUser(StreamUser):
+    """The OpenAI-compatible route (the gateway's, or the simulator's directly)."""
+
+    path = "/v1/chat/completions"
+    decoder_class = OpenAIDecoder
+
+    def request_body(self, options) -> dict:
+        return {
+            "model": options.model,
+            "messages": [{"role": "user", "content": options.prompt}],
+            "max_tokens": options.sim_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Headless load test of a streamgate deployment: Locust, SLO gates, CSV + HTML + PNG report.
+
+    loadtest/run.py --inventory ansible/inventories/lab/hosts.yml      # nginx on the lab's edge
+    loadtest/run.py --target http://127.0.0.1:8080 --users 50 --run-time 20s
+    loadtest/run.py --target http://127.0.0.1:8100 --routes openai    # the simulator alone
+
+Options not listed here go to Locust unchanged (e.g. --slo-itl-p99-ms 150, --model ...).
+The exit code is Locust's, which the gates in locustfile.py set: 0 only if every gate passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROUTE_USERS = {"text": "TextStreamUser", "sse": "SSEStreamUser", "openai": "OpenAIStreamUser"}
+
+
+def find_group(node: dict, group: str) -> dict | None:
+    """The inventory group `group`, searched through nested `children`."""
+    for name, value in (node or {}).items():
+        if not isinstance(value, dict):
+            continue
+        if name == group:
+            return value
+        found = find_group(value.get("children") or {}, group)
+        if found is not None:
+            return found
+    return None
+
+
+def edge_url(inventory: Path) -> str:
+    """http://<ansible_host of the first host of group edge>/"""
+    data = yaml.safe_load(inventory.read_text(encoding="utf-8"))
+    edge = find_group(data, "edge")
+    if not edge or not edge.get("hosts"):
+        raise SystemExit(f"no hosts in group 'edge' of {inventory}: give --target")
+    name, host_vars = next(iter(edge["hosts"].items()))
+    return f"http://{(host_vars or {}).get('ansible_host', name)}/"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--inventory", type=Path, help="Ansible inventory: target its edge host")
+    parser.add_argument("--target", help="base URL (wins over --inventory)")
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--spawn-rate", type=float, default=50.0, help="users started per second")
+    parser.add_argument("--run-time", default="60s")
+    parser.add_argument("--routes", default="text,sse,openai",
+                        help=f"comma-separated, of {','.join(ROUTE_USERS)}")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="Locust worker processes on this host (0: one process, no master)")
+    parser.add_argument("--reports-dir", type=Path, default=HERE / "reports")
+    return parser.parse_known_args(argv)
+
+
+def locust_command(args: argparse.Namespace, target: str, report: Path, extra: list[str]) -> list[str]:
+    users = [ROUTE_USERS[route.strip()] for route in args.routes.split(",") if route.strip()]
+    command = [
+        sys.executable, "-m", "locust",
+        "-f", str(HERE / "locustfile.py"), "--config", str(HERE / "locust.conf"),
+        "--headless", "--host", target.rstrip("/"),
+        "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
+        "--run-time", args.run_time,
+        "--csv", str(report / "stats"), "--csv-full-history", "--html", str(report / "report.html"),
+        "--gates-json", str(report / "gates.json"), "--logfile", str(report / "locust.log"),
+    ]
+    if args.processes:
+        command += ["--processes", str(args.processes)]
+    return [*command, *extra, *users]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.target:
+        target = args.target
+    elif args.inventory:
+        target = edge_url(args.inventory)
+    else:
+        raise SystemExit("give --target URL or --inventory PATH")
+    report = args.reports_dir / time.strftime("%Y%m%d-%H%M%S")
+    report.mkdir(parents=True, exist_ok=True)
+    command = locust_command(args, target, report, extra)
+    print(f"load test: {args.users} users for {args.run_time} against {target}", flush=True)
+    exit_code = subprocess.run(command, check=False).returncode
+
+    # Plot only after Locust has exited: matplotlib stays out of the generator's process.
+    from reportplot import plot_history
+
+    history = report / "stats_stats_history.csv"
+    try:
+        plot_history(history, report / "latency.png")
+    except (OSError, ValueError) as error:  # a run that died early has no history: say so
+        print(f"no plot: {error}")
+    print(f"reports in {report}: report.html, stats_*.csv, latency.png, gates.json, locust.log")
+    print(f"load test {'PASSED' if exit_code == 0 else f'FAILED (exit code {exit_code})'}")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

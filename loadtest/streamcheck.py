@@ -1,0 +1,213 @@
+"""Measuring one streamed response and judging it: no Locust, no sockets, so it is unit-testable.
+
+A `StreamRecord` is fed every read of the body with its arrival time (`perf_counter`). A decoder
+per wire format turns bytes into content text, the upstream's token count and in-band errors.
+`judge()` then says whether the response arrived buffered or corrupt.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import json
+from dataclasses import dataclass, field
+
+# Error kinds: the start of every failure message, so Locust's error table groups by kind.
+HTTP_STATUS = "http status"
+ABORTED = "aborted stream"
+ERROR_EVENT = "in-band error event"
+BUFFERED = "buffered"
+CORRUPT = "corrupt"
+
+
+class TextDecoder:
+    """text/plain: the body is the content (UTF-8, a character may be split across reads)."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tokens_reported: int | None = None
+        self.error: str | None = None
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[str, int]:
+        """New content text in `data`, and how many protocol units (tokens) carried it."""
+        text = self._utf8.decode(data)
+        return text, 0
+
+
+class SSEDecoder(TextDecoder):
+    """text/event-stream per WHATWG: `data:` lines joined by newlines, an event ends at a blank line.
+
+    Subclasses say what an event means (`on_event`); this base treats the data as content.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._partial_line = ""
+        self._data_lines: list[str] = []
+        self._event_type = ""
+
+    def feed(self, data: bytes) -> tuple[str, int]:
+        lines = (self._partial_line + self._utf8.decode(data)).split("\n")
+        self._partial_line = lines.pop()
+        content, units = [], 0
+        for raw_line in lines:
+            line = raw_line.removesuffix("\r")
+            if line == "":
+                if self._data_lines:
+                    text = self.on_event(self._event_type, "\n".join(self._data_lines))
+                    if text:
+                        content.append(text)
+                        units += 1
+                self._data_lines, self._event_type = [], ""
+            elif line.startswith(":"):
+                continue  # comment: heartbeat
+            else:
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "data":
+                    self._data_lines.append(value)
+                elif name == "event":
+                    self._event_type = value
+        return "".join(content), units
+
+    def on_event(self, event_type: str, data: str) -> str:
+        """Content carried by one event ("" for none); records errors and the end."""
+        if event_type == "error":
+            self.error = data[:200]
+            return ""
+        if event_type in ("done", "end") or data == "[DONE]":
+            self.done = True
+            return ""
+        if data.startswith("{"):
+            return self.on_json(json.loads(data))
+        return data
+
+    def on_json(self, payload: dict) -> str:
+        if "error" in payload:
+            self.error = str(payload["error"])[:200]
+            return ""
+        for key in ("content", "text", "token", "delta"):
+            if isinstance(payload.get(key), str):
+                return payload[key]
+        return ""
+
+
+class OpenAIDecoder(SSEDecoder):
+    """`chat.completion.chunk` events: delta content, a usage chunk, `data: [DONE]`."""
+
+    def on_json(self, payload: dict) -> str:
+        if "error" in payload:
+            self.error = str(payload["error"])[:200]
+            return ""
+        usage = payload.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            self.tokens_reported = int(usage["completion_tokens"])
+        choices = payload.get("choices") or []
+        if not choices:
+            return ""
+        return (choices[0].get("delta") or {}).get("content") or ""
+
+
+@dataclass
+class StreamTiming:
+    """What the simulator was told to do, and when a response counts as buffered."""
+
+    ttft_ms: float = 50.0
+    gap_ms: float = 20.0
+    tokens: int = 50
+    # At least this share of the tokens must arrive in reads of their own...
+    min_separate_reads_ratio: float = 0.8
+    # ...and the first-to-last content span must be at least this share of the generation time.
+    min_span_ratio: float = 0.5
+
+    def expected_span_ms(self, tokens: int) -> float:
+        return max(tokens - 1, 0) * self.gap_ms
+
+
+@dataclass
+class StreamRecord:
+    """One response as the client saw it. Times are `perf_counter()` seconds."""
+
+    started: float
+    content_times: list[float] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    units: int = 0
+    ended: float | None = None
+    error: str | None = None
+
+    def add_read(self, at: float, content: str, units: int) -> None:
+        if content:
+            self.content_times.append(at)
+            self.parts.append(content)
+            self.units += units
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return (self.content_times[0] - self.started) * 1000 if self.content_times else None
+
+    def gaps_ms(self) -> list[float]:
+        """Every gap between two content reads; a stream that ends badly adds its last silence."""
+        times = self.content_times
+        gaps = [(later - earlier) * 1000 for earlier, later in itertools.pairwise(times)]
+        if self.error and times and self.ended is not None:
+            gaps.append((self.ended - times[-1]) * 1000)
+        return gaps
+
+    def span_ms(self) -> float:
+        times = self.content_times
+        return (times[-1] - times[0]) * 1000 if len(times) > 1 else 0.0
+
+    def duration_ms(self) -> float:
+        end = self.ended if self.ended is not None else self.started
+        return (end - self.started) * 1000
+
+
+def count_tokens(record: StreamRecord, decoder: TextDecoder, expected: list[str] | None) -> int:
+    """Tokens received: what the upstream reported, else protocol units, else the expected text.
+
+    Reads are never counted as tokens (a read may hold several, a token may span two reads).
+    """
+    if decoder.tokens_reported is not None:
+        return decoder.tokens_reported
+    if record.units:
+        return record.units
+    if expected is not None:
+        return matched_token_prefix(record.text, expected)
+    return len(record.text.split())
+
+
+def matched_token_prefix(text: str, expected: list[str]) -> int:
+    """How many expected tokens the text starts with, in order."""
+    position = 0
+    for count, token in enumerate(expected):
+        if not text.startswith(token, position):
+            return count
+        position += len(token)
+    return len(expected)
+
+
+def judge_buffered(record: StreamRecord, tokens: int, timing: StreamTiming) -> str | None:
+    """A failure message if the response arrived in too few reads or over too short a span."""
+    if tokens < 2:
+        return None
+    separate = min(len(record.content_times), tokens)
+    if separate < timing.min_separate_reads_ratio * tokens:
+        return f"{BUFFERED}: too few separate reads"
+    expected_span = timing.expected_span_ms(tokens)
+    if expected_span > 0 and record.span_ms() < timing.min_span_ratio * expected_span:
+        return f"{BUFFERED}: arrival span too short"
+    return None
+
+
+def judge_corrupt(record: StreamRecord, expected: list[str]) -> str | None:
+    """A failure message if the text is not exactly the simulator's deterministic text."""
+    if record.text == "".join(expected):
+        return None
+    if len(record.text) < len("".join(expected)):
+        return f"{CORRUPT}: text shorter than expected"
+    return f"{CORRUPT}: text differs from expected"

@@ -1,0 +1,135 @@
+"""Decoders and verdicts on synthetic arrivals: each verdict is shown to fire and to stay quiet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from streamcheck import (
+    BUFFERED,
+    CORRUPT,
+    OpenAIDecoder,
+    SSEDecoder,
+    StreamRecord,
+    StreamTiming,
+    TextDecoder,
+    count_tokens,
+    judge_buffered,
+    judge_corrupt,
+    matched_token_prefix,
+)
+
+TOKENS = ["Stream", "ing ", "wo", "rd ", "日本", "🙂", "\r\n", "data:", " end"]
+TIMING = StreamTiming(ttft_ms=50, gap_ms=20, tokens=len(TOKENS))
+
+
+def record_of(arrivals: list[tuple[float, str]], decoder=None) -> StreamRecord:
+    """A record fed one read per (seconds after start, content)."""
+    record = StreamRecord(started=0.0)
+    for at, content in arrivals:
+        record.add_read(at, content, 1)
+    record.ended = arrivals[-1][0] if arrivals else 0.0
+    return record
+
+
+def streamed(tokens: list[str], gap_s: float = 0.02) -> StreamRecord:
+    return record_of([(0.05 + i * gap_s, token) for i, token in enumerate(tokens)])
+
+
+def test_token_by_token_stream_is_neither_buffered_nor_corrupt():
+    record = streamed(TOKENS)
+    assert judge_buffered(record, len(TOKENS), TIMING) is None
+    assert judge_corrupt(record, TOKENS) is None
+    assert record.ttft_ms == pytest.approx(50)
+    assert record.gaps_ms() == pytest.approx([20] * (len(TOKENS) - 1))
+
+
+def test_whole_answer_in_one_read_is_buffered():
+    record = record_of([(0.25, "".join(TOKENS))])
+    assert judge_buffered(record, len(TOKENS), TIMING).startswith(BUFFERED)
+
+
+def test_reads_in_a_burst_are_buffered_by_span():
+    # every token in its own read, but all within 2 ms: a proxy that flushed its buffer late
+    record = streamed(TOKENS, gap_s=0.00025)
+    assert judge_buffered(record, len(TOKENS), TIMING) == f"{BUFFERED}: arrival span too short"
+
+
+def test_separate_reads_threshold_is_configurable():
+    halves = [(0.05, "".join(TOKENS[:5])), (0.2, "".join(TOKENS[5:]))]
+    strict = judge_buffered(record_of(halves), len(TOKENS), TIMING)
+    lenient = StreamTiming(gap_ms=20, min_separate_reads_ratio=0.2)
+    assert strict == f"{BUFFERED}: too few separate reads"
+    assert judge_buffered(record_of(halves), len(TOKENS), lenient) is None
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (TOKENS[:4] + TOKENS[5:], "shorter"),  # lost
+        (TOKENS[:4] + [TOKENS[4]] + TOKENS[4:], "differs"),  # doubled
+        (TOKENS[:3] + [TOKENS[4], TOKENS[3]] + TOKENS[5:], "differs"),  # swapped
+    ],
+)
+def test_lost_doubled_or_swapped_token_is_corrupt(tokens, message):
+    verdict = judge_corrupt(streamed(tokens), TOKENS)
+    assert verdict is not None and verdict.startswith(CORRUPT) and message in verdict
+
+
+def test_broken_stream_adds_its_last_silence_as_a_gap():
+    record = streamed(TOKENS[:3])
+    record.error = "aborted stream: read timeout"
+    record.ended = 3.09
+    assert record.gaps_ms()[-1] == pytest.approx(3000)
+
+
+def test_text_decoder_joins_a_character_split_across_reads():
+    encoded = "".join(TOKENS).encode()
+    split_inside_emoji = encoded.index("🙂".encode()) + 2
+    decoder = TextDecoder()
+    text = decoder.feed(encoded[:split_inside_emoji])[0] + decoder.feed(encoded[split_inside_emoji:])[0]
+    assert text == "".join(TOKENS)
+
+
+def test_sse_decoder_multiline_data_comments_and_done():
+    wire = b": ping\n\ndata: line one\ndata: line two\n\nevent: done\ndata: {}\n\n"
+    decoder = SSEDecoder()
+    content = "".join(decoder.feed(wire[i : i + 7])[0] for i in range(0, len(wire), 7))
+    assert content == "line one\nline two"
+    assert decoder.done and decoder.error is None
+
+
+def test_sse_decoder_reports_error_event():
+    decoder = SSEDecoder()
+    decoder.feed(b'data: a\n\nevent: error\ndata: {"message": "upstream gone"}\n\n')
+    assert decoder.error is not None and "upstream gone" in decoder.error
+
+
+def openai_chunk(**payload) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def test_openai_decoder_counts_the_upstream_usage_not_chunks():
+    decoder = OpenAIDecoder()
+    wire = openai_chunk(choices=[{"delta": {"role": "assistant", "content": ""}}])
+    wire += b"".join(openai_chunk(choices=[{"delta": {"content": t}}]) for t in TOKENS)
+    wire += openai_chunk(choices=[], usage={"completion_tokens": len(TOKENS)}) + b"data: [DONE]\n\n"
+    record = StreamRecord(started=0.0)
+    content, units = decoder.feed(wire)  # one read holding everything
+    record.add_read(0.1, content, units)
+    assert content == "".join(TOKENS) and decoder.done
+    assert count_tokens(record, decoder, None) == len(TOKENS)
+    assert len(record.content_times) == 1
+
+
+def test_openai_decoder_reports_in_band_error():
+    decoder = OpenAIDecoder()
+    decoder.feed(openai_chunk(error={"message": "boom", "type": "server_error"}))
+    assert decoder.error is not None and "boom" in decoder.error
+
+
+def test_plain_text_tokens_counted_from_the_expected_text():
+    record = streamed(TOKENS[:5])
+    record.units = 0  # plain text carries no token boundaries
+    assert count_tokens(record, TextDecoder(), TOKENS) == 5
+    assert matched_token_prefix("Streaming wo", TOKENS) == 3
