@@ -1,0 +1,323 @@
+"""A cheap closed-loop HTTP/1.1 streaming client: raw asyncio protocol on uvloop.
+
+Each virtual client keeps one keep-alive connection and sends its next request the moment the
+previous response ends. Every read the kernel hands over (one `data_received`) is one arrival:
+its time is recorded, so "every token in its own read" can be counted rather than assumed.
+Work per read is kept small (chunked framing decoded with bytes.find, no HTTP library) so the
+load generator distorts the figures as little as possible; its own CPU is reported anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from array import array
+from dataclasses import dataclass, field
+
+# A non-empty `content` in an OpenAI chunk (the simulator's own format); role-only, finish and
+# usage chunks carry none and are not tokens.
+SSE_CONTENT = re.compile(rb'"content":\s?"[^"]')
+HEADER_END = b"\r\n\r\n"
+CONNECT_RETRY_PAUSE_S = 0.05
+
+
+@dataclass
+class Schedule:
+    """Absolute CLOCK_MONOTONIC times shared by all processes of one measurement."""
+
+    start: float  # first requests go out from here, spread over `stagger_s`
+    stagger_s: float
+    warm: float  # measurement window opens
+    end: float  # window closes; no new requests after it
+    stream_timeout_s: float
+
+
+@dataclass
+class Outcome:
+    """What one load-generator process saw inside the window (picklable, mergeable)."""
+
+    completed: int = 0
+    ttft_s: array = field(default_factory=lambda: array("d"))
+    gaps_s: array = field(default_factory=lambda: array("d"))
+    arrivals: array = field(default_factory=lambda: array("i"))
+    errors: dict[str, int] = field(default_factory=dict)
+    cpu_s: float = 0.0
+    window_s: float = 0.0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def merge(self, other: Outcome) -> None:
+        self.completed += other.completed
+        self.ttft_s.extend(other.ttft_s)
+        self.gaps_s.extend(other.gaps_s)
+        self.arrivals.extend(other.arrivals)
+        for kind, count in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + count
+        self.cpu_s += other.cpu_s
+        self.window_s = max(self.window_s, other.window_s)
+
+
+class ResponseError(Exception):
+    """A response that is not a complete, correct stream; `kind` names the error class."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class StreamConnection(asyncio.Protocol):
+    """One keep-alive connection that runs one request at a time and times every read."""
+
+    def __init__(self, sse: bool) -> None:
+        self.sse = sse
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.done: asyncio.Future | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.in_headers = True
+        self.head = b""
+        self.status = 0
+        self.chunked = False
+        self.content_left = -1
+        self.keep_alive = True
+        self.pending = b""  # partial chunk-size line
+        self.chunk_left = 0  # payload bytes still due in the current chunk
+        self.skip = 0  # CRLF bytes still to skip after a chunk
+        self.final = False
+        self.parts: list[bytes] = []
+        self.t_first = 0.0
+        self.t_last = 0.0
+        self.content_arrivals = 0
+        self.gaps: list[float] = []
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(ResponseError("closed-midstream"))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        if self.done is None or self.done.done():
+            return
+        if self.in_headers:
+            self.head += data
+            end = self.head.find(HEADER_END)
+            if end < 0:
+                return
+            data = self.head[end + 4 :]
+            self._parse_head(self.head[:end])
+            self.in_headers = False
+            if not data:
+                return
+        before = len(self.parts)
+        finished = self._feed_chunked(data) if self.chunked else self._feed_length(data)
+        if len(self.parts) > before:
+            self._count_arrival(now, data)
+        if finished:
+            self.done.set_result(None)
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        self.status = int(lines[0].split(b" ", 2)[1])
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            value = value.strip().lower()
+            if name == b"transfer-encoding" and b"chunked" in value:
+                self.chunked = True
+            elif name == b"content-length":
+                self.content_left = int(value)
+            elif name == b"connection" and value == b"close":
+                self.keep_alive = False
+
+    def _count_arrival(self, now: float, data: bytes) -> None:
+        if self.sse and SSE_CONTENT.search(data) is None:
+            return  # role/finish/usage/[DONE] only: not a token arrival
+        if self.content_arrivals:
+            self.gaps.append(now - self.t_last)
+        else:
+            self.t_first = now
+        self.t_last = now
+        self.content_arrivals += 1
+
+    def _feed_length(self, data: bytes) -> bool:
+        if self.content_left < 0:
+            self.parts.append(data)  # read-until-close body
+            return False
+        take = data[: self.content_left]
+        if take:
+            self.parts.append(take)
+        self.content_left -= len(take)
+        return self.content_left == 0
+
+    def _feed_chunked(self, data: bytes) -> bool:
+        """Decode chunked framing incrementally; True once the last chunk has been read."""
+        buf = self.pending + data if self.pending else data
+        self.pending = b""
+        pos, size = 0, len(buf)
+        while pos < size:
+            if self.chunk_left:
+                take = min(self.chunk_left, size - pos)
+                self.parts.append(buf[pos : pos + take])
+                self.chunk_left -= take
+                pos += take
+                if not self.chunk_left:
+                    self.skip = 2
+            elif self.skip:
+                take = min(self.skip, size - pos)
+                self.skip -= take
+                pos += take
+                if not self.skip and self.final:
+                    return True
+            else:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    self.pending = buf[pos:]
+                    return False
+                chunk_size = int(buf[pos:eol].split(b";", 1)[0], 16)
+                pos = eol + 2
+                if chunk_size:
+                    self.chunk_left = chunk_size
+                else:
+                    self.final = True  # no trailers expected: the closing CRLF follows
+                    self.skip = 2
+        return False
+
+    async def exchange(self, request: bytes, timeout_s: float) -> None:
+        """Send one request and wait for its response to end (raises ResponseError)."""
+        self._reset()
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        try:
+            await asyncio.wait_for(self.done, timeout_s)
+        except TimeoutError:
+            raise ResponseError("timeout") from None
+        if self.status != 200:
+            raise ResponseError(f"http-{self.status}")
+        if not self.keep_alive:
+            self.transport.close()
+
+
+def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Accept: */*\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def virtual_client(
+    index: int,
+    clients: int,
+    host: str,
+    port: int,
+    request: bytes,
+    sse: bool,
+    expected_body: bytes | None,
+    schedule: Schedule,
+    outcome: Outcome,
+) -> None:
+    """Closed loop: one stream after another on one connection, until the window closes."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(
+        max(0.0, schedule.start + schedule.stagger_s * index / clients - time.monotonic())
+    )
+    conn: StreamConnection | None = None
+    # Bounded by time (window end) and by count (no stream is shorter than a millisecond).
+    max_streams = int((schedule.end - schedule.start) * 1000) + 1
+    for _ in range(max_streams):
+        if time.monotonic() >= schedule.end:
+            break
+        if conn is None or conn.closed:
+            try:
+                _, conn = await asyncio.wait_for(
+                    loop.create_connection(lambda: StreamConnection(sse), host, port),
+                    schedule.stream_timeout_s,
+                )
+            except (OSError, TimeoutError):
+                if time.monotonic() >= schedule.warm:
+                    outcome.error("connect")
+                await asyncio.sleep(CONNECT_RETRY_PAUSE_S)
+                conn = None
+                continue
+        t_sent = time.monotonic()
+        kind = ""
+        try:
+            await conn.exchange(request, schedule.stream_timeout_s)
+        except ResponseError as exc:
+            kind = exc.kind
+        if not kind and expected_body is not None and b"".join(conn.parts) != expected_body:
+            kind = "content"
+        if not kind and not conn.content_arrivals:
+            kind = "empty"
+        t_done = time.monotonic()
+        if t_done < schedule.warm:
+            if kind:
+                conn.transport.close()
+                conn = None
+            continue
+        if kind:
+            outcome.error(kind)
+            conn.transport.close()  # a broken response leaves the connection in an unknown state
+            conn = None
+            continue
+        if t_done > schedule.end:
+            continue  # finished during the drain: outside the window
+        outcome.completed += 1
+        outcome.ttft_s.append(conn.t_first - t_sent)
+        outcome.gaps_s.extend(conn.gaps)
+        outcome.arrivals.append(conn.content_arrivals)
+    if conn is not None and conn.transport is not None:
+        conn.transport.close()
+
+
+async def _measure_cpu_window(schedule: Schedule, outcome: Outcome) -> None:
+    await asyncio.sleep(max(0.0, schedule.warm - time.monotonic()))
+    cpu_start = time.process_time()
+    await asyncio.sleep(max(0.0, schedule.end - time.monotonic()))
+    outcome.cpu_s = time.process_time() - cpu_start
+    outcome.window_s = schedule.end - schedule.warm
+
+
+async def run_clients(
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    sse: bool,
+    expected_body: bytes | None,
+    first_index: int,
+    count: int,
+    total_clients: int,
+    schedule: Schedule,
+) -> Outcome:
+    outcome = Outcome()
+    request = build_request(host, port, path, body)
+    tasks = [
+        virtual_client(
+            first_index + i, total_clients, host, port, request, sse, expected_body, schedule,
+            outcome,
+        )
+        for i in range(count)
+    ]
+    await asyncio.gather(_measure_cpu_window(schedule, outcome), *tasks)
+    return outcome
+
+
+def run_process(conn, *args) -> None:
+    """Entry of one load-generator process: run its share of clients, send the outcome back."""
+    import uvloop
+
+    outcome = uvloop.run(run_clients(*args))
+    conn.send(outcome)
+    conn.close()

@@ -1,0 +1,157 @@
+"""Local processes under test: start on free loopback ports, wait until ready, read their CPU
+time from /proc, stop them by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (gunicorn workers, nginx workers), from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # Field 4 (ppid) follows the parenthesised command name, which may contain spaces.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def http_status(port: int, path: str) -> int:
+    """Status of a GET on loopback, 0 when nothing answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+            head = sock.recv(64)
+    except OSError:
+        return 0
+    parts = head.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+@dataclass
+class Service:
+    """One process tree we started (its master's PID is kept to stop it and read its CPU)."""
+
+    name: str
+    port: int
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    ready_path: str = "/healthz"
+    log_dir: Path = Path(".")
+    process: subprocess.Popen | None = None
+    pids: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        log = open(self.log_dir / f"{self.name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=REPO,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: see {self.log_dir / self.name}.log")
+            if http_status(self.port, self.ready_path) == 200:
+                self.pids = [self.process.pid, *child_pids(self.process.pid)]
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S} s")
+
+    def refresh_pids(self) -> list[int]:
+        """Master and current workers (a worker restarted under load has a new PID)."""
+        if self.process is not None:
+            known = set(self.pids)
+            self.pids += [pid for pid in child_pids(self.process.pid) if pid not in known]
+        return self.pids
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.refresh_pids())
+
+    def stop(self) -> None:
+        """SIGTERM the master, then SIGKILL whatever of the tree we know is still there."""
+        if self.process is None:
+            return
+        pids = self.refresh_pids()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(STOP_TIMEOUT_S)
+        self.process = None
+
+
+def render_nginx(run_dir: Path, listen_port: int, upstream_port: int) -> Path:
+    """Render nginx/*.j2 with the role defaults, the same way the wire tests do (their helper),
+    overriding only root-only paths and the loopback addresses. Worker count stays the role's
+    default ("auto"), as deployed."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from support.nginx import render, role_variables
+
+    nginx_dir = run_dir / "nginx"
+    (nginx_dir / "temp").mkdir(parents=True, exist_ok=True)
+    for path in (run_dir, nginx_dir, nginx_dir / "temp"):
+        path.chmod(0o755)  # nginx workers run as nobody when started by root
+    site = nginx_dir / "streamgate.conf"
+    variables = role_variables() | {
+        "nginx_listen": f"127.0.0.1:{listen_port}",
+        "nginx_upstream_servers": [f"127.0.0.1:{upstream_port}"],
+        "__nginx_user": "",
+        "__nginx_pid_file": str(nginx_dir / "nginx.pid"),
+        "__nginx_error_log": str(nginx_dir / "error.log"),
+        "__nginx_access_log": str(nginx_dir / "access.log"),
+        "__nginx_modules_include": "",
+        "__nginx_temp_dir": str(nginx_dir / "temp"),
+        "__nginx_site_include": str(site),
+    }
+    rendered = render(variables)
+    site.write_text(rendered["streamgate.conf"])
+    main = nginx_dir / "nginx.conf"
+    main.write_text(rendered["nginx.conf"])
+    return main

@@ -1,0 +1,422 @@
+"""Streaming benchmark: the simulator alone, the gateway direct, the gateway behind nginx and the
+seed article's design, side by side in one run on loopback (what `make bench` runs).
+
+    .venv/bin/python bench/stream_bench.py [--quick] [--levels 10,200] [--targets sim,nginx]
+
+Closed loop: at each level N, N virtual clients each stream one answer after another (50 tokens,
+20 ms apart, 50 ms to the first) for --duration seconds after a warm-up. Every figure that the
+shared, noisy machine moves is also given as a ratio to the simulator alone at the same level,
+measured minutes apart in the same run. Prints a Markdown table, writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import Outcome, Schedule, run_process
+from stack import REPO, VENV_BIN, Service, free_port, render_nginx
+
+TOKENS = 50
+TTFT_MS = 50
+GAP_MS = 20
+STAGGER_S = 1.0  # one stream's length: spreads the clients' phases
+STREAM_TIMEOUT_S = 30.0
+SETTLE_S = 1.0
+RESULTS_DIR = REPO / "bench" / "results"
+PROMPT_BODY = json.dumps({"prompt": "Tell me about streaming.", "max_tokens": TOKENS}).encode()
+SIM_BODY = json.dumps(
+    {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "Tell me about streaming."}],
+        "stream": True,
+        "max_tokens": TOKENS,
+    }
+).encode()
+
+# Issue 2 targets (2-core machine, load generator included).
+TARGET_CPU_US_PER_CHUNK = 40.0
+TARGET_LEVEL = 500
+TARGET_THROUGHPUT_RATIO = 0.90
+TARGET_GAP_P99_MS = 40.0
+TARGET_TTFT_P99_MS = 150.0
+TARGET_ADDED_TTFT_P50_MS = 2.0
+TARGET_ADDED_TTFT_LEVEL = 10
+
+
+@dataclass
+class Target:
+    """One way of reaching the simulator's tokens, and which process trees it costs."""
+
+    name: str
+    title: str
+    service: str  # the service the client talks to
+    path: str
+    sse: bool
+    relay: str | None  # the relaying process tree whose CPU per chunk is the headline
+    also_costs: tuple[str, ...] = ()
+
+
+TARGETS = {
+    "sim": Target("sim", "(a) simulator alone", "sim", "/v1/chat/completions", True, None),
+    "gateway": Target(
+        "gateway", "(b) gateway direct", "gateway", "/v1/chat/stream", False, "gateway"
+    ),
+    "nginx": Target(
+        "nginx", "(c) nginx -> gateway", "nginx", "/v1/chat/stream", False, "gateway", ("nginx",)
+    ),
+    "article": Target(
+        "article", "(d) article design", "article", "/v1/chat/stream", False, "article"
+    ),
+}
+
+
+def expected_text() -> bytes | None:
+    """The simulator's deterministic answer, to count lost/doubled/reordered tokens as errors."""
+    try:
+        from streamgate.simulator.script import expected_tokens
+    except ImportError:
+        return None
+    return "".join(expected_tokens(TOKENS)).encode()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="10,200,500,1000", help="concurrent streams, comma list")
+    parser.add_argument("--targets", default="sim,gateway,nginx,article", help="comma list")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
+    parser.add_argument(
+        "--client-procs", type=int, default=0,
+        help="load-generator processes (0: 1 below 200 streams, else 2)",
+    )
+    parser.add_argument("--quick", action="store_true", help="levels 10,200, 4 s each")
+    parser.add_argument(
+        "--simulator", default=str(VENV_BIN / "streamgate-sim"), help="simulator command"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.levels, args.duration, args.warmup = "10,200", 4.0, 2.0
+    args.levels = [int(level) for level in args.levels.split(",")]
+    args.targets = [name.strip() for name in args.targets.split(",")]
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
+    if "sim" not in args.targets:
+        args.targets.insert(0, "sim")  # every ratio is against it
+    return args
+
+
+def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service]:
+    sim_port = free_port()
+    upstream = f"http://127.0.0.1:{sim_port}/v1"
+    services = {
+        "sim": Service(
+            "sim", sim_port,
+            [*args.simulator.split(), "--host", "127.0.0.1", "--port", str(sim_port),
+             "--ttft-ms", str(TTFT_MS), "--gap-ms", str(GAP_MS), "--tokens", str(TOKENS)],
+            log_dir=run_dir,
+        )
+    }
+    if {"gateway", "nginx"} & set(args.targets):
+        port = free_port()
+        services["gateway"] = Service(
+            "gateway", port,
+            [str(VENV_BIN / "gunicorn"), "-c", "service/gunicorn.conf.py",
+             "streamgate.app:create_app()"],
+            env={
+                "STREAMGATE_BIND": f"127.0.0.1:{port}",
+                "STREAMGATE_WORKERS": "2",
+                "STREAMGATE_UPSTREAM_BASE_URL": upstream,
+                "STREAMGATE_UPSTREAM_API_KEY": "sk-bench-not-secret",
+            },
+            ready_path="/readyz",
+            log_dir=run_dir,
+        )
+    if "nginx" in args.targets:
+        port = free_port()
+        conf = render_nginx(run_dir, port, services["gateway"].port)
+        services["nginx"] = Service(
+            "nginx", port,
+            ["nginx", "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"],
+            ready_path="/healthz",
+            log_dir=run_dir,
+        )
+    if "article" in args.targets:
+        port = free_port()
+        services["article"] = Service(
+            "article", port,
+            [str(VENV_BIN / "gunicorn"), "bench.article_app:app", "-w", "2",
+             "-k", "uvicorn_worker.UvicornWorker", "-b", f"127.0.0.1:{port}"],
+            env={"OPENAI_BASE_URL": upstream, "OPENAI_API_KEY": "sk-bench-not-secret"},
+            ready_path="/openapi.json",
+            log_dir=run_dir,
+        )
+    return services
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+def measure(
+    target: Target, level: int, args: argparse.Namespace, services: dict[str, Service],
+    expected: bytes | None,
+) -> dict:
+    """One closed-loop measurement of one target at one level."""
+    procs = args.client_procs or (1 if level < 200 else 2)
+    procs = min(procs, level)
+    start = time.monotonic() + 0.5
+    schedule = Schedule(
+        start=start,
+        stagger_s=STAGGER_S,
+        warm=start + args.warmup,
+        end=start + args.warmup + args.duration,
+        stream_timeout_s=STREAM_TIMEOUT_S,
+    )
+    service = services[target.service]
+    body = SIM_BODY if target.sse else PROMPT_BODY
+    check = None if target.sse else expected
+    context = multiprocessing.get_context("fork")
+    workers = []
+    first = 0
+    for proc_index in range(procs):
+        count = level // procs + (1 if proc_index < level % procs else 0)
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(
+            target=run_process,
+            args=(sender, "127.0.0.1", service.port, target.path, body, target.sse, check,
+                  first, count, level, schedule),
+            daemon=True,
+        )
+        process.start()
+        sender.close()
+        workers.append((process, receiver))
+        first += count
+    costed = [name for name in ("sim", target.relay, *target.also_costs) if name]
+    sleep_until(schedule.warm)
+    cpu_before = {name: services[name].cpu_seconds() for name in costed}
+    sleep_until(schedule.end)
+    cpu_after = {name: services[name].cpu_seconds() for name in costed}
+    outcome = Outcome()
+    deadline = schedule.end + STREAM_TIMEOUT_S + 15.0
+    for process, receiver in workers:
+        if receiver.poll(max(0.0, deadline - time.monotonic())):
+            outcome.merge(receiver.recv())
+        else:
+            outcome.error("loadgen-lost")
+        process.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if process.is_alive():
+            process.kill()  # by PID: only our own forked load generator
+            process.join(5.0)
+    window = schedule.end - schedule.warm
+    chunks = outcome.completed * TOKENS
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in costed}
+    return summarize(target, level, procs, window, outcome, chunks, cpu)
+
+
+def percentile_ms(values, q: float) -> float | None:
+    return round(float(np.percentile(np.asarray(values), q)) * 1000, 2) if len(values) else None
+
+
+def summarize(
+    target: Target, level: int, procs: int, window: float, outcome: Outcome, chunks: int,
+    cpu: dict[str, float],
+) -> dict:
+    arrivals = np.asarray(outcome.arrivals)
+    return {
+        "target": target.name,
+        "level": level,
+        "window_s": round(window, 2),
+        "completed": outcome.completed,
+        "streams_per_s": round(outcome.completed / window, 1),
+        "ttft_p50_ms": percentile_ms(outcome.ttft_s, 50),
+        "ttft_p99_ms": percentile_ms(outcome.ttft_s, 99),
+        "gap_p50_ms": percentile_ms(outcome.gaps_s, 50),
+        "gap_p99_ms": percentile_ms(outcome.gaps_s, 99),
+        "reads_mean": round(float(arrivals.mean()), 1) if len(arrivals) else None,
+        "reads_min": int(arrivals.min()) if len(arrivals) else None,
+        "errors": dict(sorted(outcome.errors.items())),
+        "error_count": sum(outcome.errors.values()),
+        "chunks": chunks,
+        "cpu_s": {name: round(seconds, 2) for name, seconds in cpu.items()},
+        "cpu_us_per_chunk": {
+            name: round(seconds / chunks * 1e6, 1) if chunks else None
+            for name, seconds in cpu.items()
+        },
+        "client_procs": procs,
+        "client_cpu_cores": round(outcome.cpu_s / window, 2),
+        "client_saturated": outcome.cpu_s / window / procs > 0.9,
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Compare every row with the simulator alone at the same level (the noise-robust view)."""
+    baseline = {row["level"]: row for row in rows if row["target"] == "sim"}
+    for row in rows:
+        sim = baseline.get(row["level"])
+        if sim is None:
+            continue
+        row["throughput_vs_sim"] = (
+            round(row["streams_per_s"] / sim["streams_per_s"], 3) if sim["streams_per_s"] else None
+        )
+        for q in ("p50", "p99"):
+            ours, theirs = row[f"ttft_{q}_ms"], sim[f"ttft_{q}_ms"]
+            row[f"added_ttft_{q}_ms"] = (
+                round(ours - theirs, 2) if ours is not None and theirs is not None else None
+            )
+
+
+def relay_cpu(row: dict) -> float | None:
+    target = TARGETS[row["target"]]
+    return row["cpu_us_per_chunk"].get(target.relay) if target.relay else None
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Pass/fail against the issue's targets; `None` when the run did not measure it."""
+    def row_of(target: str, level: int) -> dict | None:
+        return next((r for r in rows if r["target"] == target and r["level"] == level), None)
+
+    checks = []
+
+    def check(name: str, value, limit, ok) -> None:
+        checks.append({"check": name, "value": value, "limit": limit,
+                       "pass": None if value is None else ok(value, limit)})
+
+    at = row_of("nginx", TARGET_LEVEL)
+    for target in ("gateway", "nginx"):
+        row = row_of(target, TARGET_LEVEL)
+        check(f"gateway CPU per chunk, {target} @{TARGET_LEVEL} (us)",
+              row and relay_cpu(row), TARGET_CPU_US_PER_CHUNK, lambda v, lim: v <= lim)
+    check(f"nginx @{TARGET_LEVEL}: streams/s vs simulator alone",
+          at and at.get("throughput_vs_sim"), TARGET_THROUGHPUT_RATIO, lambda v, lim: v >= lim)
+    check(f"nginx @{TARGET_LEVEL}: p99 inter-chunk gap (ms)",
+          at and at["gap_p99_ms"], TARGET_GAP_P99_MS, lambda v, lim: v <= lim)
+    check(f"nginx @{TARGET_LEVEL}: p99 TTFT (ms)",
+          at and at["ttft_p99_ms"], TARGET_TTFT_P99_MS, lambda v, lim: v <= lim)
+    check(f"nginx @{TARGET_LEVEL}: errors", at and at["error_count"], 0, lambda v, lim: v <= lim)
+    check(f"nginx @{TARGET_LEVEL}: fewest reads per response (every token its own read)",
+          at and at["reads_min"], TOKENS, lambda v, lim: v >= lim)
+    for target in ("gateway", "nginx"):
+        row = row_of(target, TARGET_ADDED_TTFT_LEVEL)
+        check(f"{target} @{TARGET_ADDED_TTFT_LEVEL}: added TTFT p50 (ms)",
+              row and row.get("added_ttft_p50_ms"), TARGET_ADDED_TTFT_P50_MS,
+              lambda v, lim: v <= lim)
+    return checks
+
+
+def fmt(value, suffix: str = "") -> str:
+    return "-" if value is None else f"{value}{suffix}"
+
+
+def markdown(rows: list[dict], checks: list[dict]) -> str:
+    lines = [
+        (
+            "| target | streams | done/s | vs sim | TTFT p50 / p99 ms | added p50 / p99 ms "
+            "| gap p99 ms | reads/resp mean / min | errors | relay us/chunk | nginx us/chunk "
+            "| sim us/chunk | client cores |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        per_chunk = row["cpu_us_per_chunk"]
+        client = f"{row['client_cpu_cores']} /{row['client_procs']}"
+        if row["client_saturated"]:
+            client += " SATURATED"
+        lines.append(
+            f"| {TARGETS[row['target']].title} | {row['level']} | {row['streams_per_s']} "
+            f"| {fmt(row.get('throughput_vs_sim'))} "
+            f"| {fmt(row['ttft_p50_ms'])} / {fmt(row['ttft_p99_ms'])} "
+            f"| {fmt(row.get('added_ttft_p50_ms'))} / {fmt(row.get('added_ttft_p99_ms'))} "
+            f"| {fmt(row['gap_p99_ms'])} | {fmt(row['reads_mean'])} / {fmt(row['reads_min'])} "
+            f"| {row['error_count'] or 0}{' ' + str(row['errors']) if row['errors'] else ''} "
+            f"| {fmt(relay_cpu(row))} | {fmt(per_chunk.get('nginx'))} "
+            f"| {fmt(per_chunk.get('sim'))} | {client} |"
+        )
+    lines += ["", "| target (issue 2) | measured | limit | verdict |", "|---|---:|---:|---|"]
+    for item in checks:
+        verdict = {True: "PASS", False: "FAIL", None: "not measured"}[item["pass"]]
+        lines.append(f"| {item['check']} | {fmt(item['value'])} | {item['limit']} | {verdict} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cpu_model": next(
+            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")), "unknown"),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = RESULTS_DIR / f"run-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    expected = expected_text()
+    if expected is None:
+        print("note: streamgate.simulator.script not importable: content not checked", flush=True)
+    info = machine()
+    services = build_services(args, run_dir)
+    rows: list[dict] = []
+    try:
+        for service in services.values():
+            service.start()
+        for level in args.levels:
+            for name in args.targets:
+                time.sleep(SETTLE_S)
+                row = measure(TARGETS[name], level, args, services, expected)
+                rows.append(row)
+                print(
+                    f"{name:8} @{level:5}: {row['streams_per_s']:7} streams/s, "
+                    f"TTFT p99 {row['ttft_p99_ms']} ms, gap p99 {row['gap_p99_ms']} ms, "
+                    f"reads min {row['reads_min']}, errors {row['error_count']}, "
+                    f"CPU us/chunk {row['cpu_us_per_chunk']}, client {row['client_cpu_cores']}",
+                    flush=True,
+                )
+    finally:
+        for service in reversed(services.values()):
+            service.stop()
+    add_ratios(rows)
+    checks = verdicts(rows)
+    table = markdown(rows, checks)
+    print()
+    print(table)
+    report = {
+        "command": " ".join(["bench/stream_bench.py", *(argv or sys.argv[1:])]),
+        "started_utc": stamp,
+        "machine": info,
+        "load": {"tokens": TOKENS, "ttft_ms": TTFT_MS, "gap_ms": GAP_MS,
+                 "duration_s": args.duration, "warmup_s": args.warmup},
+        "content_checked": expected is not None,
+        "rows": rows,
+        "checks": checks,
+    }
+    out = RESULTS_DIR / f"stream-bench-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2))
+    (run_dir / "table.md").write_text(table + "\n")
+    print(f"\nJSON: {out.relative_to(REPO)}; process logs: {run_dir.relative_to(REPO)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
