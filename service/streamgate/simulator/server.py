@@ -1,0 +1,772 @@
+"""The simulator's HTTP/1.1 server: an asyncio Protocol per connection, one shared token clock.
+
+Why not a web framework: the simulator must never be the bottleneck of a benchmark (one process
+holds 5,000 concurrent streams on two cores). A framework costs a coroutine, a sleep and several
+object layers per token; here a stream is a small object on a timer wheel, a token is one
+``transport.write`` of bytes assembled from pre-encoded pieces, and all streams due in the same
+millisecond are served by one timer callback. The Protocol also hears a client's disconnect at
+once (``connection_lost``), even while a stream is stalled and nothing is being written: that is
+what makes the ``cancelled`` counter a proof that a gateway closed its upstream request.
+
+The wire format, routes and faults are described in the package docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import os
+import random
+import socket
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import orjson
+
+from streamgate.simulator.config import SimConfig
+from streamgate.simulator.script import MAX_TOKENS, expected_tokens
+
+DEFAULT_MODEL = "streamgate-sim"
+FAULT_MODEL_PREFIX = "sim-fault-"
+FAULT_HEADER = b"x-sim-fault"
+REQUEST_ID_HEADER = b"x-request-id"
+SYSTEM_FINGERPRINT = "fp_streamgate_sim"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+RECENT_LIMIT = 256
+
+FAULT_KINDS = (
+    "429",
+    "500",
+    "error-midstream",
+    "stall-first",
+    "stall-midstream",
+    "close-midstream",
+    "drop-token",
+)
+_MIDSTREAM_END_FAULTS = ("error-midstream", "close-midstream")
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Payload Too Large",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+}
+_TOKENS: tuple[str, ...] = tuple(expected_tokens(MAX_TOKENS))
+_TOKEN_JSON: tuple[bytes, ...] = tuple(orjson.dumps(token) for token in _TOKENS)
+_DONE_EVENT = b"data: [DONE]\n\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _error_body(message: str, error_type: str, code: str | None) -> bytes:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return orjson.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    )
+
+
+class Stats:
+    """Counters for /stats. started == completed + cancelled + active at all times.
+
+    completed: the simulator wrote the response as scripted, faults included (a 429, an error
+    event, a deliberate close). cancelled: the client went away before that.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.started = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.peak_active = 0
+        self.tokens_sent = 0
+        self.faults: Counter[str] = Counter()
+        self.requests_with_request_id = 0
+        self.recent_request_ids: deque[str] = deque(maxlen=RECENT_LIMIT)
+        self.recent_cancels: deque[dict[str, Any]] = deque(maxlen=RECENT_LIMIT)
+        self.last_cancel_at: float | None = None
+        self.reset_at = time.time()
+
+    @property
+    def active(self) -> int:
+        return self.started - self.completed - self.cancelled
+
+    def record_start(self, request_id: str | None, fault: str | None) -> None:
+        self.started += 1
+        self.peak_active = max(self.peak_active, self.active)
+        if request_id is not None:
+            self.requests_with_request_id += 1
+            self.recent_request_ids.append(request_id)
+        if fault is not None:
+            self.faults[fault] += 1
+
+    def record_cancel(self, request_id: str, tokens_sent: int) -> None:
+        now = time.time()
+        self.cancelled += 1
+        self.last_cancel_at = now
+        self.recent_cancels.append(
+            {"request_id": request_id, "at": now, "tokens_sent": tokens_sent}
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "active": self.active,
+            "faults": dict(self.faults),
+            "peak_active": self.peak_active,
+            "tokens_sent": self.tokens_sent,
+            "requests_with_request_id": self.requests_with_request_id,
+            "recent_request_ids": list(self.recent_request_ids),
+            "last_cancel_at": self.last_cancel_at,
+            "recent_cancels": list(self.recent_cancels),
+            "reset_at": self.reset_at,
+            "now": time.time(),
+        }
+
+
+class TokenClock:
+    """One timer for every stream: a wheel of 1 ms buckets, a heap of the non-empty ones.
+
+    A stream asks to be stepped at a time; all streams due in the same millisecond are stepped by
+    one callback, so 5,000 streams cost a few hundred timer events per second, not 250,000.
+    """
+
+    RESOLUTION_S = 0.001
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._buckets: dict[int, list[ChatResponse]] = {}
+        self._ticks: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_tick: int | None = None
+
+    def call_at(self, when: float, response: ChatResponse) -> None:
+        tick = math.ceil(when / self.RESOLUTION_S)  # never early
+        bucket = self._buckets.get(tick)
+        if bucket is not None:
+            bucket.append(response)
+            return
+        self._buckets[tick] = [response]
+        heapq.heappush(self._ticks, tick)
+        if self._armed_tick is None or tick < self._armed_tick:
+            self._arm(tick)
+
+    def _arm(self, tick: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_tick = tick
+        self._timer = self._loop.call_at(tick * self.RESOLUTION_S, self._fire)
+
+    def _fire(self) -> None:
+        limit = max(self._armed_tick or 0, math.floor(self._loop.time() / self.RESOLUTION_S))
+        self._timer = None
+        self._armed_tick = None
+        due: list[list[ChatResponse]] = []
+        while self._ticks and self._ticks[0] <= limit:
+            due.append(self._buckets.pop(heapq.heappop(self._ticks)))
+        # Streams reschedule themselves while stepping; those land in new buckets, served by a
+        # later callback, so a zero gap cannot spin here forever.
+        for bucket in due:
+            for response in bucket:
+                if not response.finished:
+                    response.step()
+        if self._ticks and (self._armed_tick is None or self._ticks[0] < self._armed_tick):
+            self._arm(self._ticks[0])
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    path: str
+    headers: dict[bytes, bytes]
+    body: bytes
+    keep_alive: bool
+    http11: bool
+    too_large: bool = False
+
+
+class Simulator:
+    """Shared state of one simulator process: settings, counters, the token clock."""
+
+    def __init__(self, config: SimConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.stats = Stats()
+        self.clock = TokenClock(loop)
+        self.random = random.Random(0)  # jitter only; the text never varies
+
+    def delay_s(self, base_ms: float) -> float:
+        jitter = self.config.jitter_ms
+        if jitter:
+            return max(0.0, base_ms + self.random.uniform(-jitter, jitter)) / 1000.0
+        return base_ms / 1000.0
+
+
+def _head(status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown"))]
+    lines.extend(name + b": " + value for name, value in headers)
+    lines.append(b"connection: keep-alive" if keep_alive else b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class ChatResponse:
+    """One /v1/chat/completions answer, stepped token by token by the TokenClock."""
+
+    __slots__ = (
+        "chunked",
+        "completion_id",
+        "conn",
+        "content_parts",
+        "created",
+        "due",
+        "fault",
+        "finished",
+        "include_usage",
+        "model",
+        "n_tokens",
+        "next_index",
+        "prefix",
+        "prompt_tokens",
+        "request_id",
+        "sim",
+        "stalled",
+        "stream",
+        "suffix",
+        "tokens_sent",
+    )
+
+    def __init__(
+        self,
+        conn: SimProtocol,
+        sim: Simulator,
+        request: Request,
+        request_id: str,
+        model: str,
+        fault: str | None,
+        n_tokens: int,
+        stream: bool,
+        include_usage: bool,
+        prompt_tokens: int,
+    ) -> None:
+        self.conn = conn
+        self.sim = sim
+        self.request_id = request_id
+        self.model = model
+        self.fault = fault
+        self.n_tokens = n_tokens
+        self.stream = stream
+        self.include_usage = include_usage
+        self.prompt_tokens = prompt_tokens
+        self.chunked = request.http11
+        self.completion_id = "chatcmpl-sim" + os.urandom(10).hex()
+        self.created = int(time.time())
+        self.next_index = 0
+        self.tokens_sent = 0
+        self.finished = False
+        self.stalled = False
+        self.content_parts: list[str] = []
+        head = orjson.dumps(
+            {
+                "id": self.completion_id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": model,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+            }
+        )
+        self.prefix = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        self.suffix = b'},"logprobs":null,"finish_reason":null}]'
+        self.suffix += b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self.due = 0.0
+
+    # -- framing -------------------------------------------------------------------------
+
+    def _chunk_event(self, choices: list[Any], usage: dict[str, int] | None = None) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = usage
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def _write_body(self, payload: bytes) -> None:
+        if self.chunked:
+            self.conn.write(b"%x\r\n" % len(payload) + payload + b"\r\n")
+        else:
+            self.conn.write(payload)
+
+    def _usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.n_tokens,
+            "total_tokens": self.prompt_tokens + self.n_tokens,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the headers (streaming) and schedule the first token."""
+        if self.stream:
+            headers = [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                (b"x-request-id", self.request_id.encode()),
+            ]
+            if self.chunked:
+                headers.append((b"transfer-encoding", b"chunked"))
+            self.conn.write(_head(200, headers, keep_alive=self.chunked and self.conn.keep_alive))
+        self.due = self.sim.loop.time() + self.sim.delay_s(self.sim.config.ttft_ms)
+        if self.fault == "stall-first":
+            self.stalled = True
+            self.due += self.sim.config.stall_s
+        self.sim.clock.call_at(self.due, self)
+
+    def step(self) -> None:
+        """Send the next token (or play the fault due at this point) and schedule the next."""
+        index = self.next_index
+        half = self.n_tokens // 2
+        if index == half and self.fault in _MIDSTREAM_END_FAULTS:
+            self._end_midstream()
+            return
+        if index == half and self.fault == "stall-midstream" and not self.stalled:
+            self.stalled = True
+            self.due += self.sim.config.stall_s
+            self.sim.clock.call_at(self.due, self)
+            return
+        self.next_index = index + 1
+        last = self.next_index == self.n_tokens
+        dropped = self.fault == "drop-token" and index == half
+        if self.stream:
+            events = []
+            if index == 0:
+                events.append(self._chunk_event([_role_choice()]))
+            if not dropped:
+                events.append(self.prefix + _TOKEN_JSON[index] + self.suffix)
+            if last:
+                events.append(self._chunk_event([_stop_choice()]))
+                if self.include_usage:
+                    events.append(self._chunk_event([], self._usage()))
+                events.append(_DONE_EVENT)
+            if events:
+                self._write_body(b"".join(events))
+        elif not dropped:
+            self.content_parts.append(_TOKENS[index])
+        if not dropped:
+            self.tokens_sent += 1
+            self.sim.stats.tokens_sent += 1
+        if last:
+            self._finish_normally()
+            return
+        self.due += self.sim.delay_s(self.sim.config.gap_ms)
+        self.sim.clock.call_at(self.due, self)
+
+    def _finish_normally(self) -> None:
+        if self.stream:
+            if self.chunked:
+                self.conn.write(_LAST_CHUNK)
+        else:
+            body = orjson.dumps(
+                {
+                    "id": self.completion_id,
+                    "object": "chat.completion",
+                    "created": self.created,
+                    "model": self.model,
+                    "system_fingerprint": SYSTEM_FINGERPRINT,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": "".join(self.content_parts),
+                                "refusal": None,
+                                "annotations": [],
+                            },
+                            "logprobs": None,
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": self._usage(),
+                }
+            )
+            self.conn.send_json(200, body, self.request_id)
+        self._mark_done(close=self.stream and not self.chunked)
+
+    def _end_midstream(self) -> None:
+        if self.fault == "close-midstream":
+            self._mark_done(close=True)
+            return
+        # error-midstream
+        error = _error_body(
+            "simulated failure in the middle of the stream",
+            "server_error",
+            "simulated_midstream_error",
+        )
+        if self.stream:
+            self._write_body(b"data: " + error + b"\n\n")
+            if self.chunked:
+                self.conn.write(_LAST_CHUNK)
+            self._mark_done(close=not self.chunked)
+        else:
+            self.conn.send_json(500, error, self.request_id)
+            self._mark_done(close=False)
+
+    def _mark_done(self, close: bool) -> None:
+        self.finished = True
+        self.sim.stats.completed += 1
+        self.conn.response_done(self, close=close)
+
+    def cancel(self) -> None:
+        """The client went away before the answer was complete."""
+        if self.finished:
+            return
+        self.finished = True
+        self.sim.stats.record_cancel(self.request_id, self.tokens_sent)
+
+
+def _role_choice() -> dict[str, Any]:
+    return {
+        "index": 0,
+        "delta": {"role": "assistant", "content": "", "refusal": None},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+
+
+def _stop_choice() -> dict[str, Any]:
+    return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+
+
+class RequestError(Exception):
+    """A request the simulator refuses, answered with an OpenAI-style error."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.code = code
+        self.param = param
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": str(self),
+                    "type": self.error_type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """A stable stand-in for the prompt's token count: its whitespace-separated words."""
+    words = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                words += len(content.split())
+            elif isinstance(content, list):
+                words += sum(
+                    len(part.get("text", "").split())
+                    for part in content
+                    if isinstance(part, dict) and isinstance(part.get("text"), str)
+                )
+    return max(words, 1)
+
+
+def _fault_of(model: str, headers: dict[bytes, bytes]) -> str | None:
+    header = headers.get(FAULT_HEADER)
+    kind = None
+    if header is not None:
+        kind = header.decode("latin-1").strip()
+    elif model.startswith(FAULT_MODEL_PREFIX):
+        kind = model[len(FAULT_MODEL_PREFIX) :]
+    if kind is not None and kind not in FAULT_KINDS:
+        raise RequestError(
+            400,
+            f"unknown simulator fault {kind!r}; known: {', '.join(FAULT_KINDS)}",
+            code="unknown_fault",
+        )
+    return kind
+
+
+def _token_count(body: dict[str, Any], default: int) -> int:
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(400, f"{field} must be a positive integer", param=field)
+        return min(value, MAX_TOKENS)
+    return default
+
+
+class SimProtocol(asyncio.Protocol):
+    """One client connection: parses HTTP/1.1 requests, answers them one at a time."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.keep_alive = True
+        self.response: ChatResponse | None = None
+        self.pending: deque[Request] = deque()
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._too_large = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._send_error_and_close(RequestError(400, "protocol upgrade not supported"))
+        except httptools.HttpParserError as error:
+            self._send_error_and_close(RequestError(400, f"malformed HTTP request: {error}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close: a client that half-closes has gone away
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.pending.clear()
+        if self.response is not None:
+            self.response.cancel()
+            self.response = None
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+        self._too_large = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > MAX_BODY_BYTES:
+            self._too_large = True
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = Request(
+            method=self.parser.get_method(),
+            path=self._url.split(b"?", 1)[0].decode("latin-1"),
+            headers=self._headers,
+            body=b"".join(self._body),
+            keep_alive=self.parser.should_keep_alive(),
+            http11=self.parser.get_http_version() == "1.1",
+            too_large=self._too_large,
+        )
+        if self.response is not None or self.pending:
+            self.pending.append(request)  # pipelined: answered in order
+        else:
+            self._dispatch(request)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def send_json(
+        self,
+        status: int,
+        body: bytes,
+        request_id: str | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id.encode()))
+        if extra:
+            headers.extend(extra)
+        self.write(_head(status, headers, self.keep_alive) + body)
+
+    def _send_error_and_close(self, error: RequestError) -> None:
+        self.keep_alive = False
+        self.send_json(error.status, error.body())
+        if self.transport is not None:
+            self.transport.close()
+
+    def response_done(self, response: ChatResponse, close: bool) -> None:
+        if self.response is response:
+            self.response = None
+        if close or not self.keep_alive:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        while self.pending and self.response is None and self.transport is not None:
+            self._dispatch(self.pending.popleft())
+
+    # -- routing -------------------------------------------------------------------------
+
+    def _dispatch(self, request: Request) -> None:
+        self.keep_alive = request.keep_alive
+        try:
+            self._route(request)
+        except RequestError as error:
+            self.send_json(error.status, error.body(), _request_id(request))
+            self._after_plain_response()
+
+    def _after_plain_response(self) -> None:
+        if not self.keep_alive and self.transport is not None:
+            self.transport.close()
+
+    def _route(self, request: Request) -> None:
+        routes = {
+            "/v1/chat/completions": (b"POST", self._chat),
+            "/v1/models": (b"GET", self._models),
+            "/healthz": (b"GET", self._healthz),
+            "/stats": (b"GET", self._stats),
+            "/stats/reset": (b"POST", self._stats_reset),
+        }
+        if request.too_large:
+            raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        route = routes.get(request.path)
+        if route is None:
+            raise RequestError(404, f"no route {request.path}", code="not_found")
+        method, handler = route
+        if request.method != method:
+            raise RequestError(405, f"{request.path} takes {method.decode()}")
+        handler(request)
+
+    def _plain(self, request: Request, payload: Any) -> None:
+        self.send_json(200, orjson.dumps(payload), _request_id(request))
+        self._after_plain_response()
+
+    def _healthz(self, request: Request) -> None:
+        self._plain(request, {"status": "ok"})
+
+    def _stats(self, request: Request) -> None:
+        self._plain(request, self.sim.stats.snapshot())
+
+    def _stats_reset(self, request: Request) -> None:
+        self.sim.stats.reset()
+        self._plain(request, self.sim.stats.snapshot())
+
+    def _models(self, request: Request) -> None:
+        created = int(self.sim.stats.reset_at)
+        names = [DEFAULT_MODEL] + [FAULT_MODEL_PREFIX + kind for kind in FAULT_KINDS]
+        self._plain(
+            request,
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": created, "owned_by": "streamgate"}
+                    for name in names
+                ],
+            },
+        )
+
+    def _chat(self, request: Request) -> None:
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError as error:
+            raise RequestError(400, f"body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "body must be a JSON object")
+        model = body.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str) or not model:
+            raise RequestError(400, "model must be a non-empty string", param="model")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(400, "stream must be a boolean", param="stream")
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise RequestError(400, "stream_options must be an object", param="stream_options")
+        include_usage = stream and bool(options and options.get("include_usage") is True)
+        n_tokens = _token_count(body, self.sim.config.tokens)
+        fault = _fault_of(model, request.headers)
+        received_id = request.headers.get(REQUEST_ID_HEADER)
+        received = received_id.decode("latin-1") if received_id is not None else None
+        request_id = received or "req_sim" + os.urandom(8).hex()
+        self.sim.stats.record_start(received, fault)
+        if fault in ("429", "500"):
+            status = int(fault)
+            error = (
+                _error_body("simulated rate limit", "requests", "rate_limit_exceeded")
+                if status == 429
+                else _error_body("simulated server error", "server_error", None)
+            )
+            self.sim.stats.completed += 1
+            self.send_json(status, error, request_id)
+            self._after_plain_response()
+            return
+        self.response = ChatResponse(
+            self,
+            self.sim,
+            request,
+            request_id,
+            model,
+            fault,
+            n_tokens,
+            stream,
+            include_usage,
+            _prompt_tokens(body),
+        )
+        self.response.start()
+
+
+def _request_id(request: Request) -> str | None:
+    value = request.headers.get(REQUEST_ID_HEADER)
+    return value.decode("latin-1") if value is not None else None
+
+
+async def start_server(config: SimConfig) -> tuple[asyncio.Server, Simulator]:
+    """Listen on config.host:config.port in the running loop; returns the server and its state."""
+    loop = asyncio.get_running_loop()
+    sim = Simulator(config, loop)
+    server = await loop.create_server(
+        lambda: SimProtocol(sim), config.host, config.port, backlog=8192, reuse_address=True
+    )
+    return server, sim
+
+
+def bound_port(server: asyncio.Server) -> int:
+    return server.sockets[0].getsockname()[1]
