@@ -207,8 +207,9 @@ def populate_host_root(host: LabHost, tarball: Path, hosts: list[LabHost]) -> No
     etc = host.root / "etc"
     (etc / "hostname").write_text(f"{host.name}\n")
     (etc / "machine-id").write_text(uuid.uuid4().hex + "\n")
+    # Every lab host by name; a host's own name resolves to its lab address, as on a VM.
     lab_names = "".join(f"{other.address}\t{other.name}\n" for other in hosts)
-    (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{host.name}\n::1\tlocalhost\n{lab_names}")
+    (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{lab_names}")
     resolv = etc / "resolv.conf"
     resolv.unlink(missing_ok=True)  # may be a symlink into the image
     shutil.copyfile(CONTROLLER_RESOLV_CONF, resolv)
