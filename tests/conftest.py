@@ -1,0 +1,105 @@
+"""Shared fixtures: real processes on free loopback ports (simulator, gateway, local nginx).
+
+Scopes: the default simulator, gateway and nginx live for the whole session (starting gunicorn
+costs about a second); the factories start variants (short timeouts, slow first token, the
+buffering fault) that the caller stops, and whatever is still running at the end of the session
+is stopped then. On a failing test, the logs of every process it used are attached to the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from support import services
+from support.nginx import LocalNginx, require_nginx
+
+# Wire tests start real processes: a default bound so a hang fails instead of blocking CI.
+WIRE_TEST_TIMEOUT_S = 90
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "wire" in item.path.parts and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(WIRE_TEST_TIMEOUT_S))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed:
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, services.Service):
+                report.sections.append((f"process log: {name}", value.describe()))
+            elif isinstance(value, LocalNginx) and value.workdir is not None:
+                report.sections.append((f"nginx logs: {name}", value.logs()))
+    return report
+
+
+@pytest.fixture(scope="session")
+def process_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("process-logs")
+
+
+@pytest.fixture(scope="session")
+def running(request: pytest.FixtureRequest) -> Iterator[ExitStack]:
+    """Stops, at the end of the session, every process the factories started."""
+    with ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def simulator_factory(process_logs: Path, running: ExitStack) -> Callable[..., services.Simulator]:
+    """start(ttft_ms=..., gap_ms=..., tokens=..., stall_s=...) -> a running simulator."""
+
+    def start(**options) -> services.Simulator:
+        simulator = services.start_simulator(process_logs, **options)
+        running.callback(simulator.stop)
+        return simulator
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def gateway_factory(process_logs: Path, running: ExitStack) -> Callable[..., services.Service]:
+    """start(upstream_simulator, workers=2, **settings) -> a gateway under real gunicorn."""
+
+    def start(upstream: services.Simulator, **settings) -> services.Service:
+        gateway = services.start_gateway(process_logs, upstream, **settings)
+        running.callback(gateway.stop)
+        return gateway
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def nginx_factory(running: ExitStack) -> Callable[..., LocalNginx]:
+    """start(upstream_service, buffering_fault=False) -> a local nginx from nginx/*.j2."""
+
+    def start(upstream: services.Service, *, buffering_fault: bool = False) -> LocalNginx:
+        binary = require_nginx()
+        proxy = LocalNginx([f"{upstream.host}:{upstream.port}"], buffering_fault=buffering_fault)
+        running.callback(proxy.stop)
+        return proxy.start(binary)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def simulator(simulator_factory) -> services.Simulator:
+    """50 tokens, 20 ms apart, 50 ms to the first token, no jitter."""
+    return simulator_factory()
+
+
+@pytest.fixture(scope="session")
+def gateway(gateway_factory, simulator) -> services.Service:
+    """Two gunicorn workers with default settings, streaming from the default simulator."""
+    return gateway_factory(simulator, workers=2)
+
+
+@pytest.fixture(scope="session")
+def nginx(nginx_factory, gateway) -> LocalNginx:
+    """nginx rendered from the project's templates, in front of the default gateway."""
+    return nginx_factory(gateway)

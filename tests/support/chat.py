@@ -1,0 +1,152 @@
+"""The three chat routes as a client sees them: request bodies, and what a trace says.
+
+One decoder per framing (plain text, SSE, OpenAI chunks) turns a wire trace into the same
+`Relay`: the deltas in order, the in-band error if any, and whether the stream ended properly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from support import sse
+from support.stream_probe import Trace
+
+TEXT = "text"
+SSE = "sse"
+OPENAI = "openai"
+ROUTES = {
+    TEXT: "/v1/chat/stream",
+    SSE: "/v1/chat/stream-sse",
+    OPENAI: "/v1/chat/completions",
+}
+PROMPT = "Say something worth streaming."
+
+
+def body(route: str, *, max_tokens: int | None = None, model: str | None = None, **extra) -> dict:
+    """A request body for `route`; `model` picks a simulator fault (sim-fault-<kind>)."""
+    if route == OPENAI:
+        payload: dict = {"messages": [{"role": "user", "content": PROMPT}], "stream": True}
+    else:
+        payload = {"prompt": PROMPT}
+    if max_tokens is not None:
+        payload["max_tokens"] = max_tokens
+    if model is not None:
+        payload["model"] = model
+    payload.update(extra)
+    return payload
+
+
+@dataclass
+class TimedDelta:
+    at_s: float
+    text: str
+
+
+@dataclass
+class Relay:
+    deltas: list[TimedDelta] = field(default_factory=list)
+    error: object = None  # the in-band error payload, when the stream reported one
+    ended_properly: bool = False  # the route's own end marker arrived and no error
+    done_marker: bool = False  # SSE `event: done` / OpenAI `data: [DONE]` seen
+    usage: dict | None = None
+    comments: list[str] = field(default_factory=list)
+    unparsed: str = ""  # framing left over after the last complete event
+
+    @property
+    def content(self) -> str:
+        return "".join(delta.text for delta in self.deltas)
+
+    @property
+    def texts(self) -> list[str]:
+        return [delta.text for delta in self.deltas]
+
+
+def decode(route: str, trace: Trace) -> Relay:
+    return {TEXT: _decode_text, SSE: _decode_sse, OPENAI: _decode_openai}[route](trace)
+
+
+def _decode_text(trace: Trace) -> Relay:
+    relay = Relay()
+    received = b""
+    shown = 0
+    for read in trace.reads:
+        if not read.data:
+            continue
+        received += read.data
+        # A read may end inside a multi-byte character: show only what is complete.
+        text = received.decode("utf-8", "ignore")
+        if len(text) > shown:
+            relay.deltas.append(TimedDelta(read.at_s, text[shown:]))
+            shown = len(text)
+    relay.ended_properly = trace.complete
+    return relay
+
+
+def timed_events(trace: Trace) -> tuple[list[tuple[float, sse.Event]], sse.Stream]:
+    """SSE events, each with the time of the read that completed it."""
+    timed: list[tuple[float, sse.Event]] = []
+    received = b""
+    stream = sse.Stream()
+    for read in trace.reads:
+        if not read.data:
+            continue
+        received += read.data
+        stream = sse.parse(received.decode("utf-8", "ignore"))
+        timed += [(read.at_s, event) for event in stream.events[len(timed) :]]
+    return timed, stream
+
+
+def _decode_sse(trace: Trace) -> Relay:
+    relay = Relay()
+    timed, stream = timed_events(trace)
+    relay.comments, relay.unparsed = stream.comments, stream.unterminated
+    for at_s, event in timed:
+        if event.event == "message":
+            relay.deltas.append(TimedDelta(at_s, event.data))
+        elif event.event == "error":
+            relay.error = _json_or_text(event.data)
+        elif event.event == "done":
+            relay.done_marker = True
+            payload = _json_or_text(event.data)
+            if isinstance(payload, dict):
+                relay.usage = payload.get("usage")
+    relay.ended_properly = trace.complete and relay.done_marker and relay.error is None
+    return relay
+
+
+def _decode_openai(trace: Trace) -> Relay:
+    relay = Relay()
+    timed, stream = timed_events(trace)
+    relay.comments, relay.unparsed = stream.comments, stream.unterminated
+    for at_s, event in timed:
+        if event.data == "[DONE]":
+            relay.done_marker = True
+            continue
+        chunk = json.loads(event.data)
+        if "error" in chunk:
+            relay.error = chunk["error"]
+            continue
+        if chunk.get("usage"):
+            relay.usage = chunk["usage"]
+        for choice in chunk.get("choices", []):
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                relay.deltas.append(TimedDelta(at_s, content))
+    relay.ended_properly = trace.complete and relay.done_marker and relay.error is None
+    return relay
+
+
+def _json_or_text(data: str) -> object:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data
+
+
+def json_body(trace: Trace) -> dict:
+    """The JSON object of a non-streamed (error) answer; fails loudly when it is not one."""
+    assert "application/json" in trace.headers.get("content-type", ""), trace.headers
+    payload = json.loads(trace.body)
+    assert isinstance(payload, dict), payload
+    return payload

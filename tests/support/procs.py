@@ -1,0 +1,137 @@
+"""Real processes for tests: free ports, start, wait until they answer, stop by PID, show logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+LOG_TAIL_CHARS = 4000
+
+
+def free_port() -> int:
+    """An ephemeral loopback port that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    condition: Callable[[], object], *, timeout_s: float, interval_s: float = 0.02, what: str
+) -> object:
+    """Poll `condition` until it returns something truthy; raise TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"gave up after {timeout_s:.1f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def http_status(url: str, timeout_s: float = 1.0) -> int | None:
+    """The status code of GET url, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, ValueError):
+        return None
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+class ManagedProcess:
+    """A child process in its own session (so its workers can be signalled with it), its output
+    in a log file, stopped by its process-group id: SIGTERM, then SIGKILL after a bound."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self.popen: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, f"{self.name} was never started"
+        return self.popen.pid
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        return self
+
+    def is_running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def logs(self, tail_chars: int = LOG_TAIL_CHARS) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return text[-tail_chars:]
+
+    def describe(self) -> str:
+        """For failure messages: what ran, how it ended, the end of its log."""
+        state = "running" if self.is_running() else f"exited rc={self.popen and self.popen.poll()}"
+        return f"{self.name} ({state}): {' '.join(self.argv)}\n--- log tail ---\n{self.logs()}"
+
+    def wait_http(self, url: str, *, timeout_s: float = 20.0, ok=(200,)) -> None:
+        """Wait until GET url answers with a status in `ok`; fail early if the process dies."""
+
+        def answered() -> bool:
+            if not self.is_running():
+                raise ProcessFailed(f"{self.name} exited while starting\n{self.describe()}")
+            return http_status(url) in ok
+
+        try:
+            wait_until(answered, timeout_s=timeout_s, interval_s=0.05, what=f"{self.name} at {url}")
+        except TimeoutError as exc:
+            raise ProcessFailed(f"{exc}\n{self.describe()}") from None
+
+    def stop(self, *, term_timeout_s: float = 5.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it if still alive after term_timeout_s."""
+        if self.popen is None or self.popen.poll() is not None:
+            return self.popen.returncode if self.popen else None
+        self._signal_group(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=term_timeout_s)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            return self.popen.wait(timeout=5.0)
+
+    def _signal_group(self, signum: int) -> None:
+        # Only while the leader is unreaped: its PID (the group id) cannot have been reused.
+        try:
+            os.killpg(self.pid, signum)  # the group id is the child's PID (start_new_session)
+        except ProcessLookupError:
+            pass

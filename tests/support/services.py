@@ -1,0 +1,117 @@
+"""The project's own processes for tests: the simulator and the gateway under real gunicorn."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from support.procs import ManagedProcess, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+GUNICORN_CONF = REPO / "service" / "gunicorn.conf.py"
+APP = "streamgate.app:create_app()"
+# A placeholder: the simulator takes any key, and a real-looking one must never leak into logs.
+API_KEY_PLACEHOLDER = "sk-test-placeholder"
+
+SIM_DEFAULTS = {"ttft_ms": 50, "gap_ms": 20, "jitter_ms": 0, "tokens": 50}
+
+
+def clean_environ() -> dict[str, str]:
+    """The parent's environment minus every setting that would leak into a test instance."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("STREAMGATE_", "OPENAI_"))
+    }
+
+
+@dataclass
+class Service:
+    name: str
+    process: ManagedProcess
+    port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        return self.process.describe()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+@dataclass
+class Simulator(Service):
+    ttft_ms: float = 50
+    gap_ms: float = 20
+    tokens: int = 50
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self.base_url}/stats", timeout=5) as response:
+            return json.load(response)
+
+    def reset_stats(self) -> None:
+        request = urllib.request.Request(f"{self.base_url}/stats/reset", data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+
+
+def start_simulator(log_dir: Path, **options) -> Simulator:
+    """streamgate-sim on a free loopback port; options are its flags (ttft_ms=..., stall_s=...)."""
+    settings = {**SIM_DEFAULTS, **options}
+    port = free_port()
+    argv = [sys.executable, "-m", "streamgate.simulator", "--host", "127.0.0.1", "--port", str(port)]
+    for option, value in settings.items():
+        argv += [f"--{option.replace('_', '-')}", str(value)]
+    process = ManagedProcess(f"simulator-{port}", argv, log_dir=log_dir, env=clean_environ())
+    process.start()
+    simulator = Simulator(
+        name="simulator",
+        process=process,
+        port=port,
+        ttft_ms=settings["ttft_ms"],
+        gap_ms=settings["gap_ms"],
+        tokens=settings["tokens"],
+    )
+    try:
+        process.wait_http(f"{simulator.base_url}/healthz", timeout_s=20)
+    except BaseException:
+        process.stop()
+        raise
+    return simulator
+
+
+def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2, **settings) -> Service:
+    """The gateway as deployed: gunicorn -c service/gunicorn.conf.py with uvicorn-worker.
+
+    `settings` are Settings fields (first_token_timeout_s=1 -> STREAMGATE_FIRST_TOKEN_TIMEOUT_S).
+    """
+    port = free_port()
+    env = clean_environ()
+    env.update(
+        STREAMGATE_BIND=f"127.0.0.1:{port}",
+        STREAMGATE_WORKERS=str(workers),
+        STREAMGATE_UPSTREAM_BASE_URL=f"{upstream.base_url}/v1",
+        STREAMGATE_UPSTREAM_API_KEY=API_KEY_PLACEHOLDER,
+        STREAMGATE_LOG_LEVEL="info",
+    )
+    env.update({f"STREAMGATE_{name.upper()}": str(value) for name, value in settings.items()})
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), APP]
+    process = ManagedProcess(f"gateway-{port}", argv, log_dir=log_dir, env=env, cwd=REPO)
+    if not GUNICORN_CONF.exists():
+        raise FileNotFoundError(f"{GUNICORN_CONF.relative_to(REPO)} is missing: no gateway to test")
+    process.start()
+    gateway = Service(name="gateway", process=process, port=port)
+    try:
+        process.wait_http(f"{gateway.base_url}/readyz", timeout_s=30)
+    except BaseException:
+        process.stop()
+        raise
+    return gateway
