@@ -268,7 +268,34 @@ def nat_rules() -> list[list[str]]:
     ]
 
 
+def cgroup_roots() -> list[Path]:
+    """Mount points of the cgroup v2 hierarchy and of the v1 name=systemd one (hybrid hosts)."""
+    roots = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        after = fields[fields.index("-") + 1:]
+        fstype, super_options = after[0], after[2].split(",")
+        if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in super_options):
+            roots.append(Path(fields[4]))
+    return list(dict.fromkeys(roots))
+
+
+def host_cgroups(host_name: str) -> list[Path]:
+    return [root / host_name for root in cgroup_roots()]
+
+
 def boot_host(host: LabHost) -> None:
+    # Without a systemd on the controller, nspawn nests the container under the cgroup it was
+    # started from: hosts started from the same cgroup would share one ("payload") and their
+    # systemds would remove each other's unit cgroups. So each host gets its own cgroup first.
+    cgroups = host_cgroups(host.name)
+    for cgroup in cgroups:
+        cgroup.mkdir(exist_ok=True)
+
+    def enter_own_cgroup() -> None:
+        for cgroup in cgroups:
+            (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
     with open(HOSTS_DIR / host.name / "console.log", "w") as console_log:
         process = subprocess.Popen(
             ["systemd-nspawn", "-D", str(host.root), "-b", "-M", host.name,
@@ -276,9 +303,21 @@ def boot_host(host: LabHost) -> None:
              "--console=read-only", "--resolv-conf=off", "--link-journal=no"],
             stdin=subprocess.DEVNULL, stdout=console_log, stderr=subprocess.STDOUT,
             start_new_session=True,  # setsid: the host outlives this command
+            preexec_fn=enter_own_cgroup,  # noqa: PLW1509 (single-threaded here)
         )
     host.nspawn_pid = process.pid
     (HOSTS_DIR / host.name / "nspawn.pid").write_text(f"{process.pid}\n")
+
+
+def remove_cgroups() -> None:
+    """Our sglab-* cgroups, deepest first (a cgroup directory only goes once it is empty)."""
+    for root in cgroup_roots():
+        for top in root.glob(f"{NAME_PREFIX}*"):
+            for directory, _, _ in sorted(os.walk(top), key=lambda item: -len(item[0])):
+                try:
+                    os.rmdir(directory)
+                except OSError as error:
+                    log(f"ignored: cannot remove cgroup {directory}: {error.strerror}")
 
 
 def container_leader(nspawn_pid: int) -> int | None:
@@ -439,7 +478,8 @@ def remove_network() -> None:
     for line in run(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         if name.startswith(NAME_PREFIX):
-            run(["ip", "link", "del", name], check=False)
+            # quiet: a veth may vanish by itself once its namespace is gone
+            run(["ip", "link", "del", name], check=False, quiet=True)
     for table, chain in (("nat", "POSTROUTING"), ("filter", "FORWARD")):
         listed = run(["iptables", "-t", table, "-S", chain], check=False, quiet=True).stdout
         for line in listed.splitlines():
@@ -460,6 +500,7 @@ def destroy(purge_images: bool = False) -> None:
     state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
     stop_processes()
     remove_network()
+    remove_cgroups()
     if state.get("ip_forward_before") == "0":
         run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"], check=False)
     if HOSTS_DIR.exists():
@@ -561,6 +602,8 @@ def main() -> int:
         if args.command == "ssh":
             os.execvp("ssh", ssh_argv(find_host(args.host).address, args.remote_command))
         require_root()
+        # A TERM (CI timeout, make interrupted) unwinds like Ctrl-C, so a failed create cleans up.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         with lab_lock():
             if args.command == "create":
                 try:
