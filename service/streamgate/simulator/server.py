@@ -14,11 +14,13 @@ The wire format, routes and faults are described in the package docstring.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import math
 import os
 import random
 import socket
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -303,9 +305,11 @@ class ChatResponse:
             body["usage"] = usage
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
-    def _write_body(self, payload: bytes) -> None:
+    def _write_body(self, payload: bytes, end: bool = False) -> None:
+        """Write payload as one chunk; `end` adds the terminating chunk to the same write."""
         if self.chunked:
-            self.conn.write(b"%x\r\n" % len(payload) + payload + b"\r\n")
+            terminator = _LAST_CHUNK if end else b""
+            self.conn.write(b"%x\r\n%b\r\n%b" % (len(payload), payload, terminator))
         else:
             self.conn.write(payload)
 
@@ -363,7 +367,7 @@ class ChatResponse:
                     events.append(self._chunk_event([], self._usage()))
                 events.append(_DONE_EVENT)
             if events:
-                self._write_body(b"".join(events))
+                self._write_body(b"".join(events), end=last)
         elif not dropped:
             self.content_parts.append(_TOKENS[index])
         if not dropped:
@@ -376,10 +380,7 @@ class ChatResponse:
         self.sim.clock.call_at(self.due, self)
 
     def _finish_normally(self) -> None:
-        if self.stream:
-            if self.chunked:
-                self.conn.write(_LAST_CHUNK)
-        else:
+        if not self.stream:  # a stream's last write already ended the body
             body = orjson.dumps(
                 {
                     "id": self.completion_id,
@@ -417,9 +418,7 @@ class ChatResponse:
             "simulated_midstream_error",
         )
         if self.stream:
-            self._write_body(b"data: " + error + b"\n\n")
-            if self.chunked:
-                self.conn.write(_LAST_CHUNK)
+            self._write_body(b"data: " + error + b"\n\n", end=True)
             self._mark_done(close=not self.chunked)
         else:
             self.conn.send_json(500, error, self.request_id)
@@ -770,3 +769,77 @@ async def start_server(config: SimConfig) -> tuple[asyncio.Server, Simulator]:
 
 def bound_port(server: asyncio.Server) -> int:
     return server.sockets[0].getsockname()[1]
+
+
+class SimulatorThread:
+    """A simulator on its own event loop in a background thread, for in-process tests.
+
+    ``with SimulatorThread(SimConfig(port=0)) as sim: httpx.get(sim.url + "/healthz")``;
+    ``sim.stats`` is the live Stats object (read it, or call ``sim.call(fn)`` to run code on the
+    simulator's loop).
+    """
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.url = ""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.simulator: Simulator | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def stats(self) -> Stats:
+        assert self.simulator is not None
+        return self.simulator.stats
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        try:
+            self._server, self.simulator = loop.run_until_complete(start_server(self.config))
+            self.url = f"http://{self.config.host}:{bound_port(self._server)}"
+        except BaseException as error:  # reported to the starting thread
+            self._error = error
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        loop.run_forever()
+        self._server.close()
+        loop.run_until_complete(self._server.wait_closed())
+        loop.close()
+
+    def start(self) -> SimulatorThread:
+        self._thread = threading.Thread(target=self._run, name="streamgate-sim", daemon=True)
+        self._thread.start()
+        self._ready.wait(timeout=10)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, function: Any, *args: Any) -> Any:
+        """Run function(*args) on the simulator's loop and return its result."""
+        assert self.loop is not None
+        future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:
+                future.set_exception(error)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(timeout=10)
+
+    def stop(self) -> None:
+        if self.loop is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> SimulatorThread:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

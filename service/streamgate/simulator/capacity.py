@@ -1,0 +1,383 @@
+"""Capacity check: many concurrent streams against one simulator process, measured from outside.
+
+    python -m streamgate.simulator.capacity --streams 5000 --tokens 50 --gap-ms 20
+
+starts a simulator process (``--port 0``), opens all client connections first, then sends every
+request in one burst, so all streams are in flight at once (the simulator's ``peak_active``
+proves it). Each client is a raw asyncio Protocol that only timestamps its reads; decoding and
+checking the text (every stream must say exactly ``expected_text(tokens)``) happens after the
+run. Reported: completed streams, errors, TTFT and inter-token gap percentiles (a gap is the time
+between two reads that carry events), reads per stream, and the simulator's CPU time, read from
+/proc, per second of wall time.
+
+``SimulatorProcess`` (start a simulator on a free port, read /stats, stop it by PID) is shared
+with the wire tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from streamgate.simulator.__main__ import _loop_factory, raise_fd_limit
+from streamgate.simulator.script import expected_text
+
+LISTENING_PREFIX = "streamgate-sim listening on "
+_CHUNKED_END = b"0\r\n\r\n"
+
+
+class SimulatorProcess:
+    """A ``streamgate-sim`` child on a free loopback port, its output in a log file."""
+
+    def __init__(self, args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.env = env
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self._log_dir = tempfile.TemporaryDirectory(prefix="streamgate-sim-")
+        self.log_path = Path(self._log_dir.name) / "sim.log"
+
+    @staticmethod
+    def command() -> list[str]:
+        """The installed console script when present, else the module."""
+        script = Path(sys.executable).parent / "streamgate-sim"
+        return [str(script)] if script.exists() else [sys.executable, "-m", "streamgate.simulator"]
+
+    def start(self, timeout_s: float = 15.0) -> SimulatorProcess:
+        argv = [*self.command(), "--host", "127.0.0.1", "--port", "0", *self.args]
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.logs().splitlines():
+                if line.startswith(LISTENING_PREFIX):
+                    self.url = line[len(LISTENING_PREFIX) :].strip()
+                    return self
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"simulator did not start: {argv}\n{self.logs()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def get_json(self, path: str, method: str = "GET") -> Any:
+        request = urllib.request.Request(
+            self.url + path, method=method, data=b"" if method == "POST" else None
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def stats(self) -> dict[str, Any]:
+        return self.get_json("/stats")
+
+    def reset_stats(self) -> dict[str, Any]:
+        return self.get_json("/stats/reset", method="POST")
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(user, system) CPU time of the simulator process so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=timeout_s)
+        self._log_dir.cleanup()
+
+    def __enter__(self) -> SimulatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class _StreamClient(asyncio.Protocol):
+    """One connection, one request; records every read with its arrival time."""
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.transport: asyncio.Transport | None = None
+        self.sent_at = 0.0
+        self.reads: list[tuple[float, bytes]] = []
+        self._tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.sent_at = time.perf_counter()
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        self.reads.append((time.perf_counter(), data))
+        self._tail = (self._tail + data)[-len(_CHUNKED_END) :]
+        if self._tail == _CHUNKED_END and not self.done.done():
+            self.done.set_result(None)
+            assert self.transport is not None
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"closed before the end: {exc}"))
+
+
+def _decode_chunked(body: bytes) -> bytes:
+    out = []
+    position = 0
+    while True:
+        line_end = body.index(b"\r\n", position)
+        size = int(body[position:line_end], 16)
+        if size == 0:
+            return b"".join(out)
+        start = line_end + 2
+        out.append(body[start : start + size])
+        position = start + size + 2
+
+
+def check_stream_body(raw: bytes, tokens: int) -> str | None:
+    """None when a raw HTTP response is a complete, exact stream of `tokens`; else what is wrong."""
+    head, separator, body = raw.partition(b"\r\n\r\n")
+    if not separator or not head.startswith(b"HTTP/1.1 200"):
+        return f"bad response head: {head[:80]!r}"
+    events = _decode_chunked(body).split(b"\n\n")
+    if events[-1] != b"" or events[-2] != b"data: [DONE]":
+        return "stream does not end with data: [DONE]"
+    content = []
+    finish = None
+    for event in events[:-2]:
+        chunk = orjson.loads(event.removeprefix(b"data: "))
+        for choice in chunk["choices"]:
+            content.append(choice["delta"].get("content") or "")
+            finish = choice["finish_reason"] or finish
+    if finish != "stop":
+        return f"finish_reason {finish!r}"
+    if "".join(content) != expected_text(tokens):
+        return "content differs from expected_text"
+    return None
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclass
+class CapacityResult:
+    streams: int
+    tokens: int
+    gap_ms: float
+    ramp_s: float = 0.0
+    completed: int = 0
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+    peak_active: int = 0
+    ttft_p50_ms: float = 0.0
+    ttft_p99_ms: float = 0.0
+    gap_p50_ms: float = 0.0
+    gap_p99_ms: float = 0.0
+    gap_max_ms: float = 0.0
+    reads_per_stream_min: int = 0
+    reads_per_stream_median: float = 0.0
+    wall_s: float = 0.0
+    sim_cpu_s: float = 0.0
+    sim_user_s: float = 0.0
+    sim_system_s: float = 0.0
+    sim_cpu_per_wall: float = 0.0
+    sim_cpu_us_per_chunk: float = 0.0
+    client_cpu_s: float = 0.0
+
+    def summary(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+async def _run_streams(url: str, streams: int, tokens: int, connect_concurrency: int):
+    loop = asyncio.get_running_loop()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = orjson.dumps(
+        {
+            "model": "streamgate-sim",
+            "stream": True,
+            "max_tokens": tokens,
+            "messages": [{"role": "user", "content": "capacity check"}],
+        }
+    )
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
+    )
+    limiter = asyncio.Semaphore(connect_concurrency)
+
+    async def connect() -> tuple[_StreamClient, asyncio.Future[None]]:
+        done: asyncio.Future[None] = loop.create_future()
+        async with limiter:
+            _, client = await loop.create_connection(lambda: _StreamClient(done), host, int(port))
+        return client, done
+
+    connected = await asyncio.gather(*(connect() for _ in range(streams)))
+    return connected, request
+
+
+def run_capacity_check(
+    streams: int = 5000,
+    tokens: int = 50,
+    gap_ms: float = 20.0,
+    ttft_ms: float = 50.0,
+    timeout_s: float = 40.0,
+    connect_concurrency: int = 500,
+    ramp_s: float | None = None,
+) -> CapacityResult:
+    """Start a simulator, run `streams` concurrent streams through it once, measure."""
+    raise_fd_limit()
+    ramp_s = gap_ms / 1000 if ramp_s is None else ramp_s
+    result = CapacityResult(streams=streams, tokens=tokens, gap_ms=gap_ms, ramp_s=ramp_s)
+    sim_args = ["--ttft-ms", str(ttft_ms), "--gap-ms", str(gap_ms), "--tokens", str(tokens)]
+    with SimulatorProcess(sim_args) as sim, asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        clients = runner.run(_run_streams(sim.url, streams, tokens, connect_concurrency))
+        connected, request = clients
+        cpu_before = sim.cpu_seconds()
+        client_cpu_before = time.process_time()
+        started = time.perf_counter()
+
+        async def burst() -> list[BaseException | None]:
+            # Spread the starts over `ramp_s` in 1 ms slots: streams in steady state run at
+            # random phases; a ramp of 0 sends every request at once (the harshest case).
+            slots = max(1, int(ramp_s * 1000))
+            per_slot = -(-streams // slots)
+            loop = asyncio.get_running_loop()
+            first_slot_at = loop.time()
+            for slot, offset in enumerate(range(0, streams, per_slot)):
+                await asyncio.sleep(max(0.0, first_slot_at + slot / 1000 - loop.time()))
+                for client, _ in connected[offset : offset + per_slot]:
+                    client.send(request)
+            waits = [done for _, done in connected]
+            finished = await asyncio.wait_for(
+                asyncio.gather(*waits, return_exceptions=True), timeout_s
+            )
+            return finished
+
+        try:
+            outcomes = runner.run(burst())
+        except TimeoutError:
+            outcomes = [
+                None if done.done() and not done.exception() else TimeoutError("unfinished")
+                for _, done in connected
+            ]
+        result.wall_s = time.perf_counter() - started
+        cpu_after = sim.cpu_seconds()
+        result.sim_user_s = cpu_after[0] - cpu_before[0]
+        result.sim_system_s = cpu_after[1] - cpu_before[1]
+        result.sim_cpu_s = result.sim_user_s + result.sim_system_s
+        result.client_cpu_s = time.process_time() - client_cpu_before
+        result.peak_active = sim.stats()["peak_active"]
+        for (client, _), outcome in zip(connected, outcomes, strict=True):
+            problem = repr(outcome) if outcome is not None else None
+            if problem is None:
+                problem = check_stream_body(b"".join(data for _, data in client.reads), tokens)
+            if problem is not None:
+                result.error_count += 1
+                if len(result.errors) < 5:
+                    result.errors.append(problem)
+            else:
+                result.completed += 1
+        _measure_timing([client for client, _ in connected], result)
+        for client, _ in connected:
+            if client.transport is not None:
+                client.transport.abort()
+    result.sim_cpu_per_wall = result.sim_cpu_s / result.wall_s
+    chunks = streams * tokens
+    result.sim_cpu_us_per_chunk = result.sim_cpu_s / chunks * 1e6
+    return result
+
+
+def _measure_timing(clients: list[_StreamClient], result: CapacityResult) -> None:
+    ttfts, gaps, reads_per_stream = [], [], []
+    for client in clients:
+        arrivals = [at for at, data in client.reads if b"data: " in data]
+        if not arrivals:
+            continue
+        ttfts.append((arrivals[0] - client.sent_at) * 1000)
+        gaps.extend((later - earlier) * 1000 for earlier, later in itertools.pairwise(arrivals))
+        reads_per_stream.append(len(arrivals))
+    result.ttft_p50_ms = _percentile(ttfts, 0.5)
+    result.ttft_p99_ms = _percentile(ttfts, 0.99)
+    result.gap_p50_ms = _percentile(gaps, 0.5)
+    result.gap_p99_ms = _percentile(gaps, 0.99)
+    result.gap_max_ms = max(gaps, default=float("nan"))
+    result.reads_per_stream_min = min(reads_per_stream, default=0)
+    result.reads_per_stream_median = _percentile([float(n) for n in reads_per_stream], 0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=5000)
+    parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--gap-ms", type=float, default=20.0)
+    parser.add_argument("--ttft-ms", type=float, default=50.0)
+    parser.add_argument("--timeout-s", type=float, default=40.0)
+    parser.add_argument(
+        "--ramp-s",
+        type=float,
+        default=None,
+        help="spread the request starts over this long (default: one gap; 0 = all at once)",
+    )
+    args = parser.parse_args(argv)
+    result = run_capacity_check(
+        streams=args.streams,
+        tokens=args.tokens,
+        gap_ms=args.gap_ms,
+        ttft_ms=args.ttft_ms,
+        timeout_s=args.timeout_s,
+        ramp_s=args.ramp_s,
+    )
+    print(result.summary())
+    return 0 if result.completed == result.streams else 1
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
