@@ -1,0 +1,55 @@
+"""gunicorn settings for the streamgate gateway: `gunicorn -c gunicorn.conf.py 'streamgate.app:create_app()'`.
+
+Values come from streamgate.settings (environment + STREAMGATE_ENV_FILE), so the env file that
+Ansible templates is the single source; gunicorn re-reads this file on HUP.
+"""
+
+import os
+import shutil
+import tempfile
+
+from streamgate.settings import load_settings
+
+_settings = load_settings()
+
+# uvicorn-worker (uvicorn.workers is deprecated). Its "auto" loop and http pick uvloop and
+# httptools when installed (uvicorn[standard]); on_starting refuses to run without them.
+worker_class = "uvicorn_worker.UvicornWorker"
+workers = _settings.effective_workers()
+bind = [_settings.bind]
+wsgi_app = "streamgate.app:create_app()"
+
+# Must cover the longest stream: on stop/reload the arbiter kills what is still open after it.
+graceful_timeout = int(_settings.graceful_timeout_s)
+# Longer than nginx's upstream keepalive_timeout (60 s): nginx must close idle connections first.
+keepalive = _settings.keepalive_s
+# For async workers this is a heartbeat, not a request limit: leave it at gunicorn's default.
+timeout = 30
+loglevel = _settings.log_level
+accesslog = None  # the app writes one JSON line per request
+errorlog = "-"
+proc_name = "streamgate"
+
+
+def on_starting(server):
+    import httptools  # noqa: F401  (fail here, loudly, rather than silently run h11/asyncio)
+    import uvloop  # noqa: F401
+
+    # Prometheus counts per process: a shared directory lets /metrics sum all workers.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        directory = tempfile.mkdtemp(prefix="streamgate-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        server._streamgate_metrics_dir = directory
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    directory = getattr(server, "_streamgate_metrics_dir", None)
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)

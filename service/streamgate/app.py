@@ -1,0 +1,47 @@
+"""The app factory: gunicorn runs `streamgate.app:create_app()` (one app per worker)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.routing import Route
+
+from . import __version__
+from .logs import configure as configure_logs
+from .logs import log_event
+from .routes import health
+from .routes.chat import ROUTES, ChatEndpoint
+from .settings import Settings, get_settings
+from .upstream import make_client
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logs(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One upstream client (one connection pool) per worker, made inside its event loop.
+        app.state.upstream_client = make_client(settings)
+        log_event(
+            "worker_started",
+            loop=type(asyncio.get_running_loop()).__module__,
+            settings=settings.public_dict(),
+        )
+        try:
+            yield
+        finally:
+            client, app.state.upstream_client = app.state.upstream_client, None
+            await client.close()
+
+    app = FastAPI(title="streamgate", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.upstream_client = None
+    app.include_router(health.router)
+    for path, route in ROUTES.items():
+        # Starlette treats a non-function endpoint as a plain ASGI app: no StreamingResponse.
+        app.router.routes.append(Route(path, ChatEndpoint(route), methods=["POST"]))
+    return app

@@ -1,0 +1,53 @@
+"""Prometheus metrics. With several gunicorn workers each worker counts on its own, so
+gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR and /metrics then sums all workers' files."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REQUESTS = Counter(
+    "streamgate_requests_total", "Requests by route and HTTP status", ["route", "status"]
+)
+ACTIVE_STREAMS = Gauge(
+    "streamgate_active_streams", "Streams being relayed now", multiprocess_mode="livesum"
+)
+TTFT = Histogram(
+    "streamgate_ttft_seconds",
+    "Request received to first content byte sent",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CHUNK_GAP = Histogram(
+    "streamgate_inter_chunk_gap_seconds",
+    "Time between two content chunks sent to a client",
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5),
+)
+TOKENS = Counter("streamgate_tokens_relayed_total", "Content deltas relayed", ["route"])
+UPSTREAM_ERRORS = Counter(
+    "streamgate_upstream_errors_total", "Upstream failures by kind", ["kind"]
+)
+DISCONNECTS = Counter(
+    "streamgate_client_disconnects_total",
+    "Clients that left before the end, by phase (first_token, streaming)",
+    ["route", "phase"],
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: all workers' values when running multi-process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,1 @@
+"""HTTP routes: chat (the three streaming routes) and health (healthz, readyz, metrics)."""

@@ -1,0 +1,528 @@
+"""The three chat routes, as pure ASGI endpoints.
+
+Pure ASGI rather than StreamingResponse: one coroutine per request sends each chunk itself, so
+a chunk costs one `send` and no per-chunk task switches, and a client disconnect is seen by a
+watcher on `receive` that cancels the relay at once (the upstream connection closes in its
+`finally`), whether the relay is waiting for the first token or mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .. import framing, metrics
+from ..logs import log_request
+from ..settings import Settings
+from ..upstream import UpstreamError, UpstreamReadTimeout, complete_chat, open_chat_stream
+
+TEXT, SSE, OPENAI = "text", "sse", "openai"
+ROUTES = {
+    "/v1/chat/stream": TEXT,
+    "/v1/chat/stream-sse": SSE,
+    "/v1/chat/completions": OPENAI,
+}
+MEDIA_TYPES = {
+    TEXT: b"text/plain; charset=utf-8",
+    SSE: b"text/event-stream; charset=utf-8",
+    OPENAI: b"text/event-stream; charset=utf-8",
+}
+GRANULARITIES = ("token", "word")
+# Body keys the gateway itself understands; the OpenAI route passes any other key upstream.
+_OWN_KEYS = {"prompt", "messages", "model", "max_tokens", "temperature", "granularity",
+             "stream", "stream_options"}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+class InvalidRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    model: str
+    granularity: str = "token"
+    stream: bool = True
+    include_usage: bool = False
+    upstream_extra: dict[str, Any] = field(default_factory=dict)
+
+    def upstream_payload(self) -> dict[str, Any]:
+        payload = {**self.upstream_extra, "model": self.model, "messages": self.messages}
+        payload["stream_options"] = {"include_usage": True}  # usage feeds the logs and metrics
+        return payload
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _content_chars(content: Any, where: str) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # OpenAI content parts
+        return sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
+    if content is None:
+        return 0
+    raise InvalidRequest(f"{where}.content must be a string or a list of content parts", where)
+
+
+def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatRequest:
+    """Validate a chat body; InvalidRequest says exactly what is wrong."""
+    if not body.strip():
+        raise InvalidRequest("request body is empty: send a JSON object with a prompt")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+
+    prompt, messages = data.get("prompt"), data.get("messages")
+    if prompt is not None and messages is not None:
+        raise InvalidRequest("give either prompt or messages, not both", "prompt")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list", "messages")
+        chars = 0
+        for index, message in enumerate(messages):
+            where = f"messages[{index}]"
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InvalidRequest(f"{where} must be an object with a string role", where)
+            chars += _content_chars(message.get("content"), where)
+        if chars == 0:
+            raise InvalidRequest("messages hold no text", "messages")
+    elif prompt is None:
+        raise InvalidRequest("prompt is required (or messages)", "prompt")
+    elif not isinstance(prompt, str):
+        raise InvalidRequest("prompt must be a string", "prompt")
+    elif not prompt.strip():
+        raise InvalidRequest("prompt is empty", "prompt")
+    else:
+        chars = len(prompt)
+        messages = [{"role": "user", "content": prompt}]
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt too long: {chars} characters, the maximum is {settings.max_prompt_chars}",
+            "prompt" if prompt is not None else "messages",
+            status=413,
+        )
+
+    model = data.get("model", settings.default_model)
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must be a non-empty string", "model")
+    granularity = data.get("granularity", "token")
+    if granularity not in GRANULARITIES:
+        raise InvalidRequest(
+            f"unknown granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}",
+            "granularity",
+        )
+    extra: dict[str, Any] = {}
+    max_tokens = data.get("max_tokens")
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidRequest("max_tokens must be a positive integer", "max_tokens")
+        extra["max_tokens"] = max_tokens
+    temperature = data.get("temperature")
+    if temperature is not None:
+        if not _is_number(temperature) or not 0 <= temperature <= 2:
+            raise InvalidRequest("temperature must be a number from 0 to 2", "temperature")
+        extra["temperature"] = temperature
+
+    stream, include_usage = True, route != OPENAI
+    if route == OPENAI:
+        stream = data.get("stream", False)
+        if not isinstance(stream, bool):
+            raise InvalidRequest("stream must be true or false", "stream")
+        options = data.get("stream_options")
+        if options is not None:
+            if not isinstance(options, dict) or not isinstance(
+                options.get("include_usage", False), bool
+            ):
+                raise InvalidRequest("stream_options must be {\"include_usage\": bool}",
+                                     "stream_options")
+            include_usage = options.get("include_usage", False)
+        extra.update((key, value) for key, value in data.items() if key not in _OWN_KEYS)
+    return ChatRequest(messages, model, granularity, stream, include_usage, extra)
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None when it is over `limit` bytes."""
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body if len(body) <= limit else None
+    parts = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # nobody to answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _request_id(scope) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _REQUEST_ID.fullmatch(value.decode("latin-1")):
+                return value
+            break
+    return uuid.uuid4().hex.encode()
+
+
+class Outcome:
+    """What happened to one request, for the access log and the request counter."""
+
+    __slots__ = ("duration_s", "error", "finish_reason", "outcome", "status", "tokens",
+                 "ttft_s", "usage")
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.outcome = "ok"
+        self.ttft_s: float | None = None
+        self.tokens = 0
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.duration_s = 0.0
+
+
+class ChatEndpoint:
+    """ASGI app for one chat route; settings and the upstream client come from app.state."""
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.route_label = {TEXT: "stream", SSE: "stream-sse", OPENAI: "completions"}[route]
+        self.ttft_metric = metrics.TTFT.labels(self.route_label)
+        self.tokens_metric = metrics.TOKENS.labels(self.route_label)
+
+    async def __call__(self, scope, receive, send) -> None:
+        state = scope["app"].state
+        settings: Settings = state.settings
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        request_id = _request_id(scope)
+        outcome = Outcome()
+        try:
+            body = await _read_body(receive, settings.max_prompt_chars * 6 + 65536)
+            try:
+                if body is None:
+                    raise InvalidRequest("request body too large", status=413)
+                request = parse_chat_request(body, settings, self.route)
+            except InvalidRequest as exc:
+                outcome.status, outcome.outcome, outcome.error = exc.status, "invalid", exc.message
+                await _send_json(send, exc.status, framing.error_body(exc.message, param=exc.param),
+                                 request_id)
+                return
+            relay = _Relay(self, state, settings, request, request_id, send, outcome, started_at)
+            if self.route == OPENAI and not request.stream:
+                await relay.run_non_stream()
+            else:
+                await _until_disconnect(relay, receive, outcome, self.route_label)
+        finally:
+            outcome.duration_s = loop.time() - started_at
+            metrics.REQUESTS.labels(self.route_label, str(outcome.status)).inc()
+            log_request(scope, request_id, self.route_label, outcome)
+
+
+async def _until_disconnect(relay: _Relay, receive, outcome: Outcome, route_label: str) -> None:
+    """Run the relay; if the client leaves first, cancel it (closing the upstream) at once."""
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not relay.finished:
+            relay.client_gone = True
+            task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        await relay.run()
+    except asyncio.CancelledError:
+        # Our own cancellation (the client left) ends here; any other one goes on up.
+        if not relay.client_gone or task.uncancel() > 0:
+            raise
+        outcome.outcome = "client_disconnect"
+        phase = "first_token" if outcome.ttft_s is None else "streaming"
+        metrics.DISCONNECTS.labels(route_label, phase).inc()
+    finally:
+        relay.finished = True
+        watcher.cancel()
+
+
+async def _send_json(send, status: int, body: bytes, request_id: bytes,
+                     extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-cache"),
+        (b"x-request-id", request_id),
+        *(extra_headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Relay:
+    """One stream: upstream events in, framed chunks out, every rule about time in one loop."""
+
+    def __init__(self, endpoint: ChatEndpoint, state, settings: Settings, request: ChatRequest,
+                 request_id: bytes, send, outcome: Outcome, started_at: float) -> None:
+        self.endpoint = endpoint
+        self.client = state.upstream_client
+        self.settings = settings
+        self.request = request
+        self.request_id = request_id
+        self.send = send
+        self.outcome = outcome
+        self.started_at = started_at
+        self.response_started = False
+        self.finished = False
+        self.client_gone = False
+
+    async def _start(self) -> None:
+        self.response_started = True
+        await self.send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", MEDIA_TYPES[self.endpoint.route]),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                (b"x-request-id", self.request_id),
+            ],
+        })
+
+    async def _fail_before_start(self, error: UpstreamError) -> None:
+        self.outcome.status, self.outcome.outcome = error.status, "upstream_error"
+        self.outcome.error = str(error)
+        metrics.UPSTREAM_ERRORS.labels(error.kind).inc()
+        extra = [(b"retry-after", error.retry_after.encode())] if error.retry_after else None
+        await _send_json(self.send, error.status, orjson.dumps(error.to_body()), self.request_id,
+                         extra)
+
+    async def run_non_stream(self) -> None:
+        deadline = self.started_at + self.settings.total_timeout_s
+        try:
+            status, body, content_type = await complete_chat(
+                self.client, self.settings, self.request.upstream_payload(),
+                self.request_id.decode(), deadline)
+        except UpstreamError as error:
+            await self._fail_before_start(error)
+            return
+        self.outcome.status = status
+        await self.send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", self.request_id),
+        ]})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def run(self) -> None:
+        settings, outcome = self.settings, self.outcome
+        total_deadline = self.started_at + settings.total_timeout_s
+        try:
+            async with asyncio.timeout_at(total_deadline):
+                stream = await open_chat_stream(self.client, settings,
+                                                self.request.upstream_payload(),
+                                                self.request_id.decode())
+        except TimeoutError:
+            await self._fail_before_start(UpstreamError("timeout", 504, "total timeout reached"))
+            return
+        except UpstreamError as error:
+            await self._fail_before_start(error)
+            return
+        metrics.ACTIVE_STREAMS.inc()
+        try:
+            await self._pump(stream, total_deadline)
+        except UpstreamError as error:
+            await self._fail(error)
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
+            self.endpoint.tokens_metric.inc(outcome.tokens)
+            await stream.aclose()
+
+    async def _fail(self, error: UpstreamError) -> None:
+        outcome = self.outcome
+        outcome.outcome, outcome.error = "upstream_error", str(error)
+        metrics.UPSTREAM_ERRORS.labels(error.kind).inc()
+        if not self.response_started:
+            await self._fail_before_start(error)
+            return
+        route = self.endpoint.route
+        self.finished = True
+        if route == SSE:
+            body = framing.sse_error(error.kind, error.message)
+        elif route == OPENAI:
+            body = framing.openai_error(error.kind, error.message)
+        else:
+            # Plain text has no in-band error: end without the final chunk, so the client's
+            # HTTP library reports an incomplete body instead of a short answer.
+            outcome.outcome = "aborted"
+            return
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _pump(self, stream, total_deadline: float) -> None:
+        settings, outcome, send = self.settings, self.outcome, self.send
+        route = self.endpoint.route
+        loop = asyncio.get_running_loop()
+        word = framing.WordCoalescer() if self.request.granularity == "word" else None
+        flush_s = settings.word_flush_ms / 1000
+        gap_s = settings.token_gap_timeout_s
+        heartbeat_s = settings.heartbeat_s if route == SSE else None
+        first_deadline = min(self.started_at + settings.first_token_timeout_s, total_deadline)
+        next_ping = self.started_at + heartbeat_s if heartbeat_s else float("inf")
+        include_usage = self.request.include_usage
+        gap_metric = metrics.CHUNK_GAP
+        last_event_at = loop.time()
+        last_sent_at: float | None = None
+        held_since: float | None = None
+        chunk_meta: dict[str, Any] | None = None  # id/created/model for rebuilt OpenAI chunks
+
+        while True:
+            if outcome.ttft_s is None:
+                hard_deadline, why = first_deadline, "first token"
+                wake_at = min(first_deadline, next_ping)
+            else:
+                hard_deadline = min(last_event_at + gap_s, total_deadline)
+                why = "gap between tokens"
+                wake_at = hard_deadline
+            if held_since is not None and held_since + flush_s < wake_at:
+                wake_at = held_since + flush_s
+            try:
+                events = await stream.read_events(wake_at)
+            except UpstreamReadTimeout:
+                now = loop.time()
+                if now >= hard_deadline:
+                    if hard_deadline >= total_deadline:
+                        why = "total time"
+                    raise UpstreamError("timeout", 504, f"upstream timeout: {why}") from None
+                if held_since is not None and now >= held_since + flush_s:
+                    held_since = None
+                    text = word.flush()
+                    if text:
+                        await self._send_content(text, chunk_meta, now, last_sent_at)
+                        last_sent_at = now
+                if now >= next_ping:
+                    next_ping = now + heartbeat_s
+                    if not self.response_started:
+                        await self._start()
+                    await send({"type": "http.response.body", "body": framing.SSE_PING,
+                                "more_body": True})
+                continue
+            if events is None:
+                if outcome.finish_reason is None:
+                    raise UpstreamError("midstream", 502, "upstream stream ended before [DONE]")
+                break
+            now = loop.time()
+            last_event_at = now
+            out: list[bytes] = []
+            for event in events:
+                choices = event.get("choices")
+                usage = event.get("usage")
+                if usage:
+                    outcome.usage = usage
+                content = None
+                if choices:
+                    choice = choices[0]
+                    delta = choice.get("delta")
+                    if delta:
+                        content = delta.get("content")
+                    if choice.get("finish_reason"):
+                        outcome.finish_reason = choice["finish_reason"]
+                if content:
+                    outcome.tokens += 1
+                if route == OPENAI and word is None:
+                    # Token granularity: the upstream chunk as it came (every field kept).
+                    if not choices and usage and not include_usage:
+                        continue
+                    if not include_usage and "usage" in event:
+                        del event["usage"]
+                    out.append(framing.openai_data(orjson.dumps(event)))
+                    continue
+                if not content:
+                    if route == OPENAI and chunk_meta is None:
+                        chunk_meta = event
+                    continue
+                if word is not None:
+                    if chunk_meta is None:
+                        chunk_meta = event
+                    was_holding = bool(word.pending)
+                    content = word.push(content)
+                    if word.pending and not was_holding:
+                        held_since = now
+                    elif not word.pending:
+                        held_since = None
+                    if not content:
+                        continue
+                out.append(self._frame(content, chunk_meta))
+            if out:
+                if outcome.ttft_s is None:
+                    outcome.ttft_s = now - self.started_at
+                    self.endpoint.ttft_metric.observe(outcome.ttft_s)
+                elif last_sent_at is not None:
+                    gap_metric.observe(now - last_sent_at)
+                last_sent_at = now
+                if not self.response_started:
+                    await self._start()
+                await send({"type": "http.response.body",
+                            "body": out[0] if len(out) == 1 else b"".join(out),
+                            "more_body": True})
+            if stream.finished:
+                break
+
+        tail = word.flush() if word is not None else ""
+        self.finished = True
+        end = self._frame(tail, chunk_meta) if tail else b""
+        if route == SSE:
+            end += framing.sse_done(outcome.usage, outcome.finish_reason)
+        elif route == OPENAI:
+            if word is not None:
+                meta = chunk_meta or {}
+                end += framing.openai_chunk(meta.get("id", ""), meta.get("created", 0),
+                                            meta.get("model", self.request.model), None,
+                                            outcome.finish_reason)
+                if include_usage and outcome.usage:
+                    end += framing.openai_chunk(meta.get("id", ""), meta.get("created", 0),
+                                                meta.get("model", self.request.model), None,
+                                                usage=outcome.usage)
+            end += framing.OPENAI_DONE
+        if not self.response_started:
+            await self._start()
+        await send({"type": "http.response.body", "body": end, "more_body": False})
+
+    async def _send_content(self, text: str, chunk_meta, now: float,
+                            last_sent_at: float | None) -> None:
+        if self.outcome.ttft_s is None:  # pragma: no cover - held text implies a sent token
+            self.outcome.ttft_s = now - self.started_at
+        elif last_sent_at is not None:
+            metrics.CHUNK_GAP.observe(now - last_sent_at)
+        if not self.response_started:
+            await self._start()
+        await self.send({"type": "http.response.body", "body": self._frame(text, chunk_meta),
+                         "more_body": True})
+
+    def _frame(self, content: str, chunk_meta: dict[str, Any] | None) -> bytes:
+        route = self.endpoint.route
+        if route == TEXT:
+            return framing.text_chunk(content)
+        if route == SSE:
+            return framing.sse_delta(content)
+        meta = chunk_meta or {}
+        return framing.openai_chunk(meta.get("id", ""), meta.get("created", int(time.time())),
+                                    meta.get("model", self.request.model), content)

@@ -1,0 +1,98 @@
+"""The one place configuration is read: environment variables and the env file.
+
+Every field is `STREAMGATE_<NAME>` in the environment and in the env file that Ansible templates
+(`STREAMGATE_ENV_FILE`, e.g. /etc/streamgate/streamgate.env). The standard `OPENAI_API_KEY` and
+`OPENAI_BASE_URL` are honoured when the `STREAMGATE_UPSTREAM_*` ones are unset, as the openai SDK
+does. gunicorn.conf.py reads the same class, so the env file is the single source for both.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+ENV_FILE_VARIABLE = "STREAMGATE_ENV_FILE"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMGATE_",
+        extra="ignore",  # the env file also holds the simulator's STREAMGATE_SIM_* settings
+        env_file_encoding="utf-8",
+    )
+
+    upstream_base_url: str | None = None
+    upstream_api_key: SecretStr | None = None
+    default_model: str = "gpt-4o-mini"
+
+    connect_timeout_s: float = Field(5.0, gt=0)
+    first_token_timeout_s: float = Field(60.0, gt=0)
+    token_gap_timeout_s: float = Field(30.0, gt=0)
+    total_timeout_s: float = Field(600.0, gt=0)
+    upstream_retries: int = Field(1, ge=0, le=5)
+
+    max_prompt_chars: int = Field(32_000, gt=0)
+    word_flush_ms: int = Field(150, ge=0)
+    heartbeat_s: float = Field(15.0, gt=0)
+
+    bind: str = "127.0.0.1:8000"
+    workers: int = Field(0, ge=0)
+    graceful_timeout_s: float = Field(630.0, gt=0)
+    keepalive_s: int = Field(75, gt=0)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    # The openai SDK's own variables, used only when the STREAMGATE_ ones are unset.
+    openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL", exclude=True)
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias="OPENAI_API_KEY", exclude=True, repr=False
+    )
+
+    @model_validator(mode="after")
+    def _resolve_upstream(self) -> Settings:
+        if not self.upstream_base_url:
+            self.upstream_base_url = self.openai_base_url or OPENAI_DEFAULT_BASE_URL
+        self.upstream_base_url = self.upstream_base_url.rstrip("/")
+        if self.upstream_api_key is None or not self.upstream_api_key.get_secret_value():
+            self.upstream_api_key = self.openai_api_key
+        if self.graceful_timeout_s < self.total_timeout_s:
+            raise ValueError(
+                "graceful_timeout_s must cover the longest stream (>= total_timeout_s): "
+                f"{self.graceful_timeout_s} < {self.total_timeout_s}"
+            )
+        return self
+
+    @property
+    def upstream_configured(self) -> bool:
+        """OpenAI itself needs a key; any other base URL (vLLM, Ollama, simulator) may not."""
+        key = self.upstream_api_key
+        has_key = key is not None and bool(key.get_secret_value())
+        return has_key or self.upstream_base_url != OPENAI_DEFAULT_BASE_URL
+
+    def effective_workers(self, cpu_count: int | None = None) -> int:
+        """0 means one worker per CPU: the work is CPU-bound relaying, not waiting."""
+        if self.workers:
+            return self.workers
+        return max(1, cpu_count if cpu_count is not None else (os.cpu_count() or 1))
+
+    def public_dict(self) -> dict[str, object]:
+        """What may be logged: everything except secrets."""
+        shown = self.model_dump(exclude={"upstream_api_key"})
+        shown["upstream_api_key_set"] = self.upstream_api_key is not None
+        return shown
+
+
+def load_settings() -> Settings:
+    """Read the environment and the env file named by STREAMGATE_ENV_FILE (if any), uncached."""
+    env_file = os.environ.get(ENV_FILE_VARIABLE) or None
+    return Settings(_env_file=env_file)  # type: ignore[call-arg]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings for this process; tests call get_settings.cache_clear() or pass their own."""
+    return load_settings()

@@ -1,0 +1,281 @@
+"""The only code that talks to the LLM server.
+
+The openai SDK makes the request (base URL, auth, headers, status errors); the response body
+is read here as raw SSE bytes and each `data:` payload parsed once with orjson. Building the
+SDK's pydantic objects for every chunk cost ~100 us per chunk on this kit's benchmark: more
+than the whole relay budget. The HTTP client underneath is `transport.LeanTransport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+
+from .settings import Settings
+from .transport import LeanResponseStream, LeanTransport, UpstreamReadTimeout
+
+__all__ = [
+    "ChatStream",
+    "UpstreamError",
+    "UpstreamReadTimeout",
+    "complete_chat",
+    "make_client",
+    "open_chat_stream",
+]
+
+# Upstream statuses the client can act on are passed on; anything else is our upstream failing.
+_PASSED_ON_STATUSES = {400: "bad_request", 401: "unauthorized", 403: "unauthorized",
+                       404: "not_found", 413: "bad_request", 422: "bad_request",
+                       429: "rate_limited"}
+_RETRYABLE_STATUSES = {500, 502, 503}
+
+
+@dataclass(slots=True)
+class UpstreamError(Exception):
+    """A failure talking to the LLM server, with the status the client should see."""
+
+    kind: str  # metrics label: connect, timeout, status_<n>, rate_limited, midstream, protocol...
+    status: int
+    message: str
+    retryable: bool = False
+    retry_after: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": "upstream_error", "code": self.kind}}
+
+
+def make_client(settings: Settings) -> openai.AsyncOpenAI:
+    """One client per worker (made in the lifespan): one connection pool, deliberate timeouts."""
+    timeout = httpx2.Timeout(
+        connect=settings.connect_timeout_s,
+        read=settings.first_token_timeout_s,  # until response headers; the relay times the body
+        write=settings.connect_timeout_s,
+        pool=settings.connect_timeout_s,
+    )
+    http_client = httpx2.AsyncClient(
+        transport=LeanTransport(), timeout=timeout, follow_redirects=False
+    )
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else ""
+    return openai.AsyncOpenAI(
+        base_url=settings.upstream_base_url,
+        api_key=api_key or "not-needed",  # vLLM, Ollama and the simulator take any key
+        timeout=timeout,
+        max_retries=0,  # our own retry, and only before the first byte reaches the client
+        http_client=http_client,
+    )
+
+
+def _error_from_sdk(exc: Exception) -> UpstreamError:
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = _upstream_message(exc) or f"upstream answered HTTP {status}"
+        if status in _PASSED_ON_STATUSES:
+            return UpstreamError(
+                _PASSED_ON_STATUSES[status],
+                429 if status == 429 else (401 if status in (401, 403) else
+                                           404 if status == 404 else 400),
+                detail,
+                retry_after=exc.response.headers.get("retry-after"),
+            )
+        if status in (408, 504):
+            return UpstreamError("timeout", 504, detail, retryable=False)
+        return UpstreamError(f"status_{status}", 502, detail,
+                             retryable=status in _RETRYABLE_STATUSES)
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamError("timeout", 504, "upstream did not answer in time")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamError("connect", 502, f"upstream unreachable: {exc.__cause__ or exc}",
+                             retryable=True)
+    return UpstreamError("protocol", 502, f"upstream failure: {exc}")
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str | None:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+        if isinstance(body.get("message"), str):
+            return body["message"]
+    return None
+
+
+async def _post(
+    client: openai.AsyncOpenAI, settings: Settings, payload: dict[str, Any], request_id: str
+) -> httpx2.Response:
+    """POST /chat/completions with retries that happen only before anything was relayed."""
+    attempts = settings.upstream_retries + 1
+    for attempt in range(attempts):
+        try:
+            return await client.post(
+                "/chat/completions",
+                body=payload,
+                cast_to=httpx2.Response,
+                stream=True,
+                options={"headers": {"X-Request-ID": request_id}},
+            )
+        except (openai.APIError, httpx2.HTTPError) as exc:
+            error = _error_from_sdk(exc)
+        if not error.retryable or attempt == attempts - 1:
+            raise error
+        await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class ChatStream:
+    """One streaming chat completion, read as raw SSE and parsed one `data:` payload at a time."""
+
+    __slots__ = (
+        "_buffer", "_fallback_iter", "_fallback_next", "_lean", "_loop", "finished", "response",
+    )
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self.response = response
+        self._loop = asyncio.get_running_loop()
+        self._buffer = b""
+        self.finished = False  # "data: [DONE]" seen
+        stream = response.stream
+        self._lean: LeanResponseStream | None = (
+            stream if isinstance(stream, LeanResponseStream) else None
+        )
+        self._fallback_iter = None if self._lean else response.aiter_raw().__aiter__()
+        self._fallback_next: asyncio.Future[bytes] | None = None
+
+    async def _read(self, deadline: float | None) -> bytes:
+        if self._lean is not None:
+            return await self._lean.read(deadline)
+        # Any other httpx2 transport (tests, custom clients): slower, same semantics.
+        if self._fallback_next is None:
+            self._fallback_next = asyncio.ensure_future(self._fallback_iter.__anext__())
+        timeout = None if deadline is None else max(0.0, deadline - self._loop.time())
+        done, _ = await asyncio.wait({self._fallback_next}, timeout=timeout)
+        if not done:
+            raise UpstreamReadTimeout("no data from upstream before the deadline")
+        future, self._fallback_next = self._fallback_next, None
+        try:
+            return future.result()
+        except StopAsyncIteration:
+            return b""
+
+    async def read_events(self, deadline: float | None = None) -> list[dict[str, Any]] | None:
+        """Parsed payloads from the next bytes ([] if no event completed yet); None at the end.
+
+        After `data: [DONE]` the events before it are returned and `finished` is set.
+        Raises UpstreamReadTimeout at `deadline` (loop.time() based) and UpstreamError for an
+        error event or a broken stream.
+        """
+        try:
+            chunk = await self._read(deadline)
+        except UpstreamReadTimeout:
+            raise
+        except httpx2.HTTPError as exc:
+            raise UpstreamError("midstream", 502, f"upstream stream broke: {exc}") from exc
+        if not chunk:
+            if self._buffer.strip():
+                raise UpstreamError("protocol", 502, "upstream stream ended mid-event")
+            return None
+        if b"\r" in chunk:  # servers may end lines with CRLF; the events below split on LF
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\n\n" not in buffer:
+            self._buffer = buffer
+            return []
+        *complete, self._buffer = buffer.split(b"\n\n")
+        events: list[dict[str, Any]] = []
+        for block in complete:
+            payload, event_name = _data_of(block)
+            if payload is None:
+                continue
+            if payload == b"[DONE]":
+                self.finished = True
+                self._buffer = b""
+                return events
+            try:
+                event = orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                raise UpstreamError("protocol", 502, "upstream sent an unparsable chunk") from exc
+            if event_name == b"error" or (isinstance(event, dict) and "error" in event):
+                raise UpstreamError("midstream", 502, _midstream_message(event))
+            events.append(event)
+        return events
+
+    async def aclose(self) -> None:
+        """Closing before the end closes the upstream connection: the LLM server stops."""
+        if self._fallback_next is not None:
+            self._fallback_next.cancel()
+        await self.response.aclose()
+
+
+def _data_of(block: bytes) -> tuple[bytes | None, bytes | None]:
+    """The data and event name of one SSE event block (per the WHATWG parsing rules)."""
+    if block.startswith(b"data: ") and b"\n" not in block:  # the common case, one line
+        return block[6:], None
+    data_lines: list[bytes] = []
+    event_name = None
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        field, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if field == b"data":
+            data_lines.append(value)
+        elif field == b"event":
+            event_name = value
+    if not data_lines:
+        return None, event_name
+    return b"\n".join(data_lines), event_name
+
+
+def _midstream_message(event: Any) -> str:
+    if isinstance(event, dict):
+        inner = event.get("error", event)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return "upstream error mid-stream: " + inner["message"]
+        if isinstance(inner, str):
+            return "upstream error mid-stream: " + inner
+    return "upstream error mid-stream"
+
+
+async def open_chat_stream(
+    client: openai.AsyncOpenAI, settings: Settings, payload: dict[str, Any], request_id: str
+) -> ChatStream:
+    """Start a streaming completion; raises UpstreamError (status for the client) on failure."""
+    payload = {**payload, "stream": True}
+    response = await _post(client, settings, payload, request_id)
+    return ChatStream(response)
+
+
+async def complete_chat(
+    client: openai.AsyncOpenAI,
+    settings: Settings,
+    payload: dict[str, Any],
+    request_id: str,
+    deadline: float,
+) -> tuple[int, bytes, str]:
+    """A non-streaming completion: (status, body, content type) from the upstream, verbatim."""
+    response = await _post(client, settings, {**payload, "stream": False}, request_id)
+    stream = ChatStream(response)
+    parts: list[bytes] = []
+    try:
+        while True:
+            chunk = await stream._read(deadline)
+            if not chunk:
+                break
+            parts.append(chunk)
+    except UpstreamReadTimeout as exc:
+        raise UpstreamError("timeout", 504, "upstream did not finish in time") from exc
+    except httpx2.HTTPError as exc:
+        raise UpstreamError("midstream", 502, f"upstream response broke: {exc}") from exc
+    finally:
+        await stream.aclose()
+    content_type = response.headers.get("content-type", "application/json")
+    return response.status_code, b"".join(parts), content_type
