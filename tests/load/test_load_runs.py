@@ -1,0 +1,143 @@
+"""Short headless Locust runs through real local processes (loadtest/run.py, as `make loadtest`).
+
+One run through the whole chain must pass every gate; each negative control must fail its own
+gate: nginx with buffering on -> buffered_ratio, a simulator stalling mid-stream -> itl_p99,
+a simulator dropping a token -> corrupt_ratio. Tens of users, seconds each, every run bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import services
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = REPO / "loadtest" / "run.py"
+GATES = ("ttft_p95", "itl_p99", "failure_ratio", "buffered_ratio", "corrupt_ratio")
+ALL_ROUTES = "text,sse,openai"
+# Bound on a whole run: run time + spawn + stop-timeout + plotting, with room for a busy host.
+RUN_BOUND_S = 120
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@dataclass
+class LoadResult:
+    exit_code: int
+    responses: int
+    gates: dict[str, dict]
+    output: str
+    report: Path
+
+    def failed_gates(self) -> set[str]:
+        return {name for name, gate in self.gates.items() if not gate["passed"]}
+
+    def explain(self) -> str:
+        return f"exit {self.exit_code}, {self.responses} responses\n{self.output[-4000:]}"
+
+
+def run_load(target: str, tmp_path: Path, *, users=20, run_time="8s", routes="openai",
+             extra=(), env=None) -> LoadResult:
+    command = [
+        sys.executable, str(RUN), "--target", target, "--routes", routes,
+        "--users", str(users), "--spawn-rate", str(users), "--run-time", run_time,
+        "--reports-dir", str(tmp_path), *extra,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_BOUND_S,
+                          env=env, check=False)
+    reports = sorted(tmp_path.iterdir())
+    assert reports, f"run.py made no report folder\n{done.stdout}\n{done.stderr}"
+    gates_file = reports[-1] / "gates.json"
+    assert gates_file.exists(), f"no gates.json\n{done.stdout}\n{done.stderr}"
+    summary = json.loads(gates_file.read_text())
+    return LoadResult(
+        exit_code=done.returncode,
+        responses=summary["responses"],
+        gates={gate["name"]: gate for gate in summary["gates"]},
+        output=done.stdout + done.stderr,
+        report=reports[-1],
+    )
+
+
+@pytest.fixture(scope="module")
+def chain(simulator_factory, gateway_factory, nginx_factory):
+    """(nginx in front of the gateway, routes to load), or nginx in front of the simulator
+    alone (OpenAI route only) while the gateway is not in the tree yet."""
+    simulator = simulator_factory()
+    try:
+        upstream = gateway_factory(simulator, workers=2)
+        routes = ALL_ROUTES
+    except FileNotFoundError:
+        upstream, routes = simulator, "openai"
+    return nginx_factory(upstream), routes
+
+
+def test_run_through_the_chain_passes_every_gate(chain, tmp_path):
+    proxy, routes = chain
+    result = run_load(proxy.base_url, tmp_path, users=30, run_time="10s", routes=routes)
+    assert result.exit_code == 0, result.explain()
+    assert result.failed_gates() == set(), result.explain()
+    assert result.responses >= 30, result.explain()
+    for artifact in ("report.html", "stats_stats.csv", "stats_stats_history.csv", "latency.png"):
+        assert (result.report / artifact).stat().st_size > 0, artifact
+    assert "gate itl_p99" in result.output and "PASS" in result.output
+
+
+def test_nginx_with_buffering_on_fails_buffered(simulator_factory, nginx_factory, tmp_path):
+    buffering_proxy = nginx_factory(simulator_factory(), buffering_fault=True)
+    result = run_load(buffering_proxy.base_url, tmp_path, users=10, run_time="6s")
+    assert result.exit_code != 0, result.explain()
+    assert "buffered_ratio" in result.failed_gates(), result.explain()
+    assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
+    # the text still arrives whole: the verdict is about timing, not content
+    assert result.gates["corrupt_ratio"]["passed"], result.explain()
+
+
+def test_simulator_stalling_midstream_fails_the_gap_gate(simulator_factory, tmp_path):
+    stalling = simulator_factory(stall_s=2)
+    result = run_load(stalling.base_url, tmp_path, users=10, run_time="8s",
+                      extra=["--model", "sim-fault-stall-midstream"])
+    assert result.exit_code != 0, result.explain()
+    assert "itl_p99" in result.failed_gates(), result.explain()
+    assert result.gates["itl_p99"]["value"] >= 1500, result.explain()
+    # the stream resumes after the stall: complete and in order, only late
+    assert {"corrupt_ratio", "failure_ratio"}.isdisjoint(result.failed_gates()), result.explain()
+
+
+def test_simulator_dropping_a_token_fails_corrupt(simulator, tmp_path):
+    result = run_load(simulator.base_url, tmp_path, users=10, run_time="5s",
+                      extra=["--model", "sim-fault-drop-token"])
+    assert result.exit_code != 0, result.explain()
+    assert result.failed_gates() == {"corrupt_ratio"}, result.explain()
+    assert result.gates["corrupt_ratio"]["value"] == 1, result.explain()
+
+
+def test_errors_fail_the_failure_gate(simulator, tmp_path):
+    result = run_load(simulator.base_url, tmp_path, users=5, run_time="4s",
+                      extra=["--model", "sim-fault-error-midstream"])
+    assert "failure_ratio" in result.failed_gates(), result.explain()
+    assert "in-band error event" in (result.report / "stats_failures.csv").read_text()
+
+
+def test_limits_come_from_env_and_command_line_wins(simulator, tmp_path):
+    env = {**services.clean_environ(), "STREAMGATE_LOAD_SLO_TTFT_P95_MS": "1"}
+    from_env = run_load(simulator.base_url, tmp_path / "env", users=5, run_time="3s", env=env)
+    assert from_env.failed_gates() == {"ttft_p95"}, from_env.explain()
+    assert from_env.gates["ttft_p95"]["limit"] == 1
+    overridden = run_load(simulator.base_url, tmp_path / "cli", users=5, run_time="3s", env=env,
+                          extra=["--slo-ttft-p95-ms", "5000"])
+    assert overridden.exit_code == 0, overridden.explain()
+    assert overridden.gates["ttft_p95"]["limit"] == 5000
+
+
+def test_distributed_mode_master_judges_the_workers_streams(simulator, tmp_path):
+    result = run_load(simulator.base_url, tmp_path, users=20, run_time="8s",
+                      extra=["--processes", "2"])
+    assert result.exit_code == 0, result.explain()
+    assert result.responses >= 20, result.explain()
+    assert "worker" in (result.report / "locust.log").read_text().lower()
