@@ -1,0 +1,185 @@
+"""nginx on the edge hosts: installed, running, the effective config, and streaming itself.
+
+The streaming check runs ON the edge host (tests/support/stream_probe.py, standard library
+only, sent to the host's python3): a request through nginx must show the tokens arriving in
+many separate reads spread over time. The same detector must call a non-streamed answer
+"buffered" (negative control), and the `nginx -T` parser must catch a location without
+`proxy_buffering off` (negative control on a sample config).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from streamgate.simulator.script import expected_text
+from support import chat, stream_probe
+
+from infra.helpers import check_output_as_root
+
+testinfra_hosts = ["ansible://edge"]
+
+PROBE_SOURCE = Path(stream_probe.__file__).read_text()
+EDGE_URL = "http://127.0.0.1:80"
+STREAM_TOKENS = 50
+# The simulator sends a token every 20 ms: 50 tokens span about 1 s.
+MIN_SEPARATE_READS = 40
+MIN_ARRIVAL_SPAN_S = 0.7
+
+
+# ---------------------------------------------------------------- the effective nginx config
+
+def location_blocks(config: str) -> dict[str, str]:
+    """{location argument: body} for every `location` block in `nginx -T` output."""
+    blocks = {}
+    for match in re.finditer(r"^\s*location\s+([^{]+?)\s*\{", config, re.MULTILINE):
+        depth, position = 1, match.end()
+        while depth and position < len(config):
+            depth += {"{": 1, "}": -1}.get(config[position], 0)
+            position += 1
+        blocks[match[1]] = config[match.end() : position - 1]
+    return blocks
+
+
+def unbuffered_violations(config: str) -> list[str]:
+    """Streaming locations (under /v1/) that lack proxy_buffering off or proxy_cache off."""
+    streaming = {path: body for path, body in location_blocks(config).items() if "/v1" in path}
+    assert streaming, "no streaming location (/v1/...) in the config"
+    return [
+        path
+        for path, body in streaming.items()
+        if not re.search(r"^\s*proxy_buffering\s+off;", body, re.MULTILINE)
+        or not re.search(r"^\s*proxy_cache\s+off;", body, re.MULTILINE)
+    ]
+
+
+SAMPLE_GOOD = """
+server {
+    location /v1/ { proxy_pass http://x;
+        proxy_buffering off;
+        proxy_cache off;
+    }
+    location / { proxy_pass http://x; }
+}
+"""
+
+
+def test_config_parser_accepts_unbuffered_streaming_locations():
+    assert unbuffered_violations(SAMPLE_GOOD) == []
+
+
+def test_config_parser_catches_a_buffered_streaming_location():
+    """Negative control: drop the directive from one location and the check must name it."""
+    bad = SAMPLE_GOOD.replace("location / {", "location /v1/chat/stream {\n proxy_buffering on;\n}\nlocation / {")
+    assert unbuffered_violations(bad) == ["/v1/chat/stream"]
+
+
+@pytest.fixture(scope="module")
+def effective_config(host) -> str:
+    return check_output_as_root(host, "nginx -T 2>/dev/null")
+
+
+def test_nginx_is_installed_running_and_enabled(host):
+    assert host.package("nginx").is_installed
+    service = host.service("nginx")
+    assert service.is_running
+    assert service.is_enabled
+
+
+def test_nginx_listens_on_port_80(host):
+    assert host.socket("tcp://0.0.0.0:80").is_listening
+
+
+def test_default_site_is_removed(host):
+    assert not host.file("/etc/nginx/sites-enabled/default").exists
+
+
+def test_every_streaming_location_has_buffering_off(effective_config):
+    assert unbuffered_violations(effective_config) == []
+
+
+@pytest.mark.parametrize(
+    "directive",
+    [
+        r"server_tokens off;",
+        r"proxy_http_version 1\.1;",
+        r'proxy_set_header Connection "";',
+        r"keepalive \d+;",
+        r"client_max_body_size \d+[kmg]?;",
+        r"worker_shutdown_timeout \S+;",
+        r"gzip off;",
+    ],
+)
+def test_effective_config_has(effective_config, directive):
+    assert re.search(rf"^\s*{directive}", effective_config, re.MULTILINE), directive
+
+
+def test_upstream_lists_every_app_host(host, effective_config):
+    upstream = re.search(r"upstream streamgate_app \{(.*?)\}", effective_config, re.DOTALL)
+    assert upstream, "no upstream streamgate_app block"
+    servers = re.findall(r"^\s*server\s+(\S+?)(?:\s|;)", upstream[1], re.MULTILINE)
+    app_hosts = host.ansible.get_variables()["groups"]["app"]
+    assert len(servers) == len(app_hosts), (servers, app_hosts)
+
+
+# ---------------------------------------------------------------- streaming through nginx
+
+def probe_on_host(host, path: str, body: dict) -> stream_probe.Trace:
+    """Run the stdlib probe on the edge host against nginx; the trace it saw, rebuilt."""
+    command = " ".join(
+        shlex.quote(part)
+        for part in [
+            "python3", "-c", PROBE_SOURCE,
+            "--url", f"{EDGE_URL}{path}", "--body", json.dumps(body), "--timeout", "30",
+            "--header", "Accept-Encoding: gzip",
+        ]
+    )
+    result = host.run(command)
+    assert result.rc == 0, f"probe exited {result.rc}: {result.stderr[-1000:]} {result.stdout[-1000:]}"
+    seen = json.loads(result.stdout)
+    trace = stream_probe.Trace(
+        status=seen["status"], headers=seen["headers"], chunked=seen["chunked"],
+        complete=seen["complete"], body=base64.b64decode(seen["body_b64"]), error=seen["error"],
+    )
+    # The probe reports sizes and times per read; the payload split does not matter here.
+    trace.reads = [
+        stream_probe.Read(at_s=read["at_s"], raw_bytes=read["raw_bytes"], data=b"x" * read["data_bytes"])
+        for read in seen["reads"]
+    ]
+    return trace
+
+
+def describe(trace: stream_probe.Trace) -> str:
+    return f"{stream_probe.summarize(trace)} reads={[f'{r.at_s * 1000:.0f}ms' for r in trace.reads]}"
+
+
+def verdict(trace: stream_probe.Trace) -> str:
+    return stream_probe.streaming_verdict(
+        trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
+    )
+
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+def test_tokens_arrive_through_nginx_one_by_one(host, route):
+    trace = probe_on_host(host, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS))
+
+    assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    assert verdict(trace) == stream_probe.STREAMED, describe(trace)
+    whole = stream_probe.Trace(status=trace.status, body=trace.body, complete=True)
+    whole.reads = [stream_probe.Read(at_s=0.0, raw_bytes=len(trace.body), data=trace.body)]
+    assert chat.decode(route, whole).content == expected_text(STREAM_TOKENS)
+
+
+def test_negative_control_a_whole_answer_is_judged_buffered(host):
+    """The same detector on the non-streamed completion (one JSON body) must say BUFFERED."""
+    body = chat.body(chat.OPENAI, max_tokens=STREAM_TOKENS, stream=False)
+    trace = probe_on_host(host, chat.ROUTES[chat.OPENAI], body)
+
+    assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    answer = json.loads(trace.body)
+    assert answer["choices"][0]["message"]["content"] == expected_text(STREAM_TOKENS)
+    assert verdict(trace) == stream_probe.BUFFERED, describe(trace)
