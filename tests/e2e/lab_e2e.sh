@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The lab end to end (what `make test-lab` runs, as root): split lab up, deploy, a second deploy
+# that must report changed=0, testinfra, a short load test, and always teardown.
+# Prints the wall time of each step and a summary; exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "lab_e2e: needs root (systemd-nspawn, network namespaces)" >&2
+    exit 1
+fi
+
+LAB_TOPOLOGY="${LAB_TOPOLOGY:-split}"
+LAB_RELEASE="${LAB_RELEASE:-bookworm}"
+LOADTEST_ARGS="${LOADTEST_ARGS:---users 100 --run-time 30s}"
+LOG_DIR="$(mktemp -d -t streamgate-e2e-XXXXXX)"
+SUMMARY=()
+
+teardown() {
+    local status=$?
+    echo "== teardown (make lab-destroy)"
+    make --no-print-directory lab-destroy || echo "lab_e2e: lab-destroy failed: remove the lab by hand" >&2
+    echo "== summary (logs in $LOG_DIR)"
+    printf '  %s\n' "${SUMMARY[@]}"
+    exit "$status"
+}
+trap teardown EXIT
+
+# step NAME COMMAND...: run, tee the output to a log, record the wall time.
+step() {
+    local name=$1
+    shift
+    local started=$SECONDS
+    echo "== $name: $*"
+    if "$@" 2>&1 | tee "$LOG_DIR/$name.log"; then
+        SUMMARY+=("$(printf '%-12s %4ss  ok' "$name" $((SECONDS - started)))")
+    else
+        SUMMARY+=("$(printf '%-12s %4ss  FAILED' "$name" $((SECONDS - started)))")
+        return 1
+    fi
+}
+
+# Sum of changed=N over the PLAY RECAP lines of a deploy log.
+recap_changed() {
+    awk '/^PLAY RECAP/ {recap = 1; next} recap && / changed=/ {
+        for (i = 1; i <= NF; i++) if ($i ~ /^changed=/) { split($i, kv, "="); sum += kv[2] }
+    } END { print sum + 0 }' "$1"
+}
+
+step lab make --no-print-directory lab LAB_TOPOLOGY="$LAB_TOPOLOGY" LAB_RELEASE="$LAB_RELEASE"
+step deploy make --no-print-directory deploy
+step redeploy make --no-print-directory deploy
+changed=$(recap_changed "$LOG_DIR/redeploy.log")
+if ! grep -q '^PLAY RECAP' "$LOG_DIR/redeploy.log" || [ "$changed" != 0 ]; then
+    SUMMARY+=("idempotence  FAILED: the second deploy reported changed=$changed")
+    echo "lab_e2e: the second deploy is not idempotent (changed=$changed):" >&2
+    grep -E '^(changed|TASK)' "$LOG_DIR/redeploy.log" | grep -B1 '^changed' >&2 || true
+    exit 1
+fi
+SUMMARY+=("idempotence  ok: the second deploy reported changed=0")
+step testinfra make --no-print-directory testinfra
+if [ -f loadtest/run.py ]; then
+    step loadtest make --no-print-directory loadtest LOADTEST_ARGS="$LOADTEST_ARGS"
+else
+    SUMMARY+=("loadtest     skipped: loadtest/run.py does not exist")
+fi
+echo "lab_e2e: all steps passed"
