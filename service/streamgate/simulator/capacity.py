@@ -164,7 +164,8 @@ class _StreamClient(asyncio.Protocol):
             self.done.set_exception(ConnectionError(f"closed before the end: {exc}"))
 
 
-def _decode_chunked(body: bytes) -> bytes:
+def decode_chunked(body: bytes) -> bytes:
+    """The payload of a complete HTTP/1.1 chunked body (raises ValueError when incomplete)."""
     out = []
     position = 0
     while True:
@@ -182,7 +183,7 @@ def check_stream_body(raw: bytes, tokens: int) -> str | None:
     head, separator, body = raw.partition(b"\r\n\r\n")
     if not separator or not head.startswith(b"HTTP/1.1 200"):
         return f"bad response head: {head[:80]!r}"
-    events = _decode_chunked(body).split(b"\n\n")
+    events = decode_chunked(body).split(b"\n\n")
     if events[-1] != b"" or events[-2] != b"data: [DONE]":
         return "stream does not end with data: [DONE]"
     content = []

@@ -1,0 +1,639 @@
+"""The simulator in-process (its own loop in a thread): OpenAI wire format, faults, counters."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from streamgate.simulator.capacity import check_stream_body, decode_chunked
+from streamgate.simulator.config import SimConfig
+from streamgate.simulator.script import MAX_TOKENS, expected_text, expected_tokens
+from streamgate.simulator.server import FAULT_KINDS, SimulatorThread
+
+pytestmark = pytest.mark.timeout(60)
+
+CHUNK_KEYS = ["id", "object", "created", "model", "system_fingerprint", "choices"]
+STALL_S = 0.4
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimulatorThread]:
+    """Fast answers (5 ms to the first token, 1 ms apart), short stalls."""
+    config = SimConfig(port=0, ttft_ms=5, gap_ms=1, tokens=20, stall_s=STALL_S)
+    with SimulatorThread(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def instant_sim() -> Iterator[SimulatorThread]:
+    with SimulatorThread(SimConfig(port=0, ttft_ms=0, gap_ms=0, tokens=20)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stalling_sim() -> Iterator[SimulatorThread]:
+    """Stalls that outlast every test: for disconnects while nothing is being sent."""
+    with SimulatorThread(
+        SimConfig(port=0, ttft_ms=5, gap_ms=5, tokens=20, stall_s=600)
+    ) as running:
+        yield running
+
+
+def chat(
+    sim: SimulatorThread, body: dict, headers: dict | None = None
+) -> httpx.Response:
+    return httpx.post(
+        sim.url + "/v1/chat/completions", json=body, headers=headers, timeout=10
+    )
+
+
+def events_of(response: httpx.Response) -> list[bytes]:
+    """The SSE events' data, split exactly (every event is one `data: ` line and a blank line)."""
+    body = response.content
+    assert body.endswith(b"\n\n")
+    events = body.split(b"\n\n")[:-1]
+    assert all(event.startswith(b"data: ") and b"\n" not in event for event in events)
+    return [event.removeprefix(b"data: ") for event in events]
+
+
+def chunks_of(body: bytes) -> list[dict]:
+    """The JSON chunks of a streamed body (a decoded body: no chunked framing), [DONE] left out."""
+    return [
+        json.loads(e.removeprefix(b"data: "))
+        for e in body.split(b"\n\n")
+        if e and e != b"data: [DONE]"
+    ]
+
+
+def contents_of(chunks: list[dict]) -> list[str]:
+    return [
+        c["choices"][0]["delta"]["content"]
+        for c in chunks
+        if c["choices"] and "content" in c["choices"][0]["delta"]
+    ]
+
+
+# -- OpenAI wire format ------------------------------------------------------------------
+
+
+def test_stream_is_openai_chunks_then_done(sim):
+    response = chat(
+        sim,
+        {
+            "model": "gpt-test",
+            "stream": True,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["transfer-encoding"] == "chunked"
+    events = events_of(response)
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(list(chunk) == CHUNK_KEYS for chunk in chunks)
+    assert {chunk["id"] for chunk in chunks} == {chunks[0]["id"]}
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    assert all(
+        chunk["object"] == "chat.completion.chunk" and chunk["model"] == "gpt-test"
+        for chunk in chunks
+    )
+    assert all(isinstance(chunk["created"], int) for chunk in chunks)
+    assert chunks[0]["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": "", "refusal": None},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
+    assert [c["choices"] for c in chunks[1:-1]] == [
+        [
+            {
+                "index": 0,
+                "delta": {"content": token},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ]
+        for token in expected_tokens(8)
+    ]
+    assert chunks[-1]["choices"] == [
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    ]
+
+
+def test_include_usage_adds_a_usage_chunk_and_null_usage_everywhere_else(sim):
+    response = chat(
+        sim,
+        {
+            "stream": True,
+            "max_tokens": 5,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "three words here"}],
+        },
+    )
+    chunks = [json.loads(event) for event in events_of(response)[:-1]]
+    assert all(list(chunk) == [*CHUNK_KEYS, "usage"] for chunk in chunks)
+    assert all(chunk["usage"] is None for chunk in chunks[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 5,
+        "total_tokens": 8,
+    }
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_non_stream_is_one_chat_completion(sim):
+    response = chat(
+        sim,
+        {
+            "model": "gpt-test",
+            "max_tokens": 6,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == [
+        "id",
+        "object",
+        "created",
+        "model",
+        "system_fingerprint",
+        "choices",
+        "usage",
+    ]
+    assert body["object"] == "chat.completion"
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": expected_text(6),
+                "refusal": None,
+                "annotations": [],
+            },
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
+    assert body["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 6,
+        "total_tokens": 7,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "tokens"),
+    [
+        ({}, 20),
+        ({"max_tokens": 3}, 3),
+        ({"max_completion_tokens": 4}, 4),
+        ({"max_tokens": MAX_TOKENS + 10}, MAX_TOKENS),
+    ],
+)
+def test_token_count_is_max_tokens_bounded_else_the_default(instant_sim, body, tokens):
+    response = chat(instant_sim, {"messages": [], **body})
+    assert response.json()["choices"][0]["message"]["content"] == expected_text(tokens)
+
+
+def test_openai_sdk_streams(sim):
+    client = openai.OpenAI(base_url=sim.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        max_tokens=50,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_text(50)
+    assert chunks[-1].usage.completion_tokens == 50
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_async_openai_sdk_streams_and_not(sim):
+    async def run() -> tuple[str, str]:
+        async with openai.AsyncOpenAI(
+            base_url=sim.url + "/v1", api_key="unused", max_retries=0
+        ) as client:
+            stream = await client.chat.completions.create(
+                model="gpt-test",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                max_tokens=30,
+            )
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
+            whole = await client.chat.completions.create(
+                model="gpt-test",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=30,
+            )
+            return streamed, whole.choices[0].message.content
+
+    streamed, whole = asyncio.run(run())
+    assert streamed == whole == expected_text(30)
+
+
+def test_models_and_health(sim):
+    models = httpx.get(sim.url + "/v1/models").json()
+    assert models["object"] == "list"
+    ids = [model["id"] for model in models["data"]]
+    assert ids[0] == "streamgate-sim"
+    assert {f"sim-fault-{kind}" for kind in FAULT_KINDS} <= set(ids)
+    assert httpx.get(sim.url + "/healthz").json() == {"status": "ok"}
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["model", "header"])
+@pytest.mark.parametrize(
+    ("kind", "status", "code"),
+    [("429", 429, "rate_limit_exceeded"), ("500", 500, None)],
+)
+def test_status_faults_answer_before_any_token(sim, how, kind, status, code):
+    body = {
+        "stream": True,
+        "model": f"sim-fault-{kind}" if how == "model" else "gpt-test",
+    }
+    response = chat(
+        sim, body, headers={"X-Sim-Fault": kind} if how == "header" else None
+    )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+
+
+def test_openai_sdk_sees_status_faults_as_api_errors(sim):
+    client = openai.OpenAI(base_url=sim.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="sim-fault-429", messages=[], stream=True)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="sim-fault-500", messages=[])
+
+
+def test_error_midstream_sends_half_then_an_error_event_and_no_done(sim):
+    response = chat(
+        sim, {"stream": True, "model": "sim-fault-error-midstream", "max_tokens": 10}
+    )
+    assert response.status_code == 200
+    events = events_of(response)
+    assert b"[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert (
+        error["type"] == "server_error" and error["code"] == "simulated_midstream_error"
+    )
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(contents_of(chunks)) == expected_text(5)
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+
+
+def test_openai_sdk_raises_on_the_midstream_error(sim):
+    client = openai.OpenAI(base_url=sim.url + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="sim-fault-error-midstream", messages=[], stream=True
+    )
+    with pytest.raises(openai.APIError, match="simulated failure"):
+        list(stream)
+
+
+def _timed_reads(
+    sim: SimulatorThread, body: dict
+) -> tuple[float, list[tuple[float, bytes]]]:
+    """(time to headers, [(seconds since request, decoded body piece)]) for one streamed answer."""
+    started = time.monotonic()
+    with httpx.stream(
+        "POST", sim.url + "/v1/chat/completions", json=body, timeout=10
+    ) as response:
+        headers_at = time.monotonic() - started
+        reads = [(time.monotonic() - started, piece) for piece in response.iter_raw()]
+    return headers_at, reads
+
+
+def test_stall_first_sends_headers_then_nothing_for_the_stall(sim):
+    headers_at, reads = _timed_reads(
+        sim, {"stream": True, "model": "sim-fault-stall-first", "max_tokens": 4}
+    )
+    assert headers_at < STALL_S / 2
+    assert reads[0][0] >= STALL_S
+    assert "".join(
+        contents_of(chunks_of(b"".join(piece for _, piece in reads)))
+    ) == expected_text(4)
+
+
+def test_stall_midstream_pauses_after_half_then_finishes(sim):
+    _, reads = _timed_reads(
+        sim, {"stream": True, "model": "sim-fault-stall-midstream", "max_tokens": 10}
+    )
+    pauses = [later[0] - earlier[0] for earlier, later in itertools.pairwise(reads)]
+    assert max(pauses) >= STALL_S
+    text_before_pause = b"".join(p for _, p in reads[: pauses.index(max(pauses)) + 1])
+    assert (
+        text_before_pause.count(b'"content":') == 1 + 5
+    )  # role chunk + half the tokens
+    assert b"data: [DONE]" in reads[-1][1]
+
+
+def test_close_midstream_drops_the_connection_without_the_end(sim):
+    received = []
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST",
+            sim.url + "/v1/chat/completions",
+            json={
+                "stream": True,
+                "model": "sim-fault-close-midstream",
+                "max_tokens": 10,
+            },
+        ) as response,
+    ):
+        received.extend(response.iter_bytes())
+    events = b"".join(received).split(b"\n\n")
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in events if event]
+    assert "".join(contents_of(chunks)) == expected_text(5)
+
+
+def test_drop_token_loses_exactly_token_n_over_2(sim):
+    response = chat(
+        sim,
+        {
+            "stream": True,
+            "model": "sim-fault-drop-token",
+            "max_tokens": 10,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    events = events_of(response)
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    tokens = expected_tokens(10)
+    assert contents_of(chunks)[1:] == tokens[:5] + tokens[6:]
+    assert chunks[-1]["usage"]["completion_tokens"] == 10
+
+
+def test_the_stream_checker_catches_a_dropped_token(sim):
+    """Negative control for check_stream_body (the capacity check's verdict)."""
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%b"
+    )
+    for model, verdict in [
+        (b"gpt-test", None),
+        (b"sim-fault-drop-token", "content differs from expected_text"),
+    ]:
+        body = b'{"stream": true, "max_tokens": 9, "model": "%b"}' % model
+        raw = raw_exchange(sim, request % (len(body), body), until=b"0\r\n\r\n")
+        assert check_stream_body(raw, 9) == verdict
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "sim-faulty", "sim-fault"])
+def test_any_other_model_streams_normally(sim, model):
+    response = chat(sim, {"stream": True, "model": model, "max_tokens": 5})
+    assert "".join(
+        contents_of([json.loads(e) for e in events_of(response)[:-1]])
+    ) == expected_text(5)
+
+
+def test_non_stream_faults(sim):
+    assert chat(sim, {"model": "sim-fault-error-midstream"}).status_code == 500
+    dropped = chat(sim, {"model": "sim-fault-drop-token", "max_tokens": 6}).json()
+    tokens = expected_tokens(6)
+    assert dropped["choices"][0]["message"]["content"] == "".join(
+        tokens[:3] + tokens[4:]
+    )
+    with pytest.raises(httpx.RemoteProtocolError):
+        chat(sim, {"model": "sim-fault-close-midstream"})
+
+
+def test_faults_are_counted_by_kind(sim):
+    sim.call(sim.stats.reset)
+    for kind in ("429", "drop-token", "drop-token"):
+        chat(sim, {"stream": True, "model": f"sim-fault-{kind}", "max_tokens": 2})
+    chat(sim, {"stream": True, "max_tokens": 2}, headers={"X-Sim-Fault": "500"})
+    assert httpx.get(sim.url + "/stats").json()["faults"] == {
+        "429": 1,
+        "drop-token": 2,
+        "500": 1,
+    }
+
+
+# -- bad requests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "says"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (b'{"max_tokens": 0}', 400, "max_tokens"),
+        (b'{"max_tokens": "5"}', 400, "max_tokens"),
+        (b'{"max_tokens": true}', 400, "max_tokens"),
+        (b'{"stream": "yes"}', 400, "stream"),
+        (b'{"model": 5}', 400, "model"),
+        (b'{"stream_options": []}', 400, "stream_options"),
+        (b'{"model": "sim-fault-nope"}', 400, "unknown simulator fault"),
+    ],
+)
+def test_bad_requests_get_an_openai_error(sim, content, status, says):
+    response = httpx.post(sim.url + "/v1/chat/completions", content=content)
+    assert response.status_code == status
+    assert says in response.json()["error"]["message"]
+
+
+def test_unknown_fault_header_is_refused(sim):
+    assert chat(sim, {}, headers={"X-Sim-Fault": "explode"}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/nope", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("POST", "/healthz", 405),
+    ],
+)
+def test_unknown_routes_and_methods(sim, method, path, status):
+    response = httpx.request(method, sim.url + path)
+    assert response.status_code == status
+    assert "error" in response.json()
+
+
+def test_oversized_body_is_refused(sim):
+    response = httpx.post(
+        sim.url + "/v1/chat/completions", content=b"x" * (9 * 1024 * 1024), timeout=10
+    )
+    assert response.status_code == 413
+
+
+# -- counters, request ids, disconnects ----------------------------------------------------
+
+
+def test_request_id_is_echoed_and_recorded(sim):
+    response = chat(
+        sim, {"stream": True, "max_tokens": 2}, headers={"X-Request-ID": "rid-echo-1"}
+    )
+    assert response.headers["x-request-id"] == "rid-echo-1"
+    stats = httpx.get(sim.url + "/stats").json()
+    assert stats["recent_request_ids"][-1] == "rid-echo-1"
+
+
+def test_a_request_id_is_made_up_when_absent_but_not_recorded(sim):
+    before = httpx.get(sim.url + "/stats").json()["requests_with_request_id"]
+    response = chat(sim, {"max_tokens": 2})
+    assert response.headers["x-request-id"].startswith("req_sim")
+    assert httpx.get(sim.url + "/stats").json()["requests_with_request_id"] == before
+
+
+def test_counters_add_up_and_reset(sim):
+    reset = httpx.post(sim.url + "/stats/reset").json()
+    assert (
+        reset["started"],
+        reset["completed"],
+        reset["cancelled"],
+        reset["active"],
+    ) == (0, 0, 0, 0)
+    for model in ("gpt-test", "sim-fault-429", "sim-fault-close-midstream"):
+        try:
+            chat(sim, {"stream": True, "model": model, "max_tokens": 4})
+        except httpx.RemoteProtocolError:
+            pass
+    stats = httpx.get(sim.url + "/stats").json()
+    assert (
+        stats["started"],
+        stats["completed"],
+        stats["cancelled"],
+        stats["active"],
+    ) == (3, 3, 0, 0)
+    assert stats["peak_active"] == 1
+
+
+def raw_exchange(
+    sim: SimulatorThread, request: bytes, until: bytes | None = None, limit_s: float = 5
+) -> bytes:
+    """Send raw bytes; read until `until` shows up or the server closes."""
+    host, port = sim.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=limit_s) as sock:
+        sock.sendall(request)
+        received = b""
+        while until is None or until not in received:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            received += piece
+        return received
+
+
+def _post(body: bytes, headers: bytes = b"", version: bytes = b"1.1") -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/%b\r\nhost: sim\r\ncontent-type: application/json\r\n%b"
+        b"content-length: %d\r\n\r\n%b" % (version, headers, len(body), body)
+    )
+
+
+def _wait_for(condition, timeout_s: float) -> float:
+    """Poll until condition() is true; return how long it took (fails after timeout_s)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, "condition never became true"
+        time.sleep(0.001)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "model", ["gpt-test", "sim-fault-stall-first", "sim-fault-stall-midstream"]
+)
+def test_a_client_that_goes_away_is_counted_cancelled_at_once(stalling_sim, model):
+    sim = stalling_sim
+    sim.call(sim.stats.reset)
+    host, port = sim.url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    body = b'{"stream": true, "max_tokens": 20, "model": "%b"}' % model.encode()
+    sock.sendall(_post(body, b"x-request-id: rid-cancel\r\n"))
+    received = b""
+    want = b"200 OK" if model == "sim-fault-stall-first" else b'"content":"ing "'
+    while want not in received:
+        received += sock.recv(65536)
+    time.sleep(0.05)  # mid-stream, or well into the stall
+    closed_at = time.time()
+    sock.close()
+    took = _wait_for(lambda: sim.stats.cancelled == 1, timeout_s=2)
+    assert took < 0.1
+    stats = httpx.get(sim.url + "/stats").json()
+    assert stats["active"] == 0 and stats["completed"] == 0
+    assert 0 <= stats["last_cancel_at"] - closed_at < 0.1
+    assert stats["recent_cancels"][-1]["request_id"] == "rid-cancel"
+    assert stats["recent_cancels"][-1]["tokens_sent"] < 20
+
+
+def test_a_client_that_reads_to_the_end_is_not_cancelled(stalling_sim):
+    """Negative control for the cancellation counter."""
+    sim = stalling_sim
+    sim.call(sim.stats.reset)
+    raw = raw_exchange(
+        sim, _post(b'{"stream": true, "max_tokens": 5}'), until=b"0\r\n\r\n"
+    )
+    assert check_stream_body(raw, 5) is None
+    _wait_for(lambda: sim.stats.completed == 1, timeout_s=2)
+    assert sim.stats.cancelled == 0
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order(sim):
+    one = _post(b'{"stream": true, "max_tokens": 3}', b"x-request-id: first\r\n")
+    two = _post(b'{"max_tokens": 4}', b"x-request-id: second\r\n")
+    raw = raw_exchange(sim, one + two, until=b'"total_tokens":5}')
+    first, second = raw.split(b"0\r\n\r\n", 1)
+    assert (
+        b"x-request-id: first" in first
+        and check_stream_body(first + b"0\r\n\r\n", 3) is None
+    )
+    assert b"x-request-id: second" in second and expected_text(
+        4
+    ).encode() in second.replace(b"\\n", b"\n")
+
+
+def test_http_1_0_gets_a_close_delimited_stream(sim):
+    raw = raw_exchange(sim, _post(b'{"stream": true, "max_tokens": 6}', version=b"1.0"))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head
+    assert body.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in body.split(b"\n\n")[:-2]]
+    assert "".join(contents_of(chunks)) == expected_text(6)
+
+
+def test_malformed_http_is_refused(sim):
+    raw = raw_exchange(sim, b"GARBAGE\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400")
+
+
+def test_decode_chunked_refuses_a_truncated_body():
+    with pytest.raises(ValueError):
+        decode_chunked(b"5\r\nhello\r\n")
+
+
+def test_jitter_varies_timing_not_text():
+    with SimulatorThread(
+        SimConfig(port=0, ttft_ms=1, gap_ms=3, jitter_ms=3, tokens=30)
+    ) as sim:
+        _, reads = _timed_reads(sim, {"stream": True})
+        text = b"".join(piece for _, piece in reads)
+        chunks = [
+            json.loads(e.removeprefix(b"data: ")) for e in text.split(b"\n\n")[:-2]
+        ]
+        assert "".join(contents_of(chunks)) == expected_text(30)
