@@ -103,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--client-procs", type=int, default=0,
         help="load-generator processes (0: 1 below 200 streams, else 2)",
     )
+    parser.add_argument(
+        "--no-content-check", action="store_true",
+        help="do not compare answers with the simulator's script (another simulator)",
+    )
     parser.add_argument("--quick", action="store_true", help="levels 10,200, 4 s each")
     parser.add_argument(
         "--simulator", default=str(VENV_BIN / "streamgate-sim"), help="simulator command"
@@ -372,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = RESULTS_DIR / f"run-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    expected = expected_text()
+    expected = None if args.no_content_check else expected_text()
     if expected is None:
-        print("note: streamgate.simulator.script not importable: content not checked", flush=True)
+        print("note: answers not compared with the simulator's script", flush=True)
     info = machine()
     services = build_services(args, run_dir)
     rows: list[dict] = []
