@@ -103,7 +103,7 @@ def _decode_sse(trace: Trace) -> Relay:
     relay.comments, relay.unparsed = stream.comments, stream.unterminated
     for at_s, event in timed:
         if event.event == "message":
-            relay.deltas.append(TimedDelta(at_s, event.data))
+            relay.deltas.append(TimedDelta(at_s, _sse_content(event.data)))
         elif event.event == "error":
             relay.error = _json_or_text(event.data)
         elif event.event == "done":
@@ -135,6 +135,14 @@ def _decode_openai(trace: Trace) -> Relay:
                 relay.deltas.append(TimedDelta(at_s, content))
     relay.ended_properly = trace.complete and relay.done_marker and relay.error is None
     return relay
+
+
+def _sse_content(data: str) -> str:
+    """The gateway's SSE deltas are `{"content": ...}` (JSON keeps CR and LF exact)."""
+    payload = _json_or_text(data)
+    if isinstance(payload, dict) and isinstance(payload.get("content"), str):
+        return payload["content"]
+    return data
 
 
 def _json_or_text(data: str) -> object:

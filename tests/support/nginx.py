@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 import pytest
 import yaml
+
 from support.procs import ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ UNBUFFERED = "proxy_buffering off;"
 # template carries no switch that could break streaming.
 BUFFERED = "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;"
 UNCOMPRESSED = "gzip off;"
-COMPRESSED = "gzip on; gzip_types text/event-stream application/json; gzip_min_length 1;"
+COMPRESSED = "gzip on; gzip_types text/plain text/event-stream application/json; gzip_min_length 1;"
 
 MIME_TYPES = "types {\n    text/plain txt;\n    application/json json;\n}\n"
 

@@ -50,6 +50,7 @@ class Trace:
     error: str = ""  # socket trouble or a protocol violation, empty when none
     sent_at: float = 0.0  # time.monotonic() when the request was fully sent
     headers_at_s: float | None = None  # seconds from sent_at to the end of the headers
+    ended_at_s: float | None = None  # seconds from sent_at to the end (complete, closed, error)
 
     @property
     def text(self) -> str:
@@ -65,6 +66,7 @@ class Trace:
             "client_closed": self.client_closed,
             "error": self.error,
             "headers_at_s": self.headers_at_s,
+            "ended_at_s": self.ended_at_s,
             "reads": [
                 {"at_s": r.at_s, "raw_bytes": r.raw_bytes, "data_bytes": len(r.data)}
                 for r in self.reads
@@ -193,6 +195,8 @@ def request(
     except OSError as exc:  # resets, timeouts
         trace.error = f"{type(exc).__name__}: {exc}"
     finally:
+        if trace.sent_at:
+            trace.ended_at_s = time.monotonic() - trace.sent_at
         sock.close()
         if trace.client_closed:
             trace.client_closed_at = time.monotonic()

@@ -1,0 +1,1 @@
+"""Test support shared by the wire, load and lab tests (processes, nginx, stream probe)."""

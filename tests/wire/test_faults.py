@@ -1,0 +1,124 @@
+"""Every simulator fault, on every chat route, as the client sees it.
+
+Before the first byte: a real HTTP status and a JSON error. After it: the status is already
+200, so the failure is reported in-band (SSE `event: error`; OpenAI `{"error": ...}` then
+`[DONE]`; plain text aborted without the terminating chunk), and what was relayed before is
+exactly the model's text: never error text dressed up as output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from streamgate.simulator.script import expected_text, expected_tokens
+from support import chat, stream_probe
+
+TOKENS = 10
+HALF = TOKENS // 2
+FIRST_TOKEN_TIMEOUT_S = 1.0
+TOKEN_GAP_TIMEOUT_S = 0.5
+# Timeouts fire on the event loop of a shared machine: allow lateness, never earliness.
+TIMEOUT_EARLY_TOLERANCE_S = 0.05
+TIMEOUT_LATE_TOLERANCE_S = 1.5
+
+BEFORE_FIRST_BYTE = {
+    "429": 429,  # rate limited upstream: passed on, so clients back off
+    "500": 502,  # upstream failure
+    "stall-first": 504,  # first-token timeout
+}
+MID_STREAM = ["error-midstream", "stall-midstream", "close-midstream"]
+
+
+@pytest.fixture(scope="module")
+def fault_gateway(gateway_factory, simulator):
+    """Short timeouts so stalls end fast; no retries, so each fault is met exactly once."""
+    gateway = gateway_factory(
+        simulator,
+        workers=1,
+        first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
+        token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S,
+        upstream_retries=0,
+    )
+    yield gateway
+    gateway.stop()
+
+
+def send(gateway, route: str, fault: str) -> stream_probe.Trace:
+    return stream_probe.request(
+        "127.0.0.1",
+        gateway.port,
+        chat.ROUTES[route],
+        chat.body(route, max_tokens=TOKENS, model=f"sim-fault-{fault}"),
+        timeout_s=15,
+    )
+
+
+def in_band_events(route: str, trace: stream_probe.Trace) -> list[str]:
+    """The order of what arrived: 'token', 'error', 'done' (SSE and OpenAI framings);
+    events that carry none of these (OpenAI's opening role chunk) are left out."""
+    kinds = []
+    for _, event in chat.timed_events(trace)[0]:
+        if route == chat.SSE:
+            kinds.append({"message": "token"}.get(event.event, event.event))
+        elif event.data == "[DONE]":
+            kinds.append("done")
+        else:
+            chunk = json.loads(event.data)
+            if "error" in chunk:
+                kinds.append("error")
+            elif any((choice.get("delta") or {}).get("content") for choice in chunk["choices"]):
+                kinds.append("token")
+    return kinds
+
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+@pytest.mark.parametrize(("fault", "status"), list(BEFORE_FIRST_BYTE.items()))
+def test_failure_before_the_first_byte_is_an_http_status_with_a_json_error(
+    fault_gateway, route, fault, status
+):
+    trace = send(fault_gateway, route, fault)
+
+    assert trace.status == status, (trace.status, trace.error, trace.body[:300])
+    error = chat.json_body(trace).get("error")
+    assert error, trace.body
+    if route == chat.OPENAI:  # the shape the openai SDK parses
+        assert isinstance(error, dict) and error.get("message"), error
+    if fault == "stall-first":
+        assert trace.headers_at_s >= FIRST_TOKEN_TIMEOUT_S - TIMEOUT_EARLY_TOLERANCE_S
+        assert trace.headers_at_s <= FIRST_TOKEN_TIMEOUT_S + TIMEOUT_LATE_TOLERANCE_S
+
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+@pytest.mark.parametrize("fault", MID_STREAM)
+def test_failure_mid_stream_is_reported_in_band_after_the_relayed_text(fault_gateway, route, fault):
+    trace = send(fault_gateway, route, fault)
+    relay = chat.decode(route, trace)
+
+    assert trace.status == 200, (trace.status, trace.body[:300])
+    assert relay.content == expected_text(HALF), relay.content
+    assert not relay.ended_properly
+    if route == chat.TEXT:
+        assert not trace.complete, "plain text must be aborted: no terminating zero-length chunk"
+    elif route == chat.SSE:
+        assert isinstance(relay.error, dict), relay.error
+        assert in_band_events(route, trace)[: HALF + 1] == ["token"] * HALF + ["error"]
+    else:
+        assert isinstance(relay.error, dict) and relay.error.get("message"), relay.error
+        assert in_band_events(route, trace) == ["token"] * HALF + ["error", "done"]
+        assert trace.complete
+    if fault == "stall-midstream":
+        silence_s = trace.ended_at_s - relay.deltas[-1].at_s
+        assert silence_s >= TOKEN_GAP_TIMEOUT_S - TIMEOUT_EARLY_TOLERANCE_S, silence_s
+        assert silence_s <= TOKEN_GAP_TIMEOUT_S + TIMEOUT_LATE_TOLERANCE_S, silence_s
+
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+def test_a_dropped_token_passes_through_as_received(fault_gateway, route):
+    """The gateway relays; it does not invent: the gap the upstream left stays a gap."""
+    trace = send(fault_gateway, route, "drop-token")
+    relay = chat.decode(route, trace)
+
+    tokens = expected_tokens(TOKENS)
+    assert trace.status == 200 and relay.ended_properly, (trace.status, trace.error, relay.error)
+    assert relay.content == "".join(tokens[:HALF] + tokens[HALF + 1 :]), relay.content
