@@ -1,4 +1,4 @@
-"""gunicorn settings for the streamgate gateway: `gunicorn -c gunicorn.conf.py 'streamgate.app:create_app()'`.
+"""gunicorn settings for the gateway: `gunicorn -c gunicorn.conf.py` (app from wsgi_app below).
 
 Values come from streamgate.settings (environment + STREAMGATE_ENV_FILE), so the env file that
 Ansible templates is the single source; gunicorn re-reads this file on HUP.
@@ -29,6 +29,9 @@ loglevel = _settings.log_level
 accesslog = None  # the app writes one JSON line per request
 errorlog = "-"
 proc_name = "streamgate"
+# gunicorn 24+ opens a control socket at one fixed path per user: several instances (tests, a
+# dev run next to a service) would fight over it, and systemd's signals are all we need.
+control_socket_disable = True
 
 
 def on_starting(server):

@@ -143,6 +143,8 @@ class ChatStream:
         self._buffer = b""
         self.finished = False  # "data: [DONE]" seen
         stream = response.stream
+        # httpx2's client wraps the transport's stream (to time it): unwrap to reach ours.
+        stream = getattr(stream, "_stream", stream)
         self._lean: LeanResponseStream | None = (
             stream if isinstance(stream, LeanResponseStream) else None
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 
 from .. import metrics
 
@@ -11,12 +11,12 @@ router = APIRouter()
 
 
 @router.get("/healthz")
-async def healthz() -> ORJSONResponse:
-    return ORJSONResponse({"status": "ok"})
+async def healthz() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> ORJSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Ready: settings loaded, an upstream configured, the client made by the lifespan."""
     state = request.app.state
     settings = getattr(state, "settings", None)
@@ -28,8 +28,8 @@ async def readyz(request: Request) -> ORJSONResponse:
     if getattr(state, "upstream_client", None) is None:
         problems.append("upstream client not started")
     if problems:
-        return ORJSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-    return ORJSONResponse({"status": "ready", "upstream": settings.upstream_base_url})
+        return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+    return JSONResponse({"status": "ready", "upstream": settings.upstream_base_url})
 
 
 @router.get("/metrics")
