@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import shlex
@@ -74,6 +75,8 @@ INVENTORY_FILE = REPO_ROOT / "ansible" / "inventories" / "lab" / "hosts.yml"
 CONTROLLER_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CONTROLLER_EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 CONTROLLER_RESOLV_CONF = Path("/etc/resolv.conf")
+# Where systemd-resolved lists the real servers when /etc/resolv.conf points at its stub.
+RESOLVED_UPSTREAM_CONF = Path("/run/systemd/resolve/resolv.conf")
 
 BOOT_TIMEOUT_S = 90
 SSH_TIMEOUT_S = 60
@@ -238,7 +241,7 @@ def populate_host_root(host: LabHost, tarball: Path, hosts: list[LabHost]) -> No
     (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n::1\tlocalhost\n{lab_names}")
     resolv = etc / "resolv.conf"
     resolv.unlink(missing_ok=True)  # may be a symlink into the image
-    shutil.copyfile(CONTROLLER_RESOLV_CONF, resolv)
+    resolv.write_text(controller_resolv_conf())
     copy_trust_store(host.root)
     run(["ssh-keygen", "-A", "-f", str(host.root)])
     ssh_dir = host.root / "home" / LAB_USER / ".ssh"
@@ -249,6 +252,20 @@ def populate_host_root(host: LabHost, tarball: Path, hosts: list[LabHost]) -> No
     owner = (host.root / "home" / LAB_USER).stat()
     for path in (ssh_dir, authorized):
         os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def controller_resolv_conf() -> str:
+    """The controller's resolvers, minus loopback stubs (127.0.0.53 means nothing inside a host)."""
+    for candidate in (CONTROLLER_RESOLV_CONF, RESOLVED_UPSTREAM_CONF):
+        if not candidate.exists():
+            continue
+        text = candidate.read_text()
+        servers = [line.split()[1] for line in text.splitlines()
+                   if line.startswith("nameserver") and len(line.split()) > 1]
+        if any(not ipaddress.ip_address(server.split("%")[0]).is_loopback for server in servers):
+            return text
+    log("warning: the controller has no non-loopback nameserver; hosts will not resolve names")
+    return CONTROLLER_RESOLV_CONF.read_text() if CONTROLLER_RESOLV_CONF.exists() else ""
 
 
 def copy_trust_store(root: Path) -> None:
@@ -277,20 +294,21 @@ def setup_network(hosts: list[LabHost]) -> dict:
         run([*netns, "route", "add", "default", "via", str(GATEWAY_ADDRESS)])
     forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
     run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-    for rule in nat_rules():
-        run(["iptables", *rule[0:2], "-A", *rule[2:]])
+    for table, chain, *match in lab_rules():
+        # Inserted first: a DROP further up (another tool's FORWARD rules) must not hide them.
+        run(["iptables", "-t", table, "-I", chain, *match])
     return {"ip_forward_before": forward_before}
 
 
-def nat_rules() -> list[list[str]]:
-    """Table, chain and match of each rule the lab adds; all tagged with NAT_COMMENT."""
+def lab_rules() -> list[list[str]]:
+    """Table, chain and match of each iptables rule the lab adds; all tagged with NAT_COMMENT."""
     subnet = str(LAB_SUBNET)
     tag = ["-m", "comment", "--comment", NAT_COMMENT]
     return [
-        ["-t", "nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, *tag, "-j", "MASQUERADE"],
-        # Only matters where FORWARD's policy is DROP (CI runners with other tooling).
-        ["-t", "filter", "FORWARD", "-s", subnet, *tag, "-j", "ACCEPT"],
-        ["-t", "filter", "FORWARD", "-d", subnet, *tag, "-j", "ACCEPT"],
+        ["nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, *tag, "-j", "MASQUERADE"],
+        # Only matter where FORWARD drops by default (CI runners with a container engine).
+        ["filter", "FORWARD", "-s", subnet, *tag, "-j", "ACCEPT"],
+        ["filter", "FORWARD", "-d", subnet, *tag, "-j", "ACCEPT"],
     ]
 
 
@@ -506,12 +524,20 @@ def remove_network() -> None:
         if name.startswith(NAME_PREFIX):
             # quiet: a veth may vanish by itself once its namespace is gone
             run(["ip", "link", "del", name], check=False, quiet=True)
-    for table, chain in (("nat", "POSTROUTING"), ("filter", "FORWARD")):
-        listed = run(["iptables", "-t", table, "-S", chain], check=False, quiet=True).stdout
-        for line in listed.splitlines():
-            rule = shlex.split(line)
-            if rule[:1] == ["-A"] and NAT_COMMENT in rule:
-                run(["iptables", "-t", table, "-D", *rule[1:]], check=False)
+    for table, chain in dict.fromkeys((table, chain) for table, chain, *_ in lab_rules()):
+        listing = run(["iptables", "-t", table, "-S", chain], check=False, quiet=True).stdout
+        for rule in tagged_rules(listing):
+            run(["iptables", "-t", table, "-D", *rule], check=False)
+
+
+def tagged_rules(listing: str) -> list[list[str]]:
+    """Chain and match of each rule in an `iptables -S` listing that carries the lab's tag."""
+    rules = []
+    for line in listing.splitlines():
+        words = shlex.split(line)
+        if words[:1] == ["-A"] and ("--comment", NAT_COMMENT) in itertools.pairwise(words):
+            rules.append(words[1:])
+    return rules
 
 
 def unmount_below(path: Path) -> None:
