@@ -13,7 +13,6 @@ import httpx2
 import openai
 import orjson
 import pytest
-
 from streamgate.app import create_app
 from streamgate.settings import Settings
 

@@ -1,0 +1,149 @@
+"""Word granularity, heartbeats and in-band errors, on the ASGI app with a timed fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+from streamgate.settings import Settings
+
+from .conftest import chunk_event, stream_body
+
+pytestmark = pytest.mark.anyio
+
+
+async def call(app, path: str, body: dict) -> list[tuple[float, dict]]:
+    """Drive the ASGI app directly; returns (arrival time, message) for every send."""
+    sent: list[tuple[float, dict]] = []
+    request = {"type": "http.request", "body": orjson.dumps(body), "more_body": False}
+    done = asyncio.Event()
+
+    async def receive():
+        nonlocal request
+        if request is not None:
+            message, request = request, None
+            return message
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append((time.monotonic(), message))
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+             "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "client": ("t", 1),
+             "server": ("t", 80), "state": {}}
+    await app(scope, receive, send)
+    done.set()
+    return sent
+
+
+def bodies(sent) -> list[tuple[float, bytes]]:
+    return [(at, m["body"]) for at, m in sent if m["type"] == "http.response.body" and m["body"]]
+
+
+async def test_word_granularity_ends_chunks_on_word_boundaries(make_app, fake_upstream):
+    fake_upstream.parts = stream_body(["Hel", "lo ", "wor", "ld", " and", " more"])
+    sent = await call(make_app(), "/v1/chat/stream", {"prompt": "x", "granularity": "word"})
+    chunks = [body.decode() for _, body in bodies(sent)]
+    assert "".join(chunks) == "Hello world and more"
+    assert chunks[:2] == ["Hello ", "world "]
+
+
+async def test_token_granularity_passes_every_delta(make_app, fake_upstream):
+    fake_upstream.parts = stream_body(["Hel", "lo ", "wor"])
+    fake_upstream.delays = [0, 0.02, 0.02]
+    sent = await call(make_app(), "/v1/chat/stream", {"prompt": "x"})
+    assert [body for _, body in bodies(sent)] == [b"Hel", b"lo ", b"wor"]
+
+
+@pytest.mark.parametrize("flush_ms", [60, 150])
+async def test_word_granularity_never_holds_text_longer_than_the_bound(make_app, fake_upstream,
+                                                                       flush_ms):
+    # One long word arriving slowly: without the bound it would wait for the end.
+    pieces = ["su", "per", "cal", "ifr", "agi", "list", "ic"]
+    fake_upstream.parts = stream_body(pieces)
+    fake_upstream.delays = [0] + [0.05] * (len(pieces) - 1)
+    started = time.monotonic()
+    sent = await call(make_app(word_flush_ms=flush_ms), "/v1/chat/stream",
+                      {"prompt": "x", "granularity": "word"})
+    chunks = bodies(sent)
+    assert b"".join(body for _, body in chunks) == "".join(pieces).encode()
+    assert len(chunks) >= 2, "the bound must flush a word that is still open"
+    # The first piece arrives at ~0 s: it must be out within the bound (plus scheduling slack).
+    assert chunks[0][0] - started <= flush_ms / 1000 + 0.05
+
+
+async def test_negative_control_a_huge_bound_holds_the_word(make_app, fake_upstream):
+    pieces = ["su", "per", "cal", "ifr"]
+    fake_upstream.parts = stream_body(pieces)
+    fake_upstream.delays = [0] + [0.05] * (len(pieces) - 1)
+    sent = await call(make_app(word_flush_ms=10_000), "/v1/chat/stream",
+                      {"prompt": "x", "granularity": "word"})
+    assert len(bodies(sent)) == 1  # what the bound test would catch
+
+
+async def test_sse_heartbeat_while_first_token_is_slow(make_app, fake_upstream):
+    fake_upstream.delays = [0.35]
+    sent = await call(make_app(heartbeat_s=0.1), "/v1/chat/stream-sse", {"prompt": "x"})
+    payloads = [body for _, body in bodies(sent)]
+    pings = [p for p in payloads if p == b": ping\n\n"]
+    assert 2 <= len(pings) <= 4
+    assert payloads.index(b": ping\n\n") == 0
+
+
+async def test_midstream_error_is_in_band_for_sse_and_openai(make_app, fake_upstream):
+    error = b'data: {"error": {"message": "model crashed"}}\n\n'
+    for path, expect in (("/v1/chat/stream-sse", b"event: error"),
+                         ("/v1/chat/completions", b'"error"')):
+        fake_upstream.parts = [chunk_event("Hi"), error]
+        sent = await call(make_app(), path, {"prompt": "x", "stream": True})
+        start = next(m for _, m in sent if m["type"] == "http.response.start")
+        assert start["status"] == 200
+        text = b"".join(body for _, body in bodies(sent))
+        assert expect in text and b"model crashed" in text
+        if path.endswith("completions"):
+            assert text.endswith(b"data: [DONE]\n\n")
+        assert sent[-1][1]["more_body"] is False
+
+
+async def test_midstream_error_aborts_plain_text_without_final_chunk(make_app, fake_upstream):
+    fake_upstream.parts = [chunk_event("Hi"), b'data: {"error": {"message": "boom"}}\n\n']
+    sent = await call(make_app(), "/v1/chat/stream", {"prompt": "x"})
+    assert all(m.get("more_body", True) for _, m in sent if m["type"] == "http.response.body")
+    assert b"boom" not in b"".join(body for _, body in bodies(sent))  # no error as model text
+
+
+async def test_first_token_timeout_before_any_byte_is_504(make_app, fake_upstream):
+    fake_upstream.delays = [1.0]
+    sent = await call(make_app(first_token_timeout_s=0.1), "/v1/chat/stream", {"prompt": "x"})
+    start = next(m for _, m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 504
+
+
+def test_settings_fall_back_to_openai_variables(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://vllm.test/v1/")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    monkeypatch.delenv("STREAMGATE_UPSTREAM_BASE_URL", raising=False)
+    loaded = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert loaded.upstream_base_url == "http://vllm.test/v1"
+    assert "sk-secret" not in repr(loaded) and "sk-secret" not in str(loaded.public_dict())
+    monkeypatch.setenv("STREAMGATE_UPSTREAM_BASE_URL", "http://own.test/v1")
+    assert Settings(_env_file=None).upstream_base_url == "http://own.test/v1"  # type: ignore[call-arg]
+
+
+def test_settings_read_the_env_file(tmp_path, monkeypatch):
+    env_file = tmp_path / "streamgate.env"
+    env_file.write_text("STREAMGATE_HEARTBEAT_S=7\nSTREAMGATE_SIM_PORT=9\n")
+    monkeypatch.setenv("STREAMGATE_ENV_FILE", str(env_file))
+    from streamgate.settings import load_settings
+
+    assert load_settings().heartbeat_s == 7
+
+
+def test_graceful_timeout_must_cover_total_timeout():
+    with pytest.raises(ValueError, match="graceful_timeout_s"):
+        Settings(total_timeout_s=100, graceful_timeout_s=50, _env_file=None)  # type: ignore[call-arg]
