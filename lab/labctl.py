@@ -25,6 +25,7 @@ import ipaddress
 import itertools
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -154,7 +155,7 @@ def ensure_base_image(release: str) -> Path:
     IMAGES_DIR.mkdir(parents=True, exist_ok=True)
     build_dir = IMAGES_DIR / f"{release}.build"
     build_log = IMAGES_DIR / f"{release}.debootstrap.log"
-    shutil.rmtree(build_dir, ignore_errors=True)
+    remove_tree(build_dir)
     log(f"base image {release}: debootstrap (first run only, about a minute)")
     started = time.monotonic()
     # No mirror argument: debootstrap's default mirror, never a host name in the repo.
@@ -163,14 +164,14 @@ def ensure_base_image(release: str) -> Path:
     with open(build_log, "w") as out:
         if subprocess.run(argv, check=False, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
             tail = build_log.read_text(errors="replace").splitlines()[-15:]
-            shutil.rmtree(build_dir, ignore_errors=True)
+            remove_tree(build_dir)
             raise LabError(f"debootstrap {release} failed:\n" + "\n".join(tail))
     prepare_base_image(build_dir)
     partial = tarball.with_suffix(".partial")
     run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(build_dir),
          "-cpf", str(partial), "."])
     partial.rename(tarball)
-    shutil.rmtree(build_dir, ignore_errors=True)
+    remove_tree(build_dir)
     log(f"base image {release}: built in {time.monotonic() - started:.0f} s")
     return tarball
 
@@ -208,7 +209,7 @@ def ensure_image_tree(tarball: Path) -> Path:
     tree = tarball.with_suffix(".rootfs")
     if not tree.is_dir():
         partial = tarball.with_suffix(".rootfs-partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_tree(partial)
         partial.mkdir()
         run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(partial),
              "-xpf", str(tarball)])
@@ -540,12 +541,24 @@ def tagged_rules(listing: str) -> list[list[str]]:
     return rules
 
 
-def unmount_below(path: Path) -> None:
-    """Never delete through a mount point that something left inside a host directory."""
+def mounts_below(path: Path) -> list[str]:
     prefix = str(path) + "/"
-    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    for mount_point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+    # mountinfo writes space, tab, newline and backslash as octal escapes (\040 ...)
+    mount_points = [re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), line.split()[4])
+                    for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return sorted((m for m in mount_points if m.startswith(prefix)), key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that never reaches through a mount point left inside (an overlay, or the /proc,
+    /sys and /dev an interrupted debootstrap leaves in its target)."""
+    if not path.exists():
+        return
+    for mount_point in mounts_below(path):
         run(["umount", "-l", mount_point], check=False)
+    if mounts_below(path):
+        raise LabError(f"{path}: still has mounts inside {mounts_below(path)}; not deleting it")
+    shutil.rmtree(path)
 
 
 def destroy(purge_images: bool = False) -> None:
@@ -557,10 +570,9 @@ def destroy(purge_images: bool = False) -> None:
         run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"], check=False)
     if HOSTS_DIR.exists():
         for host_dir in HOSTS_DIR.glob(f"{NAME_PREFIX}*"):
-            unmount_below(host_dir)
-            shutil.rmtree(host_dir)
+            remove_tree(host_dir)
     if purge_images:
-        shutil.rmtree(IMAGES_DIR, ignore_errors=True)
+        remove_tree(IMAGES_DIR)
     STATE_FILE.unlink(missing_ok=True)
     INVENTORY_FILE.unlink(missing_ok=True)
     log("lab destroyed (nothing named sglab-* left)")
