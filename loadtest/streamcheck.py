@@ -78,6 +78,8 @@ class SSEDecoder(TextDecoder):
             return ""
         if event_type in ("done", "end") or data == "[DONE]":
             self.done = True
+            if data.startswith("{"):
+                self.on_json(json.loads(data))  # the gateway's done event carries the usage
             return ""
         if data.startswith("{"):
             return self.on_json(json.loads(data))
@@ -87,6 +89,9 @@ class SSEDecoder(TextDecoder):
         if "error" in payload:
             self.error = str(payload["error"])[:200]
             return ""
+        usage = payload.get("usage")
+        if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+            self.tokens_reported = int(usage["completion_tokens"])
         for key in ("content", "text", "token", "delta"):
             if isinstance(payload.get(key), str):
                 return payload[key]
@@ -97,12 +102,9 @@ class OpenAIDecoder(SSEDecoder):
     """`chat.completion.chunk` events: delta content, a usage chunk, `data: [DONE]`."""
 
     def on_json(self, payload: dict) -> str:
-        if "error" in payload:
-            self.error = str(payload["error"])[:200]
+        super().on_json({key: payload[key] for key in ("error", "usage") if key in payload})
+        if self.error:
             return ""
-        usage = payload.get("usage")
-        if usage and usage.get("completion_tokens") is not None:
-            self.tokens_reported = int(usage["completion_tokens"])
         choices = payload.get("choices") or []
         if not choices:
             return ""

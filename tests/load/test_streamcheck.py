@@ -133,3 +133,10 @@ def test_plain_text_tokens_counted_from_the_expected_text():
     record.units = 0  # plain text carries no token boundaries
     assert count_tokens(record, TextDecoder(), TOKENS) == 5
     assert matched_token_prefix("Streaming wo", TOKENS) == 3
+
+
+def test_sse_decoder_reads_the_usage_of_the_done_event():
+    decoder = SSEDecoder()
+    wire = b'data: {"content": "a\\r\\nb"}\n\nevent: done\ndata: {"usage": {"completion_tokens": 2}}\n\n'
+    assert decoder.feed(wire) == ("a\r\nb", 1)
+    assert decoder.done and decoder.tokens_reported == 2
