@@ -17,6 +17,13 @@ fi
 
 step() { printf '\n==> %s\n' "$*"; }
 
+on_failure() {
+  echo >&2
+  echo "demo: failed; the lab is left as it is for a look (${PY} lab/labctl.py status, ${PY} lab/labctl.py ssh single)." >&2
+  echo "demo: remove it with: make lab-destroy" >&2
+}
+trap on_failure ERR
+
 step "Clearing any earlier lab"
 "$PY" "${LABCTL[@]}" destroy
 
