@@ -341,7 +341,7 @@ def test_stall_midstream_pauses_after_half_then_finishes(sim):
         sim, {"stream": True, "model": "sim-fault-stall-midstream", "max_tokens": 10}
     )
     pauses = [later[0] - earlier[0] for earlier, later in itertools.pairwise(reads)]
-    assert max(pauses) >= STALL_S
+    assert max(pauses) >= STALL_S - 0.02  # measured from a token that may itself be late
     text_before_pause = b"".join(p for _, p in reads[: pauses.index(max(pauses)) + 1])
     assert (
         text_before_pause.count(b'"content":') == 1 + 5

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -222,6 +223,8 @@ class CapacityResult:
     gap_p50_ms: float = 0.0
     gap_p99_ms: float = 0.0
     gap_max_ms: float = 0.0
+    ttft_max_ms: float = 0.0
+    spread_min_ms: float = 0.0
     reads_per_stream_min: int = 0
     reads_per_stream_median: float = 0.0
     wall_s: float = 0.0
@@ -231,6 +234,8 @@ class CapacityResult:
     sim_cpu_per_wall: float = 0.0
     sim_cpu_us_per_chunk: float = 0.0
     client_cpu_s: float = 0.0
+    sim_clock_lag_p99_ms: float = 0.0
+    sim_clock_lag_max_ms: float = 0.0
 
     def summary(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -263,13 +268,48 @@ async def _run_streams(url: str, streams: int, tokens: int, connect_concurrency:
     return connected, request
 
 
+async def _send_and_wait(
+    connected: list[tuple[_StreamClient, asyncio.Future[None]]],
+    request: bytes,
+    ramp_s: float,
+    timeout_s: float,
+) -> list[BaseException | None]:
+    """Send every request, spread over `ramp_s` in 1 ms slots; wait for every response."""
+    # Streams in steady state run at random phases; a ramp of 0 sends all at once (harshest).
+    slots = max(1, int(ramp_s * 1000))
+    per_slot = -(-len(connected) // slots)
+    loop = asyncio.get_running_loop()
+    first_slot_at = loop.time()
+    for slot, offset in enumerate(range(0, len(connected), per_slot)):
+        await asyncio.sleep(max(0.0, first_slot_at + slot / 1000 - loop.time()))
+        for client, _ in connected[offset : offset + per_slot]:
+            client.send(request)
+    waits = [done for _, done in connected]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout_s)
+    except TimeoutError:
+        return [
+            (done.exception() or None) if done.done() else TimeoutError("unfinished")
+            for done in waits
+        ]
+
+
+def _verdict(client: _StreamClient, outcome: BaseException | None, tokens: int) -> str | None:
+    if outcome is not None:
+        return repr(outcome)
+    try:
+        return check_stream_body(b"".join(data for _, data in client.reads), tokens)
+    except (ValueError, KeyError, TypeError) as error:  # orjson's decode error is a ValueError
+        return f"undecodable response: {error!r}"
+
+
 def run_capacity_check(
     streams: int = 5000,
     tokens: int = 50,
     gap_ms: float = 20.0,
     ttft_ms: float = 50.0,
     timeout_s: float = 40.0,
-    connect_concurrency: int = 500,
+    connect_concurrency: int = 256,
     ramp_s: float | None = None,
 ) -> CapacityResult:
     """Start a simulator, run `streams` concurrent streams through it once, measure."""
@@ -278,79 +318,99 @@ def run_capacity_check(
     result = CapacityResult(streams=streams, tokens=tokens, gap_ms=gap_ms, ramp_s=ramp_s)
     sim_args = ["--ttft-ms", str(ttft_ms), "--gap-ms", str(gap_ms), "--tokens", str(tokens)]
     with SimulatorProcess(sim_args) as sim, asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        clients = runner.run(_run_streams(sim.url, streams, tokens, connect_concurrency))
-        connected, request = clients
+        connected, request = runner.run(_run_streams(sim.url, streams, tokens, connect_concurrency))
+        # A connection the kernel completed but the simulator has not accepted yet would start
+        # late (or after a SYN-ACK retransmit, seconds late): wait until it holds them all.
+        deadline = time.monotonic() + 10
+        while sim.stats()["connections_open"] < streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sim.reset_stats()
         cpu_before = sim.cpu_seconds()
         client_cpu_before = time.process_time()
         started = time.perf_counter()
-
-        async def burst() -> list[BaseException | None]:
-            # Spread the starts over `ramp_s` in 1 ms slots: streams in steady state run at
-            # random phases; a ramp of 0 sends every request at once (the harshest case).
-            slots = max(1, int(ramp_s * 1000))
-            per_slot = -(-streams // slots)
-            loop = asyncio.get_running_loop()
-            first_slot_at = loop.time()
-            for slot, offset in enumerate(range(0, streams, per_slot)):
-                await asyncio.sleep(max(0.0, first_slot_at + slot / 1000 - loop.time()))
-                for client, _ in connected[offset : offset + per_slot]:
-                    client.send(request)
-            waits = [done for _, done in connected]
-            finished = await asyncio.wait_for(
-                asyncio.gather(*waits, return_exceptions=True), timeout_s
-            )
-            return finished
-
+        gc.disable()  # the reads lists grow by the thousand: no collector pauses while measuring
         try:
-            outcomes = runner.run(burst())
-        except TimeoutError:
-            outcomes = [
-                None if done.done() and not done.exception() else TimeoutError("unfinished")
-                for _, done in connected
-            ]
+            outcomes = runner.run(_send_and_wait(connected, request, ramp_s, timeout_s))
+        finally:
+            gc.enable()
         result.wall_s = time.perf_counter() - started
         cpu_after = sim.cpu_seconds()
-        result.sim_user_s = cpu_after[0] - cpu_before[0]
-        result.sim_system_s = cpu_after[1] - cpu_before[1]
-        result.sim_cpu_s = result.sim_user_s + result.sim_system_s
         result.client_cpu_s = time.process_time() - client_cpu_before
-        result.peak_active = sim.stats()["peak_active"]
-        for (client, _), outcome in zip(connected, outcomes, strict=True):
-            problem = repr(outcome) if outcome is not None else None
-            if problem is None:
-                problem = check_stream_body(b"".join(data for _, data in client.reads), tokens)
-            if problem is not None:
-                result.error_count += 1
-                if len(result.errors) < 5:
-                    result.errors.append(problem)
-            else:
-                result.completed += 1
-        _measure_timing([client for client, _ in connected], result)
+        sim_stats = sim.stats()
         for client, _ in connected:
             if client.transport is not None:
                 client.transport.abort()
+    result.sim_user_s = cpu_after[0] - cpu_before[0]
+    result.sim_system_s = cpu_after[1] - cpu_before[1]
+    result.sim_cpu_s = result.sim_user_s + result.sim_system_s
     result.sim_cpu_per_wall = result.sim_cpu_s / result.wall_s
-    chunks = streams * tokens
-    result.sim_cpu_us_per_chunk = result.sim_cpu_s / chunks * 1e6
+    result.sim_cpu_us_per_chunk = result.sim_cpu_s / (streams * tokens) * 1e6
+    result.peak_active = sim_stats["peak_active"]
+    result.sim_clock_lag_p99_ms = sim_stats["clock_lag_ms"]["p99"]
+    result.sim_clock_lag_max_ms = sim_stats["clock_lag_ms"]["max"]
+    for (client, _), outcome in zip(connected, outcomes, strict=True):
+        problem = _verdict(client, outcome, tokens)
+        if problem is None:
+            result.completed += 1
+            continue
+        result.error_count += 1
+        if len(result.errors) < 5:
+            result.errors.append(problem)
+    _measure_timing([client for client, _ in connected], result)
     return result
 
 
 def _measure_timing(clients: list[_StreamClient], result: CapacityResult) -> None:
-    ttfts, gaps, reads_per_stream = [], [], []
+    ttfts, gaps, reads_per_stream, spreads = [], [], [], []
     for client in clients:
         arrivals = [at for at, data in client.reads if b"data: " in data]
         if not arrivals:
             continue
+        spreads.append((arrivals[-1] - arrivals[0]) * 1000)
         ttfts.append((arrivals[0] - client.sent_at) * 1000)
         gaps.extend((later - earlier) * 1000 for earlier, later in itertools.pairwise(arrivals))
         reads_per_stream.append(len(arrivals))
     result.ttft_p50_ms = _percentile(ttfts, 0.5)
     result.ttft_p99_ms = _percentile(ttfts, 0.99)
+    result.ttft_max_ms = max(ttfts, default=float("nan"))
+    result.spread_min_ms = min(spreads, default=0.0)
     result.gap_p50_ms = _percentile(gaps, 0.5)
     result.gap_p99_ms = _percentile(gaps, 0.99)
     result.gap_max_ms = max(gaps, default=float("nan"))
     result.reads_per_stream_min = min(reads_per_stream, default=0)
     result.reads_per_stream_median = _percentile([float(n) for n in reads_per_stream], 0.5)
+
+
+def capacity_problems(
+    result: CapacityResult,
+    *,
+    max_gap_p99_ms: float,
+    min_reads_fraction: float = 0.9,
+    max_sim_cpu_per_wall: float = 0.9,
+) -> list[str]:
+    """What makes a capacity run a failure (empty: it passed).
+
+    Every stream complete and exact, all of them in flight at once, tokens in separate reads,
+    the median gap close to the configured one, the p99 gap bounded, and the simulator's CPU
+    below saturation (so it was not what limited the run).
+    """
+    problems = []
+    if result.completed != result.streams:
+        problems.append(f"{result.error_count}/{result.streams} streams failed: {result.errors}")
+    if result.peak_active < result.streams:
+        problems.append(f"only {result.peak_active} streams were in flight at once")
+    if result.reads_per_stream_min < min_reads_fraction * result.tokens:
+        problems.append(
+            f"tokens coalesced: a stream arrived in {result.reads_per_stream_min} reads "
+            f"for {result.tokens} tokens"
+        )
+    if not 0.8 * result.gap_ms <= result.gap_p50_ms <= 1.5 * result.gap_ms + 5:
+        problems.append(f"median gap {result.gap_p50_ms:.1f} ms for {result.gap_ms} ms configured")
+    if result.gap_p99_ms > max_gap_p99_ms:
+        problems.append(f"p99 gap {result.gap_p99_ms:.1f} ms over {max_gap_p99_ms} ms")
+    if result.sim_cpu_per_wall > max_sim_cpu_per_wall:
+        problems.append(f"simulator CPU {result.sim_cpu_per_wall:.2f} s per s: saturated")
+    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,6 +81,7 @@ class Stats:
     """
 
     def __init__(self) -> None:
+        self.connections_open = 0  # a gauge: kept across resets
         self.reset()
 
     def reset(self) -> None:
@@ -88,6 +89,7 @@ class Stats:
         self.completed = 0
         self.cancelled = 0
         self.peak_active = 0
+        self.connections_total = 0
         self.tokens_sent = 0
         self.faults: Counter[str] = Counter()
         self.requests_with_request_id = 0
@@ -125,6 +127,8 @@ class Stats:
             "active": self.active,
             "faults": dict(self.faults),
             "peak_active": self.peak_active,
+            "connections_open": self.connections_open,
+            "connections_total": self.connections_total,
             "tokens_sent": self.tokens_sent,
             "requests_with_request_id": self.requests_with_request_id,
             "recent_request_ids": list(self.recent_request_ids),
@@ -150,6 +154,8 @@ class TokenClock:
         self._ticks: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._armed_tick: int | None = None
+        # How late each callback ran after its earliest due stream: the simulator's own lag.
+        self.lags_ms: deque[float] = deque(maxlen=20_000)
 
     def call_at(self, when: float, response: ChatResponse) -> None:
         tick = math.ceil(when / self.RESOLUTION_S)  # never early
@@ -169,7 +175,10 @@ class TokenClock:
         self._timer = self._loop.call_at(tick * self.RESOLUTION_S, self._fire)
 
     def _fire(self) -> None:
-        limit = max(self._armed_tick or 0, math.floor(self._loop.time() / self.RESOLUTION_S))
+        now = self._loop.time()
+        limit = max(self._armed_tick or 0, math.floor(now / self.RESOLUTION_S))
+        if self._ticks:
+            self.lags_ms.append(max(0.0, now - self._ticks[0] * self.RESOLUTION_S) * 1000)
         self._timer = None
         self._armed_tick = None
         due: list[list[ChatResponse]] = []
@@ -205,6 +214,21 @@ class Simulator:
         self.stats = Stats()
         self.clock = TokenClock(loop)
         self.random = random.Random(0)  # jitter only; the text never varies
+
+    def snapshot(self) -> dict[str, Any]:
+        """/stats: the counters plus how late the token clock has been running."""
+        lags = sorted(self.clock.lags_ms)
+        snapshot = self.stats.snapshot()
+        snapshot["clock_lag_ms"] = {
+            "p50": lags[len(lags) // 2] if lags else 0.0,
+            "p99": lags[int(len(lags) * 0.99)] if lags else 0.0,
+            "max": lags[-1] if lags else 0.0,
+        }
+        return snapshot
+
+    def reset(self) -> None:
+        self.stats.reset()
+        self.clock.lags_ms.clear()
 
     def delay_s(self, base_ms: float) -> float:
         jitter = self.config.jitter_ms
@@ -545,6 +569,8 @@ class SimProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.sim.stats.connections_open += 1
+        self.sim.stats.connections_total += 1
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -562,6 +588,7 @@ class SimProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.sim.stats.connections_open -= 1
         self.pending.clear()
         if self.response is not None:
             self.response.cancel()
@@ -683,11 +710,11 @@ class SimProtocol(asyncio.Protocol):
         self._plain(request, {"status": "ok"})
 
     def _stats(self, request: Request) -> None:
-        self._plain(request, self.sim.stats.snapshot())
+        self._plain(request, self.sim.snapshot())
 
     def _stats_reset(self, request: Request) -> None:
-        self.sim.stats.reset()
-        self._plain(request, self.sim.stats.snapshot())
+        self.sim.reset()
+        self._plain(request, self.sim.snapshot())
 
     def _models(self, request: Request) -> None:
         created = int(self.sim.stats.reset_at)
