@@ -50,6 +50,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's threads were runnable but waiting for a CPU (schedstat, field 2):
+    how much a shared, busy machine held this process back."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time all processes on the machine used so far (every core, from /proc/stat)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
+
+
 def http_status(port: int, path: str) -> int:
     """Status of a GET on loopback, 0 when nothing answers."""
     try:
@@ -104,8 +127,11 @@ class Service:
             self.pids += [pid for pid in child_pids(self.process.pid) if pid not in known]
         return self.pids
 
-    def cpu_seconds(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.refresh_pids())
+    def cpu_by_pid(self) -> dict[int, float]:
+        return {pid: cpu_seconds(pid) for pid in self.refresh_pids()}
+
+    def runqueue_wait(self) -> float:
+        return sum(runqueue_wait_seconds(pid) for pid in self.refresh_pids())
 
     def stop(self) -> None:
         """SIGTERM the master, then SIGKILL whatever of the tree we know is still there."""

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import Outcome, Schedule, run_process
-from stack import REPO, VENV_BIN, Service, free_port, render_nginx
+from profile_summary import report as profile_report
+from stack import (
+    REPO,
+    VENV_BIN,
+    Service,
+    busy_cpu_seconds,
+    cpu_seconds,
+    free_port,
+    render_nginx,
+)
 
 TOKENS = 50
 TTFT_MS = 50
@@ -36,6 +46,8 @@ GAP_MS = 20
 STAGGER_S = 1.0  # one stream's length: spreads the clients' phases
 STREAM_TIMEOUT_S = 30.0
 SETTLE_S = 1.0
+PROFILE_RATE_HZ = 250
+PROFILER_EXIT_S = 15.0
 RESULTS_DIR = REPO / "bench" / "results"
 PROMPT_BODY = json.dumps({"prompt": "Tell me about streaming.", "max_tokens": TOKENS}).encode()
 SIM_BODY = json.dumps(
@@ -107,6 +119,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-content-check", action="store_true",
         help="do not compare answers with the simulator's script (another simulator)",
     )
+    parser.add_argument(
+        "--profile-with", metavar="PY_SPY",
+        help="py-spy binary: after the run, measure --profile-target at --profile-level once "
+        "more with py-spy recording each relay worker (collapsed stacks in the run dir)",
+    )
+    parser.add_argument(
+        "--profile-target", default="nginx", choices=["gateway", "nginx", "article"]
+    )
+    parser.add_argument("--profile-level", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="levels 10,200, 4 s each")
     parser.add_argument(
         "--simulator", default=str(VENV_BIN / "streamgate-sim"), help="simulator command"
@@ -172,6 +193,25 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
     return services
 
 
+def start_profilers(
+    args: argparse.Namespace, relay: Service, profile_dir: Path
+) -> list[subprocess.Popen]:
+    """py-spy on every worker of the relay (not the idle master) for the measured window.
+    Non-blocking sampling so the workers are not paused; idle (waiting) stacks are left out,
+    so the samples follow CPU time."""
+    workers = [pid for pid in relay.refresh_pids() if pid != relay.pids[0]]
+    return [
+        subprocess.Popen(
+            [args.profile_with, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ),
+             "--duration", str(int(args.duration)), "--format", "raw", "--nonblocking",
+             "--output", str(profile_dir / f"{relay.name}-worker-{pid}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in workers
+    ]
+
+
 def sleep_until(moment: float) -> None:
     time.sleep(max(0.0, moment - time.monotonic()))
 
@@ -179,8 +219,9 @@ def sleep_until(moment: float) -> None:
 def measure(
     target: Target, level: int, args: argparse.Namespace, services: dict[str, Service],
     expected: bytes | None,
+    profile_dir: Path | None = None,
 ) -> dict:
-    """One closed-loop measurement of one target at one level."""
+    """One closed-loop measurement of one target at one level (optionally under py-spy)."""
     procs = args.client_procs or (1 if level < 200 else 2)
     procs = min(procs, level)
     start = time.monotonic() + 0.5
@@ -212,9 +253,22 @@ def measure(
         first += count
     costed = [name for name in ("sim", target.relay, *target.also_costs) if name]
     sleep_until(schedule.warm)
-    cpu_before = {name: services[name].cpu_seconds() for name in costed}
+    cpu_before = {name: services[name].cpu_by_pid() for name in costed}
+    wait_before = {name: services[name].runqueue_wait() for name in costed}
+    busy_before = busy_cpu_seconds()
+    clients_before = sum(cpu_seconds(process.pid) for process, _ in workers)
+    profilers = start_profilers(args, services[target.relay], profile_dir) if profile_dir else []
     sleep_until(schedule.end)
-    cpu_after = {name: services[name].cpu_seconds() for name in costed}
+    cpu_after = {name: services[name].cpu_by_pid() for name in costed}
+    wait = {name: services[name].runqueue_wait() - wait_before[name] for name in costed}
+    busy = busy_cpu_seconds() - busy_before
+    clients_cpu = sum(cpu_seconds(process.pid) for process, _ in workers) - clients_before
+    for profiler in profilers:
+        try:
+            profiler.wait(PROFILER_EXIT_S)
+        except subprocess.TimeoutExpired:
+            profiler.kill()  # by PID: the py-spy we started
+            profiler.wait(PROFILER_EXIT_S)
     outcome = Outcome()
     deadline = schedule.end + STREAM_TIMEOUT_S + 15.0
     for process, receiver in workers:
@@ -228,8 +282,20 @@ def measure(
             process.join(5.0)
     window = schedule.end - schedule.warm
     chunks = outcome.completed * TOKENS
-    cpu = {name: cpu_after[name] - cpu_before[name] for name in costed}
-    return summarize(target, level, procs, window, outcome, chunks, cpu)
+    # Per process, to show whether one worker ran hot while the other idled.
+    cpu_by_pid = {
+        name: {
+            pid: after - cpu_before[name].get(pid, 0.0)
+            for pid, after in cpu_after[name].items()
+        }
+        for name in costed
+    }
+    row = summarize(target, level, procs, window, outcome, chunks, cpu_by_pid)
+    ours = sum(sum(per_pid.values()) for per_pid in cpu_by_pid.values()) + clients_cpu
+    # The machine is shared: how much CPU others used, and how long ours waited for a core.
+    row["other_processes_cores"] = round(max(0.0, busy - ours) / window, 2)
+    row["runqueue_wait_s"] = {name: round(seconds, 2) for name, seconds in wait.items()}
+    return row
 
 
 def percentile_ms(values, q: float) -> float | None:
@@ -238,9 +304,10 @@ def percentile_ms(values, q: float) -> float | None:
 
 def summarize(
     target: Target, level: int, procs: int, window: float, outcome: Outcome, chunks: int,
-    cpu: dict[str, float],
+    cpu_by_pid: dict[str, dict[int, float]],
 ) -> dict:
     arrivals = np.asarray(outcome.arrivals)
+    cpu = {name: sum(per_pid.values()) for name, per_pid in cpu_by_pid.items()}
     return {
         "target": target.name,
         "level": level,
@@ -257,6 +324,10 @@ def summarize(
         "error_count": sum(outcome.errors.values()),
         "chunks": chunks,
         "cpu_s": {name: round(seconds, 2) for name, seconds in cpu.items()},
+        "cpu_s_by_process": {
+            name: [round(seconds, 2) for seconds in per_pid.values()]
+            for name, per_pid in cpu_by_pid.items()
+        },
         "cpu_us_per_chunk": {
             name: round(seconds / chunks * 1e6, 1) if chunks else None
             for name, seconds in cpu.items()
@@ -287,6 +358,13 @@ def add_ratios(rows: list[dict]) -> None:
 def relay_cpu(row: dict) -> float | None:
     target = TARGETS[row["target"]]
     return row["cpu_us_per_chunk"].get(target.relay) if target.relay else None
+
+
+def relay_wait(row: dict) -> str | None:
+    """Runqueue wait of the relay (or the simulator alone) as a share of the window."""
+    name = TARGETS[row["target"]].relay or "sim"
+    seconds = row["runqueue_wait_s"].get(name)
+    return None if seconds is None else f"{100 * seconds / row['window_s']:.0f}%"
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
@@ -331,9 +409,9 @@ def markdown(rows: list[dict], checks: list[dict]) -> str:
         (
             "| target | streams | done/s | vs sim | TTFT p50 / p99 ms | added p50 / p99 ms "
             "| gap p99 ms | reads/resp mean / min | errors | relay us/chunk | nginx us/chunk "
-            "| sim us/chunk | client cores |"
+            "| sim us/chunk | client cores | others' cores | relay CPU wait |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         per_chunk = row["cpu_us_per_chunk"]
@@ -348,7 +426,8 @@ def markdown(rows: list[dict], checks: list[dict]) -> str:
             f"| {fmt(row['gap_p99_ms'])} | {fmt(row['reads_mean'])} / {fmt(row['reads_min'])} "
             f"| {row['error_count'] or 0}{' ' + str(row['errors']) if row['errors'] else ''} "
             f"| {fmt(relay_cpu(row))} | {fmt(per_chunk.get('nginx'))} "
-            f"| {fmt(per_chunk.get('sim'))} | {client} |"
+            f"| {fmt(per_chunk.get('sim'))} | {client} | {row['other_processes_cores']} "
+            f"| {fmt(relay_wait(row))} |"
         )
     lines += ["", "| target (issue 2) | measured | limit | verdict |", "|---|---:|---:|---|"]
     for item in checks:
@@ -397,6 +476,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"CPU us/chunk {row['cpu_us_per_chunk']}, client {row['client_cpu_cores']}",
                     flush=True,
                 )
+        if args.profile_with:
+            profile_dir = run_dir / "profile"
+            profile_dir.mkdir(exist_ok=True)
+            target = TARGETS[args.profile_target]
+            row = measure(target, args.profile_level, args, services, expected, profile_dir)
+            profile = profile_report(sorted(profile_dir.glob("*.txt")), top=30)
+            (profile_dir / "summary.txt").write_text(profile + "\n")
+            print(f"\nprofile of {target.relay} workers, {target.name} @{args.profile_level} "
+                  f"(under py-spy: {row['streams_per_s']} streams/s, "
+                  f"{row['cpu_us_per_chunk']} us/chunk)\n{profile}", flush=True)
     finally:
         for service in reversed(services.values()):
             service.stop()
