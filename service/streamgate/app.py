@@ -18,6 +18,26 @@ from .settings import Settings, get_settings
 from .upstream import make_client
 
 
+class StreamGateApp(FastAPI):
+    """FastAPI, except that the chat routes are called straight from the server.
+
+    Their sends then skip the middleware stack (two wrappers per chunk) and the coroutine
+    chain a chunk resumes is seven frames shorter; everything else (health, metrics, docs,
+    405s on the chat paths) goes through FastAPI as usual.
+    """
+
+    chat_endpoints: dict[str, ChatEndpoint]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.chat_endpoints.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logs(settings.log_level)
@@ -37,11 +57,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             client, app.state.upstream_client = app.state.upstream_client, None
             await client.close()
 
-    app = FastAPI(title="streamgate", version=__version__, lifespan=lifespan)
+    app = StreamGateApp(title="streamgate", version=__version__, lifespan=lifespan)
+    app.chat_endpoints = {}
     app.state.settings = settings
     app.state.upstream_client = None
     app.include_router(health.router)
     for path, route in ROUTES.items():
         # Starlette treats a non-function endpoint as a plain ASGI app: no StreamingResponse.
-        app.router.routes.append(Route(path, ChatEndpoint(route), methods=["POST"]))
+        endpoint = app.chat_endpoints[path] = ChatEndpoint(route)
+        app.router.routes.append(Route(path, endpoint, methods=["POST"]))
     return app

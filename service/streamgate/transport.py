@@ -54,6 +54,9 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = False
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
+        self.deadline: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +135,7 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -146,7 +150,11 @@ class _Connection(asyncio.Protocol):
         return chunk
 
     async def read(self, deadline: float | None = None) -> bytes:
-        """The next body bytes; b"" at the end of the response. deadline: loop.time() based."""
+        """The next body bytes; b"" at the end of the response. deadline: loop.time() based.
+
+        The timer is lazy: a deadline that moved later since it was armed (the usual case, the
+        gap deadline follows each chunk) re-arms it when it fires, instead of one timer per read.
+        """
         while True:
             if self.body:
                 return self.take_buffered()
@@ -154,27 +162,39 @@ class _Connection(asyncio.Protocol):
                 return b""
             if self.error is not None:
                 raise self.error
+            self.deadline = deadline
+            if deadline is not None and (self.timer is None or self.timer_at > deadline):
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer_at = deadline
+                self.timer = self.loop.call_at(deadline, self._on_timer)
             waiter = self.loop.create_future()
             self.waiter = waiter
-            timer = None
-            if deadline is not None:
-                timer = self.loop.call_at(deadline, _expire, waiter)
             try:
                 await waiter
             finally:
                 self.waiter = None
-                if timer is not None:
-                    timer.cancel()
             if waiter.result() is _EXPIRED and not self.body and not self.complete:
                 raise UpstreamReadTimeout("no data from upstream before the deadline")
 
+    def _on_timer(self) -> None:
+        self.timer = None
+        deadline, waiter = self.deadline, self.waiter
+        if waiter is None or deadline is None or waiter.done():
+            return  # not waiting now: the next read arms a timer if it needs one
+        if self.loop.time() + 0.001 < deadline:  # the deadline moved later since arming
+            self.timer_at = deadline
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        waiter.set_result(_EXPIRED)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
 
 _EXPIRED = object()
-
-
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(_EXPIRED)
 
 
 class LeanResponseStream(httpx2.AsyncByteStream):
@@ -184,6 +204,11 @@ class LeanResponseStream(httpx2.AsyncByteStream):
         self._pool = pool
         self._key = key
         self._connection: _Connection | None = connection
+
+    @property
+    def connection(self) -> _Connection | None:
+        """The connection while the body is being read (the relay reads it directly)."""
+        return self._connection
 
     async def read(self, deadline: float | None = None) -> bytes:
         connection = self._connection
@@ -197,6 +222,10 @@ class LeanResponseStream(httpx2.AsyncByteStream):
     async def __aiter__(self):
         while chunk := await self.read():
             yield chunk
+
+    def release(self) -> None:
+        """The body was read to its end (or abandoned): pool or close the connection."""
+        self._release()
 
     def _release(self) -> None:
         connection, self._connection = self._connection, None
@@ -236,6 +265,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             connection.abort()
             return
         connection.idle_since = time.monotonic()
+        connection.cancel_timer()
         connection._start_response()
         self._idle.setdefault(key, []).append(connection)
 

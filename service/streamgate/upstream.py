@@ -152,8 +152,15 @@ class ChatStream:
         self._fallback_next: asyncio.Future[bytes] | None = None
 
     async def _read(self, deadline: float | None) -> bytes:
-        if self._lean is not None:
-            return await self._lean.read(deadline)
+        lean = self._lean
+        if lean is not None:
+            connection = lean.connection
+            if connection is None:
+                return b""
+            chunk = await connection.read(deadline)
+            if not chunk:
+                lean.release()
+            return chunk
         # Any other httpx2 transport (tests, custom clients): slower, same semantics.
         if self._fallback_next is None:
             self._fallback_next = asyncio.ensure_future(self._fallback_iter.__anext__())

@@ -378,6 +378,13 @@ class _Relay:
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _pump(self, stream, total_deadline: float) -> None:
+        gaps = metrics.GapRecorder()
+        try:
+            await self._pump_with(stream, total_deadline, gaps)
+        finally:
+            gaps.flush()
+
+    async def _pump_with(self, stream, total_deadline: float, gaps: metrics.GapRecorder) -> None:
         settings, outcome, send = self.settings, self.outcome, self.send
         route = self.endpoint.route
         loop = asyncio.get_running_loop()
@@ -388,7 +395,6 @@ class _Relay:
         first_deadline = min(self.started_at + settings.first_token_timeout_s, total_deadline)
         next_ping = self.started_at + heartbeat_s if heartbeat_s else float("inf")
         include_usage = self.request.include_usage
-        gap_metric = metrics.CHUNK_GAP
         last_event_at = loop.time()
         last_sent_at: float | None = None
         held_since: float | None = None
@@ -476,7 +482,7 @@ class _Relay:
                     outcome.ttft_s = now - self.started_at
                     self.endpoint.ttft_metric.observe(outcome.ttft_s)
                 elif last_sent_at is not None:
-                    gap_metric.observe(now - last_sent_at)
+                    gaps.add(now - last_sent_at)
                 last_sent_at = now
                 if not self.response_started:
                     await self._start()
