@@ -116,7 +116,7 @@ def test_inventory_groups_and_connection_settings(topology, tmp_path, monkeypatc
     inventory = tmp_path / "hosts.yml"
     monkeypatch.setattr(labctl, "INVENTORY_FILE", inventory)
     hosts = labctl.plan_hosts(topology)
-    labctl.write_inventory(hosts, topology, "bookworm")
+    labctl.write_inventory(hosts, topology, "bookworm", tmp_path / "sglab-ssh-0")
     parsed = yaml.safe_load(inventory.read_text())["all"]
     assert parsed["vars"]["lab_topology"] == topology
     assert parsed["vars"]["ansible_user"] == labctl.LAB_USER
@@ -124,6 +124,7 @@ def test_inventory_groups_and_connection_settings(topology, tmp_path, monkeypatc
     assert Path(parsed["vars"]["ansible_ssh_private_key_file"]).is_absolute()
     ssh_args = parsed["vars"]["ansible_ssh_common_args"]
     assert "StrictHostKeyChecking=no" in ssh_args and "UserKnownHostsFile=/dev/null" in ssh_args
+    assert parsed["vars"]["ansible_control_path_dir"] == str(tmp_path / "sglab-ssh-0")
     for group in labctl.INVENTORY_GROUPS:
         members = parsed["children"][group]["hosts"]
         expected = {host.name: host.address for host in hosts if group in host.groups}
