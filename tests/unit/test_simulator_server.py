@@ -341,7 +341,9 @@ def test_stall_midstream_pauses_after_half_then_finishes(sim):
         sim, {"stream": True, "model": "sim-fault-stall-midstream", "max_tokens": 10}
     )
     pauses = [later[0] - earlier[0] for earlier, later in itertools.pairwise(reads)]
-    assert max(pauses) >= STALL_S - 0.02  # measured from a token that may itself be late
+    assert (
+        max(pauses) >= STALL_S - 0.02
+    )  # measured from a token that may itself be late
     text_before_pause = b"".join(p for _, p in reads[: pauses.index(max(pauses)) + 1])
     assert (
         text_before_pause.count(b'"content":') == 1 + 5
@@ -581,6 +583,19 @@ def test_a_client_that_goes_away_is_counted_cancelled_at_once(stalling_sim, mode
     assert stats["recent_cancels"][-1]["tokens_sent"] < 20
 
 
+def test_a_reset_keeps_streams_in_flight_counted(stalling_sim):
+    sim = stalling_sim
+    host, port = sim.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(_post(b'{"stream": true, "model": "sim-fault-stall-first"}'))
+        _wait_for(lambda: sim.stats.active == 1, timeout_s=2)
+        reset = httpx.post(sim.url + "/stats/reset").json()
+        assert (reset["started"], reset["active"], reset["cancelled"]) == (1, 1, 0)
+    _wait_for(lambda: sim.stats.cancelled == 1, timeout_s=2)
+    stats = httpx.get(sim.url + "/stats").json()
+    assert (stats["started"], stats["completed"], stats["active"]) == (1, 0, 0)
+
+
 def test_a_client_that_reads_to_the_end_is_not_cancelled(stalling_sim):
     """Negative control for the cancellation counter."""
     sim = stalling_sim
@@ -615,6 +630,22 @@ def test_http_1_0_gets_a_close_delimited_stream(sim):
     assert body.endswith(b"data: [DONE]\n\n")
     chunks = [json.loads(e.removeprefix(b"data: ")) for e in body.split(b"\n\n")[:-2]]
     assert "".join(contents_of(chunks)) == expected_text(6)
+
+
+def test_expect_100_continue_is_answered_before_the_body(sim):
+    host, port = sim.url.removeprefix("http://").rsplit(":", 1)
+    body = b'{"max_tokens": 3}'
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\nexpect: 100-continue\r\n"
+            b"content-length: %d\r\n\r\n" % len(body)
+        )
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = b""
+        while b"total_tokens" not in answer:
+            answer += sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
 
 
 def test_malformed_http_is_refused(sim):

@@ -19,14 +19,23 @@ Routes
     ``{"status": "ok"}``.
 ``GET /stats``
     ``{"started", "completed", "cancelled", "active", "faults": {kind: count}, "peak_active",
-    "tokens_sent", "requests_with_request_id", "recent_request_ids", "last_cancel_at",
-    "recent_cancels": [{"request_id", "at", "tokens_sent"}], "reset_at", "now"}``. Times are
-    wall-clock ``time.time()`` seconds, comparable across processes on one host.
-    ``started == completed + cancelled + active`` always. ``completed`` counts answers written as
-    scripted, faults included; ``cancelled`` counts clients that went away first (recorded the
-    moment the connection is lost, also while a stream is stalled).
+    "connections_open", "connections_total", "tokens_sent", "requests_with_request_id",
+    "recent_request_ids", "last_cancel_at", "recent_cancels": [{"request_id", "at",
+    "tokens_sent"}], "clock_lag_ms": {"p50", "p99", "max"}, "reset_at", "now"}``.
+
+    - ``started == completed + cancelled + active`` always. ``started`` counts chat requests
+      that passed validation (a 400 is not started); ``completed`` counts answers written as
+      scripted, faults included; ``cancelled`` counts clients that went away first, recorded
+      the moment the connection is lost (also while a stream is stalled and nothing is sent).
+    - Times (``last_cancel_at``, ``recent_cancels[].at``, ``reset_at``, ``now``) are wall-clock
+      ``time.time()`` seconds, comparable across processes on one host.
+    - ``recent_request_ids`` / ``recent_cancels`` keep the last 256; only ``X-Request-ID``
+      values received are recorded (made-up ones are not).
+    - ``clock_lag_ms``: how late the token clock ran behind schedule (recent callbacks): when
+      it is small, late tokens were late elsewhere (client, gateway, CPU contention).
 ``POST /stats/reset``
-    Zero the counters (for tests that share one simulator).
+    Zero the counters (for tests that share one simulator); streams in flight stay counted
+    as started and active. ``connections_open`` is a gauge and is kept.
 
 Streaming wire format (``"stream": true``), HTTP/1.1 chunked, ``text/event-stream``
 -------------------------------------------------------------------------------------

@@ -82,13 +82,17 @@ class Stats:
 
     def __init__(self) -> None:
         self.connections_open = 0  # a gauge: kept across resets
+        self.started = self.completed = self.cancelled = 0
         self.reset()
 
     def reset(self) -> None:
-        self.started = 0
+        """Zero the counters; streams still in flight count as started after the reset, so
+        started == completed + cancelled + active keeps holding when they end."""
+        in_flight = self.active
+        self.started = in_flight
         self.completed = 0
         self.cancelled = 0
-        self.peak_active = 0
+        self.peak_active = in_flight
         self.connections_total = 0
         self.tokens_sent = 0
         self.faults: Counter[str] = Counter()
@@ -353,7 +357,7 @@ class ChatResponse:
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"),
-                (b"x-request-id", self.request_id.encode()),
+                (b"x-request-id", self.request_id.encode("latin-1")),
             ]
             if self.chunked:
                 headers.append((b"transfer-encoding", b"chunked"))
@@ -609,6 +613,11 @@ class SimProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.lower()] = value
 
+    def on_headers_complete(self) -> None:
+        # curl sends "Expect: 100-continue" with bodies over 1 KiB and waits a second for this.
+        if self._headers.get(b"expect", b"").lower() == b"100-continue":
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > MAX_BODY_BYTES:
@@ -649,7 +658,7 @@ class SimProtocol(asyncio.Protocol):
             (b"content-length", str(len(body)).encode()),
         ]
         if request_id is not None:
-            headers.append((b"x-request-id", request_id.encode()))
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
         if extra:
             headers.extend(extra)
         self.write(_head(status, headers, self.keep_alive) + body)
