@@ -1,0 +1,135 @@
+"""The measuring instruments themselves: the probe's decoding and verdicts against a scripted
+server, the probe as a stdlib-only script, and the nginx helper's guards."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Self
+
+import pytest
+from streamgate.simulator.script import expected_text
+from support import chat, nginx, stream_probe
+from support.stream_probe import BUFFERED, STREAMED, ChunkedDecoder, ProtocolError
+
+PROBE_SCRIPT = Path(stream_probe.__file__)
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class ScriptedServer:
+    """Accepts one connection and plays (delay_s, bytes) writes, then closes."""
+
+    def __init__(self, writes: list[tuple[float, bytes]]) -> None:
+        self.writes = writes
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self.listener.settimeout(10)
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection.recv(65536)  # the request (small, one segment on loopback)
+            for delay_s, data in self.writes:
+                time.sleep(delay_s)
+                connection.sendall(data)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.join(timeout=10)
+        self.listener.close()
+
+
+def probe(server: ScriptedServer) -> stream_probe.Trace:
+    return stream_probe.request("127.0.0.1", server.port, "/", {"prompt": "hi"}, timeout_s=10)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 1000])
+def test_chunked_decoder_is_exact_whatever_the_read_boundaries(piece):
+    payloads = [b"Stream", b"ing \r\n", "日本🙂".encode(), b"0\r\n", b"x" * 300]
+    wire = b"".join(chunk(p) for p in payloads) + b"5;ext=1\r\nhello\r\n0\r\n\r\n"
+    decoder = ChunkedDecoder()
+    out = b"".join(decoder.feed(wire[i : i + piece]) for i in range(0, len(wire), piece))
+    assert out == b"".join(payloads) + b"hello" and decoder.done
+
+
+def test_chunked_decoder_rejects_garbage():
+    with pytest.raises(ProtocolError):
+        ChunkedDecoder().feed(b"zz\r\nhello\r\n")
+
+
+def test_probe_sees_spread_writes_as_streamed():
+    writes = [(0.0, HEAD)] + [(0.03, chunk(b"tok%d " % i)) for i in range(10)] + [(0, b"0\r\n\r\n")]
+    with ScriptedServer(writes) as server:
+        trace = probe(server)
+
+    assert trace.status == 200 and trace.complete and trace.body.startswith(b"tok0 tok1 ")
+    assert stream_probe.separate_reads(trace) >= 9
+    assert stream_probe.streaming_verdict(trace, min_reads=9, min_span_s=0.2) == STREAMED
+
+
+def test_negative_control_probe_sees_one_late_write_as_buffered():
+    body = b"".join(chunk(b"tok%d " % i) for i in range(10)) + b"0\r\n\r\n"
+    with ScriptedServer([(0.3, HEAD + body)]) as server:
+        trace = probe(server)
+
+    assert trace.complete and trace.body.startswith(b"tok0 tok1 ")
+    assert stream_probe.separate_reads(trace) == 1
+    assert stream_probe.first_byte_s(trace) >= 0.25
+    assert stream_probe.streaming_verdict(trace, min_reads=9, min_span_s=0.2) == BUFFERED
+
+
+def test_probe_reports_a_stream_cut_without_its_last_chunk():
+    with ScriptedServer([(0.0, HEAD + chunk(b"half an ans"))]) as server:
+        trace = probe(server)
+
+    assert trace.body == b"half an ans" and not trace.complete and not trace.error
+
+
+def test_probe_runs_as_a_stdlib_only_script_and_prints_json(gateway):
+    """What lab hosts run: no site-packages at all (-I -S), output parsed as JSON."""
+    body = json.dumps({"prompt": "hi", "max_tokens": 5})
+    url = f"{gateway.base_url}{chat.ROUTES[chat.TEXT]}"
+    completed = subprocess.run(
+        [sys.executable, "-I", "-S", str(PROBE_SCRIPT), "--url", url, "--body", body],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    printed = json.loads(completed.stdout)
+    assert printed["status"] == 200 and printed["complete"], printed
+    assert printed["body"] == expected_text(5)
+    assert printed["verdict"]["separate_reads"] >= 4, printed["verdict"]
+
+
+def test_missing_nginx_skips_locally_and_fails_under_ci(monkeypatch):
+    monkeypatch.setattr(nginx, "nginx_binary", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="nginx binary not found"):
+        nginx.require_nginx()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        nginx.require_nginx()
+
+
+def test_buffering_fault_refuses_a_config_it_cannot_break():
+    rendered = nginx.render(nginx.role_variables() | {"nginx_upstream_servers": ["127.0.0.1:1"]})
+    site = rendered["streamgate.conf"]
+    assert nginx.break_buffering(site).count(nginx.BUFFERED) == site.count(nginx.UNBUFFERED)
+    with pytest.raises(AssertionError, match="no 'proxy_buffering off;'"):
+        nginx.break_buffering(site.replace(nginx.UNBUFFERED, ""))
