@@ -37,6 +37,17 @@ def heartbeat_gateway(gateway_factory, slow_simulator):
     gateway.stop()
 
 
+@pytest.fixture(scope="module", params=["direct", "nginx"])
+def heartbeat_target(request, heartbeat_gateway, nginx_factory):
+    """The heartbeat gateway, directly and through nginx (pings must not be held there)."""
+    if request.param == "direct":
+        yield heartbeat_gateway
+        return
+    proxy = nginx_factory(heartbeat_gateway)
+    yield proxy
+    proxy.stop()
+
+
 def pings_before_first_token(trace: stream_probe.Trace) -> list[float]:
     """Arrival times of `: ping` comments that came before any data event."""
     times = []
@@ -52,10 +63,10 @@ def pings_before_first_token(trace: stream_probe.Trace) -> list[float]:
     return times
 
 
-def test_sse_sends_pings_while_the_first_token_is_slow(heartbeat_gateway, slow_simulator):
+def test_sse_sends_pings_while_the_first_token_is_slow(heartbeat_target, slow_simulator):
     trace = stream_probe.request(
         "127.0.0.1",
-        heartbeat_gateway.port,
+        heartbeat_target.port,
         chat.ROUTES[chat.SSE],
         chat.body(chat.SSE),
         timeout_s=15,
