@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from streamgate.simulator.config import SimConfig, parse_config
-from streamgate.simulator.server import bound_port, start_server
+from streamgate.simulator.server import bound_port, start_server, stop_server
 
 
 def raise_fd_limit() -> int:
@@ -25,7 +25,7 @@ def raise_fd_limit() -> int:
 
 
 async def serve(config: SimConfig) -> None:
-    server, _ = await start_server(config)
+    server, sim = await start_server(config)
     # Everything made so far (token tables, modules) lives as long as the process: keep it out
     # of the collector's scans so full collections stay short while thousands of streams run.
     gc.freeze()
@@ -35,8 +35,8 @@ async def serve(config: SimConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
     host = config.host if ":" not in config.host else f"[{config.host}]"
     print(f"streamgate-sim listening on http://{host}:{bound_port(server)}", flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    await stop_server(server, sim)
 
 
 def _loop_factory():  # uvloop when present (it comes with uvicorn[standard]), else asyncio's

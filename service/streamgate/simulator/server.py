@@ -218,6 +218,7 @@ class Simulator:
         self.stats = Stats()
         self.clock = TokenClock(loop)
         self.random = random.Random(0)  # jitter only; the text never varies
+        self.connections: set[SimProtocol] = set()
 
     def snapshot(self) -> dict[str, Any]:
         """/stats: the counters plus how late the token clock has been running."""
@@ -575,6 +576,7 @@ class SimProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.sim.stats.connections_open += 1
         self.sim.stats.connections_total += 1
+        self.sim.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -593,6 +595,7 @@ class SimProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.sim.stats.connections_open -= 1
+        self.sim.connections.discard(self)
         self.pending.clear()
         if self.response is not None:
             self.response.cancel()
@@ -662,6 +665,10 @@ class SimProtocol(asyncio.Protocol):
         if extra:
             headers.extend(extra)
         self.write(_head(status, headers, self.keep_alive) + body)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     def _send_error_and_close(self, error: RequestError) -> None:
         self.keep_alive = False
@@ -807,6 +814,15 @@ def bound_port(server: asyncio.Server) -> int:
     return server.sockets[0].getsockname()[1]
 
 
+async def stop_server(server: asyncio.Server, sim: Simulator) -> None:
+    """Stop listening and drop every connection: a stalled stream must not hold up a shutdown
+    (since Python 3.12, Server.wait_closed waits for all connections)."""
+    server.close()
+    for connection in list(sim.connections):
+        connection.abort()
+    await asyncio.wait_for(server.wait_closed(), timeout=5)
+
+
 class SimulatorThread:
     """A simulator on its own event loop in a background thread, for in-process tests.
 
@@ -843,8 +859,7 @@ class SimulatorThread:
             return
         self._ready.set()
         loop.run_forever()
-        self._server.close()
-        loop.run_until_complete(self._server.wait_closed())
+        loop.run_until_complete(stop_server(self._server, self.simulator))
         loop.close()
 
     def start(self) -> SimulatorThread:
