@@ -387,12 +387,14 @@ def capacity_problems(
     max_gap_p99_ms: float,
     min_reads_fraction: float = 0.9,
     max_sim_cpu_per_wall: float = 0.9,
+    max_sim_cpu_us_per_chunk: float = 25.0,
 ) -> list[str]:
     """What makes a capacity run a failure (empty: it passed).
 
     Every stream complete and exact, all of them in flight at once, tokens in separate reads,
     the median gap close to the configured one, the p99 gap bounded, and the simulator's CPU
-    below saturation (so it was not what limited the run).
+    below saturation (so it was not what limited the run) and cheap per chunk (the gateway's
+    budget is 40 us per relayed chunk: the simulator must cost well under that).
     """
     problems = []
     if result.completed != result.streams:
@@ -410,6 +412,8 @@ def capacity_problems(
         problems.append(f"p99 gap {result.gap_p99_ms:.1f} ms over {max_gap_p99_ms} ms")
     if result.sim_cpu_per_wall > max_sim_cpu_per_wall:
         problems.append(f"simulator CPU {result.sim_cpu_per_wall:.2f} s per s: saturated")
+    if result.sim_cpu_us_per_chunk > max_sim_cpu_us_per_chunk:
+        problems.append(f"simulator CPU {result.sim_cpu_us_per_chunk:.1f} us per chunk")
     return problems
 
 
