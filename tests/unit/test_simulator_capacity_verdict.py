@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from streamgate.simulator.capacity import CapacityResult, capacity_problems
 
 GOOD = CapacityResult(
