@@ -144,6 +144,8 @@ class StreamUser(FastHttpUser):
         ) as response:
             if response.status_code != 200 or getattr(response, "error", None):
                 record.error = self._error_before_body(response)
+                if getattr(response, "_response", None) is not None:
+                    _discard_connection(response._response)  # its body was never read
             else:
                 self._read_body(response._response, record, decoder)
             record.ended = time.perf_counter()

@@ -12,6 +12,7 @@ The exit code is Locust's, which the gates in locustfile.py set: 0 only if every
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+# Streams one generator process measures without distorting them (20 ms gaps; see README).
+USERS_PER_PROCESS = 100
 ROUTE_USERS = {"text": "TextStreamUser", "sse": "SSEStreamUser", "openai": "OpenAIStreamUser"}
 
 
@@ -38,6 +41,8 @@ def find_group(node: dict, group: str) -> dict | None:
 
 def edge_url(inventory: Path) -> str:
     """http://<ansible_host of the first host of group edge>/"""
+    if not inventory.is_file():
+        raise SystemExit(f"no inventory at {inventory}: create the lab (make lab) or give a target")
     data = yaml.safe_load(inventory.read_text(encoding="utf-8"))
     edge = find_group(data, "edge")
     if not edge or not edge.get("hosts"):
@@ -55,10 +60,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--run-time", default="60s")
     parser.add_argument("--routes", default="text,sse,openai",
                         help=f"comma-separated, of {','.join(ROUTE_USERS)}")
-    parser.add_argument("--processes", type=int, default=0,
-                        help="Locust worker processes on this host (0: one process, no master)")
+    parser.add_argument("--processes", default="auto",
+                        help="Locust worker processes on this host: a number (0: one process, "
+                             f"no master) or auto (one per {USERS_PER_PROCESS} users, at most "
+                             "one per CPU)")
     parser.add_argument("--reports-dir", type=Path, default=HERE / "reports")
     return parser.parse_known_args(argv)
+
+
+def worker_processes(setting: str, users: int) -> int:
+    """0 for a single Locust process, else how many workers to fork."""
+    if setting != "auto":
+        return int(setting)
+    wanted = -(-users // USERS_PER_PROCESS)
+    return 0 if wanted <= 1 else min(wanted, os.cpu_count() or 1)
 
 
 def locust_command(args: argparse.Namespace, target: str, report: Path, extra: list[str]) -> list[str]:
@@ -72,8 +87,9 @@ def locust_command(args: argparse.Namespace, target: str, report: Path, extra: l
         "--csv", str(report / "stats"), "--csv-full-history", "--html", str(report / "report.html"),
         "--gates-json", str(report / "gates.json"), "--logfile", str(report / "locust.log"),
     ]
-    if args.processes:
-        command += ["--processes", str(args.processes)]
+    processes = worker_processes(args.processes, args.users)
+    if processes:
+        command += ["--processes", str(processes)]
     return [*command, *extra, *users]
 
 

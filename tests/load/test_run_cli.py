@@ -1,0 +1,60 @@
+"""run.py without running Locust: the lab target from the inventory, the command it builds."""
+
+from __future__ import annotations
+
+import pytest
+import run
+
+LAB_INVENTORY = """\
+all:
+  vars:
+    ansible_user: lab
+  children:
+    edge:
+      hosts:
+        sglab-edge:
+          ansible_host: 10.231.0.10
+        sglab-edge2:
+          ansible_host: 10.231.0.11
+    app:
+      hosts:
+        sglab-app1:
+          ansible_host: 10.231.0.20
+"""
+
+
+def test_default_target_is_the_first_edge_host(tmp_path):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(LAB_INVENTORY)
+    assert run.edge_url(inventory) == "http://10.231.0.10/"
+
+
+def test_inventory_without_edge_hosts_is_refused(tmp_path):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all:\n  children:\n    app:\n      hosts: {a: {ansible_host: 1.2.3.4}}\n")
+    with pytest.raises(SystemExit, match="edge"):
+        run.edge_url(inventory)
+
+
+def test_command_carries_reports_routes_and_unknown_options_to_locust(tmp_path):
+    args, extra = run.parse_args(["--target", "http://x", "--routes", "sse,openai",
+                                  "--processes", "2", "--slo-itl-p99-ms", "150"])
+    command = run.locust_command(args, "http://x/", tmp_path, extra)
+    assert command[-2:] == ["SSEStreamUser", "OpenAIStreamUser"]
+    assert ["--slo-itl-p99-ms", "150"] == command[command.index("--slo-itl-p99-ms"):][:2]
+    assert ["--processes", "2"] == command[command.index("--processes"):][:2]
+    assert str(tmp_path / "report.html") in command and "--csv-full-history" in command
+    assert args.users == 200 and args.run_time == "60s"  # make loadtest's defaults
+
+
+@pytest.mark.parametrize(("setting", "users", "expected"),
+                         [("auto", 50, 0), ("auto", 100, 0), ("auto", 101, 2), ("0", 500, 0),
+                          ("3", 10, 3)])
+def test_worker_processes(setting, users, expected, monkeypatch):
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    assert run.worker_processes(setting, users) == expected
+
+
+def test_auto_processes_never_exceed_the_cpus(monkeypatch):
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    assert run.worker_processes("auto", 1000) == 2
