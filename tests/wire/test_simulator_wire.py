@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import httpx
@@ -28,6 +29,19 @@ def test_the_console_script_prints_its_address_and_answers(sim_process):
     assert SimulatorProcess.command()[0].endswith("streamgate-sim")
     assert sim_process.url.startswith("http://127.0.0.1:")
     assert httpx.get(sim_process.url + "/healthz").json() == {"status": "ok"}
+
+
+def test_a_taken_port_is_a_clear_error(sim_process):
+    completed = subprocess.run(
+        [*SimulatorProcess.command(), "--port", str(sim_process.port)],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=20,
+    )
+    assert completed.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{sim_process.port}" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_environment_variables_configure_the_process():

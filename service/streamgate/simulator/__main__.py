@@ -51,7 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     raise_fd_limit()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(config))
+        try:
+            runner.run(serve(config))
+        except OSError as error:  # the address is taken or not ours: say so, no traceback
+            print(
+                f"streamgate-sim: cannot listen on {config.host}:{config.port}: {error}",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 
