@@ -15,6 +15,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 import httpx2
@@ -55,6 +56,8 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.deadline: float | None = None
+        # Called with body bytes instead of buffering them while set (see read()).
+        self.sink: Callable[[bytes], bool] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
 
@@ -106,6 +109,14 @@ class _Connection(asyncio.Protocol):
             self.headers_future.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None and not self.body:
+            if not sink(body):  # the consumer wants its task back
+                self.sink = None
+                waiter = self.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(_HANDOFF)
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER_BYTES and not self.paused and self.transport:
@@ -149,8 +160,13 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
-    async def read(self, deadline: float | None = None) -> bytes:
+    async def read(
+        self, deadline: float | None = None, sink: Callable[[bytes], bool] | None = None
+    ) -> bytes | None:
         """The next body bytes; b"" at the end of the response. deadline: loop.time() based.
+
+        With a `sink`, bytes arriving while waiting go to sink(bytes) from the protocol
+        callback instead; when it returns False, read returns None (the sink took them all).
 
         The timer is lazy: a deadline that moved later since it was armed (the usual case, the
         gap deadline follows each chunk) re-arms it when it fires, instead of one timer per read.
@@ -170,11 +186,16 @@ class _Connection(asyncio.Protocol):
                 self.timer = self.loop.call_at(deadline, self._on_timer)
             waiter = self.loop.create_future()
             self.waiter = waiter
+            self.sink = sink
             try:
                 await waiter
             finally:
                 self.waiter = None
-            if waiter.result() is _EXPIRED and not self.body and not self.complete:
+                self.sink = None
+            result = waiter.result()
+            if result is _HANDOFF:
+                return None
+            if result is _EXPIRED and not self.body and not self.complete:
                 raise UpstreamReadTimeout("no data from upstream before the deadline")
 
     def _on_timer(self) -> None:
@@ -195,6 +216,7 @@ class _Connection(asyncio.Protocol):
 
 
 _EXPIRED = object()
+_HANDOFF = object()
 
 
 class LeanResponseStream(httpx2.AsyncByteStream):

@@ -9,6 +9,7 @@ than the whole relay budget. The HTTP client underneath is `transport.LeanTransp
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,17 +152,17 @@ class ChatStream:
         self._fallback_iter = None if self._lean else response.aiter_raw().__aiter__()
         self._fallback_next: asyncio.Future[bytes] | None = None
 
-    async def _read(self, deadline: float | None) -> bytes:
+    async def _read(self, deadline: float | None, sink=None) -> bytes | None:
         lean = self._lean
         if lean is not None:
             connection = lean.connection
             if connection is None:
                 return b""
-            chunk = await connection.read(deadline)
-            if not chunk:
+            chunk = await connection.read(deadline, sink)
+            if chunk == b"":
                 lean.release()
             return chunk
-        # Any other httpx2 transport (tests, custom clients): slower, same semantics.
+        # Any other httpx2 transport (tests, custom clients): slower, same semantics, no sink.
         if self._fallback_next is None:
             self._fallback_next = asyncio.ensure_future(self._fallback_iter.__anext__())
         timeout = None if deadline is None else max(0.0, deadline - self._loop.time())
@@ -174,23 +175,37 @@ class ChatStream:
         except StopAsyncIteration:
             return b""
 
-    async def read_events(self, deadline: float | None = None) -> list[dict[str, Any]] | None:
+    def extend_deadline(self, deadline: float) -> None:
+        """Move the pending read's deadline (used by a sink, which sees data arrive)."""
+        if self._lean is not None and self._lean.connection is not None:
+            self._lean.connection.deadline = deadline
+
+    async def read_events(
+        self, deadline: float | None = None, sink: Callable[[bytes], bool] | None = None
+    ) -> list[dict[str, Any]] | None:
         """Parsed payloads from the next bytes ([] if no event completed yet); None at the end.
 
-        After `data: [DONE]` the events before it are returned and `finished` is set.
-        Raises UpstreamReadTimeout at `deadline` (loop.time() based) and UpstreamError for an
-        error event or a broken stream.
+        After `data: [DONE]` the events before it are returned and `finished` is set. Raises
+        UpstreamReadTimeout at `deadline` (loop.time() based) and UpstreamError for an error
+        event or a broken stream. With a `sink` (lean transport only), bytes that arrive are
+        handed to it from the connection's callback; [] is returned when it hands back.
         """
         try:
-            chunk = await self._read(deadline)
+            chunk = await self._read(deadline, sink)
         except UpstreamReadTimeout:
             raise
         except httpx2.HTTPError as exc:
             raise UpstreamError("midstream", 502, f"upstream stream broke: {exc}") from exc
+        if chunk is None:
+            return []
         if not chunk:
             if self._buffer.strip():
                 raise UpstreamError("protocol", 502, "upstream stream ended mid-event")
             return None
+        return self.parse(chunk)
+
+    def parse(self, chunk: bytes) -> list[dict[str, Any]]:
+        """Events completed by `chunk` (the rest is kept for the next call)."""
         if b"\r" in chunk:  # servers may end lines with CRLF; the events below split on LF
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk

@@ -20,7 +20,13 @@ import orjson
 from .. import framing, metrics
 from ..logs import log_request
 from ..settings import Settings
-from ..upstream import UpstreamError, UpstreamReadTimeout, complete_chat, open_chat_stream
+from ..upstream import (
+    ChatStream,
+    UpstreamError,
+    UpstreamReadTimeout,
+    complete_chat,
+    open_chat_stream,
+)
 
 TEXT, SSE, OPENAI = "text", "sse", "openai"
 ROUTES = {
@@ -377,53 +383,67 @@ class _Relay:
             return
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _pump(self, stream, total_deadline: float) -> None:
-        gaps = metrics.GapRecorder()
+    async def _pump(self, stream: ChatStream, total_deadline: float) -> None:
+        self.gaps = metrics.GapRecorder()
         try:
-            await self._pump_with(stream, total_deadline, gaps)
+            await self._pump_events(stream, total_deadline)
         finally:
-            gaps.flush()
+            self.gaps.flush()
 
-    async def _pump_with(self, stream, total_deadline: float, gaps: metrics.GapRecorder) -> None:
+    async def _pump_events(self, stream: ChatStream, total_deadline: float) -> None:
         settings, outcome, send = self.settings, self.outcome, self.send
         route = self.endpoint.route
         loop = asyncio.get_running_loop()
-        word = framing.WordCoalescer() if self.request.granularity == "word" else None
+        self.word = word = (
+            framing.WordCoalescer() if self.request.granularity == "word" else None
+        )
         flush_s = settings.word_flush_ms / 1000
-        gap_s = settings.token_gap_timeout_s
+        self.gap_s = gap_s = settings.token_gap_timeout_s
+        self.total_deadline = total_deadline
         heartbeat_s = settings.heartbeat_s if route == SSE else None
         first_deadline = min(self.started_at + settings.first_token_timeout_s, total_deadline)
         next_ping = self.started_at + heartbeat_s if heartbeat_s else float("inf")
-        include_usage = self.request.include_usage
-        last_event_at = loop.time()
-        last_sent_at: float | None = None
-        held_since: float | None = None
-        chunk_meta: dict[str, Any] | None = None  # id/created/model for rebuilt OpenAI chunks
+        self.include_usage = self.request.include_usage
+        self.last_event_at = loop.time()
+        self.last_sent_at: float | None = None
+        self.held_since: float | None = None
+        self.chunk_meta: dict[str, Any] | None = None  # id/created/model for rebuilt chunks
+        self.blocked_send = None
+        self.sink_error: BaseException | None = None
+        self.stream = stream
+        self.loop = loop
+        # Once the first token is out, token-granularity chunks are relayed straight from the
+        # upstream connection's callback (no task wake-up per chunk); see _relay_now.
+        sink = self._relay_now if word is None else None
 
         while True:
             if outcome.ttft_s is None:
                 hard_deadline, why = first_deadline, "first token"
                 wake_at = min(first_deadline, next_ping)
             else:
-                hard_deadline = min(last_event_at + gap_s, total_deadline)
+                hard_deadline = min(self.last_event_at + gap_s, total_deadline)
                 why = "gap between tokens"
                 wake_at = hard_deadline
+            held_since = self.held_since
             if held_since is not None and held_since + flush_s < wake_at:
                 wake_at = held_since + flush_s
             try:
-                events = await stream.read_events(wake_at)
+                events = await stream.read_events(
+                    wake_at, sink if self.response_started and outcome.ttft_s is not None
+                    else None)
             except UpstreamReadTimeout:
                 now = loop.time()
+                hard_deadline = (first_deadline if outcome.ttft_s is None
+                                 else min(self.last_event_at + gap_s, total_deadline))
                 if now >= hard_deadline:
                     if hard_deadline >= total_deadline:
                         why = "total time"
                     raise UpstreamError("timeout", 504, f"upstream timeout: {why}") from None
-                if held_since is not None and now >= held_since + flush_s:
-                    held_since = None
+                if self.held_since is not None and now >= self.held_since + flush_s:
+                    self.held_since = None
                     text = word.flush()
                     if text:
-                        await self._send_content(text, chunk_meta, now, last_sent_at)
-                        last_sent_at = now
+                        await self._send_out([self._frame(text)], now)
                 if now >= next_ping:
                     next_ping = now + heartbeat_s
                     if not self.response_started:
@@ -431,104 +451,162 @@ class _Relay:
                     await send({"type": "http.response.body", "body": framing.SSE_PING,
                                 "more_body": True})
                 continue
+            if self.blocked_send is not None:  # the callback path met a slow client
+                await self._finish_blocked_send()
+            if self.sink_error is not None:
+                error, self.sink_error = self.sink_error, None
+                raise error
             if events is None:
                 if outcome.finish_reason is None:
                     raise UpstreamError("midstream", 502, "upstream stream ended before [DONE]")
                 break
-            now = loop.time()
-            last_event_at = now
-            out: list[bytes] = []
-            for event in events:
-                choices = event.get("choices")
-                usage = event.get("usage")
-                if usage:
-                    outcome.usage = usage
-                content = None
-                if choices:
-                    choice = choices[0]
-                    delta = choice.get("delta")
-                    if delta:
-                        content = delta.get("content")
-                    if choice.get("finish_reason"):
-                        outcome.finish_reason = choice["finish_reason"]
-                if content:
-                    outcome.tokens += 1
-                if route == OPENAI and word is None:
-                    # Token granularity: the upstream chunk as it came (every field kept).
-                    if not choices and usage and not include_usage:
-                        continue
-                    if not include_usage and "usage" in event:
-                        del event["usage"]
-                    out.append(framing.openai_data(orjson.dumps(event)))
-                    continue
-                if not content:
-                    if route == OPENAI and chunk_meta is None:
-                        chunk_meta = event
-                    continue
-                if word is not None:
-                    if chunk_meta is None:
-                        chunk_meta = event
-                    was_holding = bool(word.pending)
-                    content = word.push(content)
-                    if word.pending and not was_holding:
-                        held_since = now
-                    elif not word.pending:
-                        held_since = None
-                    if not content:
-                        continue
-                out.append(self._frame(content, chunk_meta))
-            if out:
-                if outcome.ttft_s is None:
-                    outcome.ttft_s = now - self.started_at
-                    self.endpoint.ttft_metric.observe(outcome.ttft_s)
-                elif last_sent_at is not None:
-                    gaps.add(now - last_sent_at)
-                last_sent_at = now
-                if not self.response_started:
-                    await self._start()
-                await send({"type": "http.response.body",
-                            "body": out[0] if len(out) == 1 else b"".join(out),
-                            "more_body": True})
+            if events:
+                now = loop.time()
+                self.last_event_at = now
+                out = self._frames_of(events, now)
+                if out:
+                    await self._send_out(out, now)
             if stream.finished:
                 break
 
         tail = word.flush() if word is not None else ""
         self.finished = True
-        end = self._frame(tail, chunk_meta) if tail else b""
+        end = self._frame(tail) if tail else b""
         if route == SSE:
             end += framing.sse_done(outcome.usage, outcome.finish_reason)
         elif route == OPENAI:
             if word is not None:
-                meta = chunk_meta or {}
-                end += framing.openai_chunk(meta.get("id", ""), meta.get("created", 0),
-                                            meta.get("model", self.request.model), None,
-                                            outcome.finish_reason)
-                if include_usage and outcome.usage:
-                    end += framing.openai_chunk(meta.get("id", ""), meta.get("created", 0),
-                                                meta.get("model", self.request.model), None,
+                meta = self.chunk_meta or {}
+                chunk_id, created = meta.get("id", ""), meta.get("created", 0)
+                model = meta.get("model", self.request.model)
+                end += framing.openai_chunk(chunk_id, created, model, None, outcome.finish_reason)
+                if self.include_usage and outcome.usage:
+                    end += framing.openai_chunk(chunk_id, created, model, None,
                                                 usage=outcome.usage)
             end += framing.OPENAI_DONE
         if not self.response_started:
             await self._start()
         await send({"type": "http.response.body", "body": end, "more_body": False})
 
-    async def _send_content(self, text: str, chunk_meta, now: float,
-                            last_sent_at: float | None) -> None:
-        if self.outcome.ttft_s is None:  # pragma: no cover - held text implies a sent token
-            self.outcome.ttft_s = now - self.started_at
-        elif last_sent_at is not None:
-            metrics.CHUNK_GAP.observe(now - last_sent_at)
+    def _frames_of(self, events: list[dict[str, Any]], now: float) -> list[bytes]:
+        """The framed bytes for a batch of upstream events (shared by both relay paths)."""
+        outcome, route, word = self.outcome, self.endpoint.route, self.word
+        out: list[bytes] = []
+        for event in events:
+            choices = event.get("choices")
+            usage = event.get("usage")
+            if usage:
+                outcome.usage = usage
+            content = None
+            if choices:
+                choice = choices[0]
+                delta = choice.get("delta")
+                if delta:
+                    content = delta.get("content")
+                if choice.get("finish_reason"):
+                    outcome.finish_reason = choice["finish_reason"]
+            if content:
+                outcome.tokens += 1
+            if route == OPENAI and word is None:
+                # Token granularity: the upstream chunk as it came (every field kept).
+                if not choices and usage and not self.include_usage:
+                    continue
+                if not self.include_usage and "usage" in event:
+                    del event["usage"]
+                out.append(framing.openai_data(orjson.dumps(event)))
+                continue
+            if not content:
+                if route == OPENAI and self.chunk_meta is None:
+                    self.chunk_meta = event
+                continue
+            if word is not None:
+                if self.chunk_meta is None:
+                    self.chunk_meta = event
+                was_holding = bool(word.pending)
+                content = word.push(content)
+                if word.pending and not was_holding:
+                    self.held_since = now
+                elif not word.pending:
+                    self.held_since = None
+                if not content:
+                    continue
+            out.append(self._frame(content))
+        return out
+
+    def _note_sent(self, now: float) -> None:
+        outcome = self.outcome
+        if outcome.ttft_s is None:
+            outcome.ttft_s = now - self.started_at
+            self.endpoint.ttft_metric.observe(outcome.ttft_s)
+        elif self.last_sent_at is not None:
+            self.gaps.add(now - self.last_sent_at)
+        self.last_sent_at = now
+
+    async def _send_out(self, out: list[bytes], now: float) -> None:
+        self._note_sent(now)
         if not self.response_started:
             await self._start()
-        await self.send({"type": "http.response.body", "body": self._frame(text, chunk_meta),
-                         "more_body": True})
+        await self.send({"type": "http.response.body",
+                         "body": out[0] if len(out) == 1 else b"".join(out), "more_body": True})
 
-    def _frame(self, content: str, chunk_meta: dict[str, Any] | None) -> bytes:
+    def _relay_now(self, chunk: bytes) -> bool:
+        """Relay upstream bytes from inside the connection's callback; False wakes the task.
+
+        Runs only while the relay task is parked on the upstream read, after the first token,
+        at token granularity: parse, frame, and drive the server's `send` coroutine to its
+        end right here. If `send` has to wait (a slow client), or the stream ends or fails,
+        the task is woken to take over; nothing is lost or reordered either way.
+        """
+        try:
+            return self._relay_now_unguarded(chunk)
+        except BaseException as error:  # never into the protocol callback: the task re-raises
+            self.sink_error = error
+            return False
+
+    def _relay_now_unguarded(self, chunk: bytes) -> bool:
+        events = self.stream.parse(chunk)
+        if events:
+            now = self.loop.time()
+            self.last_event_at = now
+            out = self._frames_of(events, now)
+            if out:
+                self._note_sent(now)
+                message = {"type": "http.response.body",
+                           "body": out[0] if len(out) == 1 else b"".join(out),
+                           "more_body": True}
+                coroutine = self.send(message)
+                try:
+                    waiting_on = coroutine.send(None)
+                except StopIteration:
+                    pass
+                else:
+                    self.blocked_send = (coroutine, waiting_on)
+                    return False
+            self.stream.extend_deadline(min(now + self.gap_s, self.total_deadline))
+        return not self.stream.finished
+
+    async def _finish_blocked_send(self) -> None:
+        """Drive a send the callback path started to its end, in the task (it may wait)."""
+        coroutine, waiting_on = self.blocked_send
+        self.blocked_send = None
+        try:
+            while True:
+                if waiting_on is None:  # a bare yield: just let the loop run once
+                    await asyncio.sleep(0)
+                else:
+                    await waiting_on
+                waiting_on = coroutine.send(None)
+        except StopIteration:
+            pass
+        finally:
+            coroutine.close()  # no-op when finished; stops it if we were cancelled
+
+    def _frame(self, content: str) -> bytes:
         route = self.endpoint.route
         if route == TEXT:
             return framing.text_chunk(content)
         if route == SSE:
             return framing.sse_delta(content)
-        meta = chunk_meta or {}
+        meta = self.chunk_meta or {}
         return framing.openai_chunk(meta.get("id", ""), meta.get("created", int(time.time())),
                                     meta.get("model", self.request.model), content)
