@@ -7,6 +7,7 @@ gateway's SDK request path and raw-SSE reader run unchanged, without sockets.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 import httpx2
@@ -55,6 +56,41 @@ class FakeUpstream:
                                    headers={"content-type": "application/json"})
         return httpx2.Response(200, content=self._body(),
                                headers={"content-type": "text/event-stream"})
+
+
+async def call(app, path: str, body: dict, send_hook=None) -> list[tuple[float, dict]]:
+    """Drive the ASGI app directly; returns (arrival time, message) for every send.
+
+    `send_hook(message)`, if given, is awaited inside each send (to play a slow client)."""
+    sent: list[tuple[float, dict]] = []
+    request = {"type": "http.request", "body": orjson.dumps(body), "more_body": False}
+    done = asyncio.Event()
+
+    async def receive():
+        nonlocal request
+        if request is not None:
+            message, request = request, None
+            return message
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if send_hook is not None:
+            await send_hook(message)
+        sent.append((time.monotonic(), message))
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+             "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "client": ("t", 1),
+             "server": ("t", 80), "state": {}}
+    await app(scope, receive, send)
+    done.set()
+    return sent
+
+
+def bodies(sent) -> list[tuple[float, bytes]]:
+    return [(at, m["body"]) for at, m in sent if m["type"] == "http.response.body" and m["body"]]
 
 
 @pytest.fixture

@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import orjson
 import pytest
 from streamgate.settings import Settings
 
-from .conftest import chunk_event, stream_body
+from .conftest import bodies, call, chunk_event, stream_body
 
 pytestmark = pytest.mark.anyio
-
-
-async def call(app, path: str, body: dict) -> list[tuple[float, dict]]:
-    """Drive the ASGI app directly; returns (arrival time, message) for every send."""
-    sent: list[tuple[float, dict]] = []
-    request = {"type": "http.request", "body": orjson.dumps(body), "more_body": False}
-    done = asyncio.Event()
-
-    async def receive():
-        nonlocal request
-        if request is not None:
-            message, request = request, None
-            return message
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append((time.monotonic(), message))
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-             "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
-             "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json")], "client": ("t", 1),
-             "server": ("t", 80), "state": {}}
-    await app(scope, receive, send)
-    done.set()
-    return sent
-
-
-def bodies(sent) -> list[tuple[float, bytes]]:
-    return [(at, m["body"]) for at, m in sent if m["type"] == "http.response.body" and m["body"]]
 
 
 async def test_word_granularity_ends_chunks_on_word_boundaries(make_app, fake_upstream):

@@ -594,6 +594,8 @@ class _Relay:
                 if waiting_on is None:  # a bare yield: just let the loop run once
                     await asyncio.sleep(0)
                 else:
+                    # It was yielded to us, not to a task: clear the flag a task would clear.
+                    waiting_on._asyncio_future_blocking = False
                     await waiting_on
                 waiting_on = coroutine.send(None)
         except StopIteration:

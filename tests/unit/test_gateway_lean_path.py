@@ -1,0 +1,153 @@
+"""The production read path: the lean transport against the real simulator (in a thread).
+
+The MockTransport tests elsewhere exercise the generic path; these make sure the callback
+relay (chunks sent from the upstream connection's callback) keeps every token, in order,
+also when the client is slow, and that errors, stalls and disconnects behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import orjson
+import pytest
+from streamgate.app import create_app
+from streamgate.simulator.config import SimConfig
+from streamgate.simulator.script import expected_tokens
+from streamgate.simulator.server import SimulatorThread
+from streamgate.upstream import make_client
+
+from .conftest import bodies, call
+
+pytestmark = pytest.mark.anyio
+TOKENS = 120
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+@pytest.fixture(scope="module")
+def simulator():
+    with SimulatorThread(SimConfig(port=0, ttft_ms=5, gap_ms=1, tokens=TOKENS, stall_s=5)) as sim:
+        yield sim
+
+
+@pytest.fixture
+def lean_app(settings, simulator):
+    def make(**overrides):
+        app = create_app(settings.model_copy(
+            update={"upstream_base_url": simulator.url + "/v1", **overrides}))
+        app.state.upstream_client = make_client(app.state.settings)
+        return app
+
+    return make
+
+
+def sse_events(text: str) -> list[tuple[str, str]]:
+    events, name, data = [], "message", []
+    for line in _LINE_END.split(text):
+        if not line:
+            if data:
+                events.append((name, "\n".join(data)))
+            name, data = "message", []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+    return events
+
+
+def content_of(route: str, text: str) -> str:
+    if route.endswith("/stream"):
+        return text
+    parts = []
+    for name, data in sse_events(text):
+        if name != "message" or data == "[DONE]":
+            continue
+        payload = json.loads(data)
+        if route.endswith("stream-sse"):
+            parts.append(payload["content"])
+        elif payload.get("choices"):
+            parts.append(payload["choices"][0]["delta"].get("content") or "")
+    return "".join(parts)
+
+
+async def slow_sometimes(message):
+    # Every fifth chunk the "server" makes the sender wait, as a full socket buffer would.
+    if message["type"] == "http.response.body" and len(message.get("body", b"")) % 5 == 0:
+        await asyncio.sleep(0.002)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/stream", "/v1/chat/stream-sse",
+                                   "/v1/chat/completions"])
+@pytest.mark.parametrize("send_hook", [None, slow_sometimes], ids=["fast-client", "slow-client"])
+async def test_every_token_arrives_once_and_in_order(lean_app, route, send_hook):
+    app = lean_app()
+    sent = await call(app, route, {"prompt": "x", "stream": True}, send_hook=send_hook)
+    text = b"".join(body for _, body in bodies(sent)).decode()
+    assert content_of(route, text) == "".join(expected_tokens(TOKENS))
+    assert sent[-1][1]["more_body"] is False
+    await app.state.upstream_client.close()
+
+
+async def test_upstream_connections_are_reused(lean_app):
+    app = lean_app()
+    for _ in range(3):
+        await call(app, "/v1/chat/stream", {"prompt": "x", "max_tokens": 3})
+    transport = app.state.upstream_client._client._transport
+    assert sum(len(idle) for idle in transport._idle.values()) == 1
+    await app.state.upstream_client.close()
+
+
+async def test_error_midstream_becomes_an_sse_error_event(lean_app):
+    sent = await call(lean_app(), "/v1/chat/stream-sse",
+                      {"prompt": "x", "model": "sim-fault-error-midstream"})
+    events = sse_events(b"".join(body for _, body in bodies(sent)).decode())
+    assert events[-1][0] == "error"
+    assert "simulated" in orjson.loads(events[-1][1])["error"]["message"]
+    assert sum(1 for name, _ in events if name == "message") == TOKENS // 2
+
+
+async def test_stall_midstream_hits_the_gap_timeout(lean_app):
+    started = time.monotonic()
+    sent = await call(lean_app(token_gap_timeout_s=0.2), "/v1/chat/stream-sse",
+                      {"prompt": "x", "model": "sim-fault-stall-midstream"})
+    events = sse_events(b"".join(body for _, body in bodies(sent)).decode())
+    assert events[-1][0] == "error"
+    assert "gap between tokens" in events[-1][1]
+    assert time.monotonic() - started < 2
+
+
+async def test_client_disconnect_closes_the_upstream_at_once(lean_app, simulator):
+    app = lean_app()
+    before = simulator.call(lambda: simulator.stats.snapshot()["cancelled"])
+    body = orjson.dumps({"prompt": "x", "max_tokens": 5000})
+    disconnect = asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    chunks = 0
+
+    async def send(message):
+        nonlocal chunks
+        chunks += message["type"] == "http.response.body"
+        if chunks == 20:
+            disconnect.set()
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/stream", "headers": [],
+             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+             "asgi": {"version": "3.0"}, "raw_path": b"/v1/chat/stream", "client": None,
+             "server": None}
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+    deadline = time.monotonic() + 0.1
+    while time.monotonic() < deadline:
+        if simulator.call(lambda: simulator.stats.snapshot()["cancelled"]) > before:
+            break
+        await asyncio.sleep(0.005)
+    assert simulator.call(lambda: simulator.stats.snapshot()["cancelled"]) == before + 1
