@@ -17,7 +17,7 @@ import jinja2
 import pytest
 import yaml
 
-from support.procs import ManagedProcess, free_port
+from support.procs import ManagedProcess, ProcessFailed, on_a_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "nginx"
@@ -123,7 +123,11 @@ class LocalNginx:
         self.workdir.chmod(0o755)
         (self.workdir / "temp").mkdir(mode=0o755)
         (self.workdir / "mime.types").write_text(MIME_TYPES)
-        self.port = free_port()
+        return on_a_free_port(lambda port: self._start_on(binary, port, timeout_s))
+
+    def _start_on(self, binary: str, port: int, timeout_s: float) -> LocalNginx:
+        assert self.workdir is not None
+        self.port = port
         variables = role_variables()
         variables.update(
             nginx_listen=f"127.0.0.1:{self.port}",
@@ -161,9 +165,13 @@ class LocalNginx:
             log_dir=self.workdir,
         ).start()
         # Any answer at all means nginx is listening (the upstream may answer 404 on /).
-        self.process.wait_http(
-            f"{self.base_url}/healthz", timeout_s=timeout_s, ok=tuple(range(100, 600))
-        )
+        try:
+            self.process.wait_http(
+                f"{self.base_url}/healthz", timeout_s=timeout_s, ok=tuple(range(100, 600))
+            )
+        except ProcessFailed as exc:
+            self.process.stop()
+            raise ProcessFailed(f"{exc}\n{self.logs()}") from None  # bind errors are logged there
         return self
 
     def stop(self) -> None:

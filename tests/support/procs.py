@@ -11,8 +11,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 LOG_TAIL_CHARS = 4000
+# How a server says its port is taken (Python/nginx: EADDRINUSE's text; gunicorn its own).
+PORT_TAKEN_MESSAGES = ("address already in use", "connection in use")
 
 
 def free_port() -> int:
@@ -20,6 +25,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def on_a_free_port(start: Callable[[int], T], *, attempts: int = 3) -> T:
+    """start(port) on a fresh free port; again on another one if the port was taken meanwhile
+    (another test run on this machine can grab it between free_port() and the bind)."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except ProcessFailed as exc:
+            taken = any(mark in str(exc).lower() for mark in PORT_TAKEN_MESSAGES)
+            if not taken or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def wait_until(

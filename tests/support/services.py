@@ -9,7 +9,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from support.procs import ManagedProcess, free_port
+from support.procs import ManagedProcess, on_a_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = REPO / "service" / "gunicorn.conf.py"
@@ -65,8 +65,10 @@ class Simulator(Service):
 
 def start_simulator(log_dir: Path, **options) -> Simulator:
     """streamgate-sim on a free loopback port; options are its flags (ttft_ms=..., stall_s=...)."""
-    settings = {**SIM_DEFAULTS, **options}
-    port = free_port()
+    return on_a_free_port(lambda port: _start_simulator(log_dir, port, {**SIM_DEFAULTS, **options}))
+
+
+def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
     argv = [sys.executable, "-m", "streamgate.simulator", "--host", "127.0.0.1", "--port", str(port)]
     for option, value in settings.items():
         argv += [f"--{option.replace('_', '-')}", str(value)]
@@ -93,7 +95,14 @@ def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2, **set
 
     `settings` are Settings fields (first_token_timeout_s=1 -> STREAMGATE_FIRST_TOKEN_TIMEOUT_S).
     """
-    port = free_port()
+    if not GUNICORN_CONF.exists():
+        raise FileNotFoundError(f"{GUNICORN_CONF.relative_to(REPO)} is missing: no gateway to test")
+    return on_a_free_port(lambda port: _start_gateway(log_dir, port, upstream, workers, settings))
+
+
+def _start_gateway(
+    log_dir: Path, port: int, upstream: Simulator, workers: int, settings: dict
+) -> Service:
     env = clean_environ()
     env.update(
         STREAMGATE_BIND=f"127.0.0.1:{port}",
@@ -105,8 +114,6 @@ def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2, **set
     env.update({f"STREAMGATE_{name.upper()}": str(value) for name, value in settings.items()})
     argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), APP]
     process = ManagedProcess(f"gateway-{port}", argv, log_dir=log_dir, env=env, cwd=REPO)
-    if not GUNICORN_CONF.exists():
-        raise FileNotFoundError(f"{GUNICORN_CONF.relative_to(REPO)} is missing: no gateway to test")
     process.start()
     gateway = Service(name="gateway", process=process, port=port)
     try:

@@ -14,7 +14,7 @@ from typing import Self
 
 import pytest
 from streamgate.simulator.script import expected_text
-from support import chat, nginx, stream_probe
+from support import chat, nginx, procs, services, stream_probe
 from support.stream_probe import BUFFERED, STREAMED, ChunkedDecoder, ProtocolError
 
 PROBE_SCRIPT = Path(stream_probe.__file__)
@@ -133,3 +133,19 @@ def test_buffering_fault_refuses_a_config_it_cannot_break():
     assert nginx.break_buffering(site).count(nginx.BUFFERED) == site.count(nginx.UNBUFFERED)
     with pytest.raises(AssertionError, match="no 'proxy_buffering off;'"):
         nginx.break_buffering(site.replace(nginx.UNBUFFERED, ""))
+
+
+def test_a_port_taken_before_the_bind_is_retried_on_another(monkeypatch, process_logs):
+    """Shared machine: another run may grab the port between free_port() and the bind."""
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        taken = squatter.getsockname()[1]
+        offered = iter([taken])
+        real_free_port = procs.free_port
+        monkeypatch.setattr(procs, "free_port", lambda: next(offered, None) or real_free_port())
+        simulator = services.start_simulator(process_logs)
+        try:
+            assert simulator.port != taken
+            log = (process_logs / f"simulator-{taken}.log").read_text()
+            assert "address already in use" in log.lower()
+        finally:
+            simulator.stop()
