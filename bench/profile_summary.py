@@ -47,14 +47,25 @@ def summarize(paths: list[Path]) -> tuple[Counter, Counter, int]:
     return own, inclusive, total
 
 
-def report(paths: list[Path], top: int) -> str:
+def report(paths: list[Path], top: int, us_per_chunk: float | None = None) -> str:
+    """Self and inclusive shares; with `us_per_chunk`, each share also in microseconds/chunk."""
     own, inclusive, total = summarize(paths)
     if not total:
         return "no samples"
-    lines = [f"{total} samples from {len(paths)} file(s)", "", "self %   function"]
-    lines += [f"{100 * n / total:6.1f}   {name}" for name, n in own.most_common(top)]
-    lines += ["", "incl %   function"]
-    lines += [f"{100 * n / total:6.1f}   {name}" for name, n in inclusive.most_common(top)]
+    # The chain every sample shares (gunicorn arbiter, worker, event loop) says nothing.
+    root = max(inclusive.values())
+    inclusive = Counter({name: n for name, n in inclusive.items() if n < 0.99 * root})
+
+    def line(name: str, samples: int) -> str:
+        share = samples / total
+        cost = f"{share * us_per_chunk:6.1f}   " if us_per_chunk else ""
+        return f"{100 * share:6.1f}   {cost}{name}"
+
+    unit = "us/chunk   " if us_per_chunk else ""
+    lines = [f"{total} samples from {len(paths)} file(s)", "", f"self %   {unit}function"]
+    lines += [line(name, n) for name, n in own.most_common(top)]
+    lines += ["", f"incl %   {unit}function (frames under the event loop)"]
+    lines += [line(name, n) for name, n in inclusive.most_common(top)]
     return "\n".join(lines)
 
 
@@ -62,8 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--us-per-chunk", type=float, help="measured CPU per chunk, to scale by")
     args = parser.parse_args()
-    print(report(args.files, args.top))
+    print(report(args.files, args.top, args.us_per_chunk))
 
 
 if __name__ == "__main__":

@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
             profile_dir.mkdir(exist_ok=True)
             target = TARGETS[args.profile_target]
             row = measure(target, args.profile_level, args, services, expected, profile_dir)
-            profile = profile_report(sorted(profile_dir.glob("*.txt")), top=30)
+            profile = profile_report(
+                sorted(profile_dir.glob("*.txt")), top=30, us_per_chunk=relay_cpu(row)
+            )
             (profile_dir / "summary.txt").write_text(profile + "\n")
             print(f"\nprofile of {target.relay} workers, {target.name} @{args.profile_level} "
                   f"(under py-spy: {row['streams_per_s']} streams/s, "
