@@ -40,6 +40,7 @@ class FakeUpstream:
         self.parts: list[bytes] = stream_body(["Hello", " world"])
         self.delays: list[float] = []
         self.status = 200
+        self.header_delay = 0.0  # seconds before the response headers
         self.requests: list[httpx2.Request] = []
 
     async def _body(self):
@@ -50,6 +51,8 @@ class FakeUpstream:
 
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
+        if self.header_delay:
+            await asyncio.sleep(self.header_delay)
         if self.status != 200:
             body = orjson.dumps({"error": {"message": f"fake {self.status}"}})
             return httpx2.Response(self.status, content=body,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 from streamgate.settings import Settings
 
@@ -60,6 +61,29 @@ async def test_sse_heartbeat_while_first_token_is_slow(make_app, fake_upstream):
     pings = [p for p in payloads if p == b": ping\n\n"]
     assert 2 <= len(pings) <= 4
     assert payloads.index(b": ping\n\n") == 0
+
+
+async def test_sse_heartbeat_while_upstream_headers_are_slow(make_app, fake_upstream):
+    fake_upstream.header_delay = 0.35
+    sent = await call(make_app(heartbeat_s=0.1), "/v1/chat/stream-sse", {"prompt": "x"})
+    payloads = [body for _, body in bodies(sent)]
+    assert payloads[0] == b": ping\n\n"
+    assert 2 <= payloads.count(b": ping\n\n") <= 4
+    assert b"Hello" in b"".join(payloads)
+
+
+async def test_plain_text_never_gets_heartbeats(make_app, fake_upstream):
+    fake_upstream.delays = [0.25]
+    sent = await call(make_app(heartbeat_s=0.05), "/v1/chat/stream", {"prompt": "x"})
+    assert b"ping" not in b"".join(body for _, body in bodies(sent))
+
+
+async def test_non_stream_completion_is_relayed_without_stream_options(make_app, fake_upstream):
+    fake_upstream.parts = [b'{"id": "x", "object": "chat.completion", "choices": []}']
+    sent = await call(make_app(), "/v1/chat/completions", {"prompt": "x"})
+    assert orjson.loads(b"".join(body for _, body in bodies(sent)))["object"] == "chat.completion"
+    payload = orjson.loads(fake_upstream.requests[0].content)
+    assert payload["stream"] is False and "stream_options" not in payload
 
 
 async def test_midstream_error_is_in_band_for_sse_and_openai(make_app, fake_upstream):

@@ -63,7 +63,8 @@ class ChatRequest:
 
     def upstream_payload(self) -> dict[str, Any]:
         payload = {**self.upstream_extra, "model": self.model, "messages": self.messages}
-        payload["stream_options"] = {"include_usage": True}  # usage feeds the logs and metrics
+        if self.stream:  # servers reject stream_options on a non-streaming request
+            payload["stream_options"] = {"include_usage": True}  # usage feeds logs and metrics
         return payload
 
 
@@ -219,7 +220,7 @@ class ChatEndpoint:
         state = scope["app"].state
         settings: Settings = state.settings
         loop = asyncio.get_running_loop()
-        started_at = loop.time()
+        started_at, started_perf = loop.time(), time.perf_counter()
         request_id = _request_id(scope)
         outcome = Outcome()
         try:
@@ -233,13 +234,14 @@ class ChatEndpoint:
                 await _send_json(send, exc.status, framing.error_body(exc.message, param=exc.param),
                                  request_id)
                 return
-            relay = _Relay(self, state, settings, request, request_id, send, outcome, started_at)
+            relay = _Relay(self, state, settings, request, request_id, send, outcome, started_at,
+                           started_perf)
             if self.route == OPENAI and not request.stream:
                 await relay.run_non_stream()
             else:
                 await _until_disconnect(relay, receive, outcome, self.route_label)
         finally:
-            outcome.duration_s = loop.time() - started_at
+            outcome.duration_s = time.perf_counter() - started_perf
             metrics.REQUESTS.labels(self.route_label, str(outcome.status)).inc()
             log_request(scope, request_id, self.route_label, outcome)
 
@@ -288,7 +290,8 @@ class _Relay:
     """One stream: upstream events in, framed chunks out, every rule about time in one loop."""
 
     def __init__(self, endpoint: ChatEndpoint, state, settings: Settings, request: ChatRequest,
-                 request_id: bytes, send, outcome: Outcome, started_at: float) -> None:
+                 request_id: bytes, send, outcome: Outcome, started_at: float,
+                 started_perf: float) -> None:
         self.endpoint = endpoint
         self.client = state.upstream_client
         self.settings = settings
@@ -300,6 +303,10 @@ class _Relay:
         self.response_started = False
         self.finished = False
         self.client_gone = False
+        # Heartbeats only on SSE (comments are part of that format), only before the first token.
+        self.next_ping = (started_at + settings.heartbeat_s if endpoint.route == SSE
+                          else float("inf"))
+        self.started_perf = started_perf  # metrics and logs use perf_counter (sub-ms)
 
     async def _start(self) -> None:
         self.response_started = True
@@ -317,7 +324,6 @@ class _Relay:
     async def _fail_before_start(self, error: UpstreamError) -> None:
         self.outcome.status, self.outcome.outcome = error.status, "upstream_error"
         self.outcome.error = str(error)
-        metrics.UPSTREAM_ERRORS.labels(error.kind).inc()
         extra = [(b"retry-after", error.retry_after.encode())] if error.retry_after else None
         await _send_json(self.send, error.status, orjson.dumps(error.to_body()), self.request_id,
                          extra)
@@ -329,7 +335,7 @@ class _Relay:
                 self.client, self.settings, self.request.upstream_payload(),
                 self.request_id.decode(), deadline)
         except UpstreamError as error:
-            await self._fail_before_start(error)
+            await self._fail(error)
             return
         self.outcome.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": [
@@ -344,14 +350,12 @@ class _Relay:
         total_deadline = self.started_at + settings.total_timeout_s
         try:
             async with asyncio.timeout_at(total_deadline):
-                stream = await open_chat_stream(self.client, settings,
-                                                self.request.upstream_payload(),
-                                                self.request_id.decode())
+                stream = await self._open()
         except TimeoutError:
-            await self._fail_before_start(UpstreamError("timeout", 504, "total timeout reached"))
+            await self._fail(UpstreamError("timeout", 504, "upstream timeout: total time"))
             return
         except UpstreamError as error:
-            await self._fail_before_start(error)
+            await self._fail(error)
             return
         metrics.ACTIVE_STREAMS.inc()
         try:
@@ -362,6 +366,31 @@ class _Relay:
             metrics.ACTIVE_STREAMS.dec()
             self.endpoint.tokens_metric.inc(outcome.tokens)
             await stream.aclose()
+
+    async def _open(self) -> ChatStream:
+        """Start the upstream request; SSE clients get heartbeats if its headers are slow."""
+        opening = open_chat_stream(self.client, self.settings, self.request.upstream_payload(),
+                                   self.request_id.decode())
+        if self.endpoint.route != SSE:
+            return await opening
+        task = asyncio.ensure_future(opening)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, self.next_ping - loop.time()))
+                if done:
+                    return task.result()
+                await self._ping(loop.time())
+        finally:
+            if not task.done():
+                task.cancel()  # its own cleanup closes the upstream connection
+
+    async def _ping(self, now: float) -> None:
+        self.next_ping = now + self.settings.heartbeat_s
+        if not self.response_started:
+            await self._start()
+        await self.send({"type": "http.response.body", "body": framing.SSE_PING,
+                         "more_body": True})
 
     async def _fail(self, error: UpstreamError) -> None:
         outcome = self.outcome
@@ -400,9 +429,7 @@ class _Relay:
         flush_s = settings.word_flush_ms / 1000
         self.gap_s = gap_s = settings.token_gap_timeout_s
         self.total_deadline = total_deadline
-        heartbeat_s = settings.heartbeat_s if route == SSE else None
         first_deadline = min(self.started_at + settings.first_token_timeout_s, total_deadline)
-        next_ping = self.started_at + heartbeat_s if heartbeat_s else float("inf")
         self.include_usage = self.request.include_usage
         self.last_event_at = loop.time()
         self.last_sent_at: float | None = None
@@ -419,7 +446,7 @@ class _Relay:
         while True:
             if outcome.ttft_s is None:
                 hard_deadline, why = first_deadline, "first token"
-                wake_at = min(first_deadline, next_ping)
+                wake_at = min(first_deadline, self.next_ping)
             else:
                 hard_deadline = min(self.last_event_at + gap_s, total_deadline)
                 why = "gap between tokens"
@@ -444,12 +471,8 @@ class _Relay:
                     text = word.flush()
                     if text:
                         await self._send_out([self._frame(text)], now)
-                if now >= next_ping:
-                    next_ping = now + heartbeat_s
-                    if not self.response_started:
-                        await self._start()
-                    await send({"type": "http.response.body", "body": framing.SSE_PING,
-                                "more_body": True})
+                if now >= self.next_ping:
+                    await self._ping(now)
                 continue
             if self.blocked_send is not None:  # the callback path met a slow client
                 await self._finish_blocked_send()
@@ -533,10 +556,10 @@ class _Relay:
             out.append(self._frame(content))
         return out
 
-    def _note_sent(self, now: float) -> None:
-        outcome = self.outcome
+    def _note_sent(self, _loop_now: float) -> None:
+        outcome, now = self.outcome, time.perf_counter()
         if outcome.ttft_s is None:
-            outcome.ttft_s = now - self.started_at
+            outcome.ttft_s = now - self.started_perf
             self.endpoint.ttft_metric.observe(outcome.ttft_s)
         elif self.last_sent_at is not None:
             self.gaps.add(now - self.last_sent_at)
