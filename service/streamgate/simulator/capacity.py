@@ -7,8 +7,10 @@ request in one burst, so all streams are in flight at once (the simulator's ``pe
 proves it). Each client is a raw asyncio Protocol that only timestamps its reads; decoding and
 checking the text (every stream must say exactly ``expected_text(tokens)``) happens after the
 run. Reported: completed streams, errors, TTFT and inter-token gap percentiles (a gap is the time
-between two reads that carry events), reads per stream, and the simulator's CPU time, read from
-/proc, per second of wall time.
+between two reads that carry events), reads per stream, the simulator's CPU time (from /proc)
+per second of wall time and per chunk, how late its token clock ran, and how long the simulator
+and the client waited for a CPU (schedstat): on a shared machine that last figure says whether
+late tokens were the simulator's doing or the scheduler's (`oversubscribed`).
 
 ``SimulatorProcess`` (start a simulator on a free port, read /stats, stop it by PID) is shared
 with the wire tests.
