@@ -153,14 +153,17 @@ class Service:
         self.process = None
 
 
-def render_nginx(run_dir: Path, listen_port: int, upstream_port: int) -> Path:
+def render_nginx(
+    run_dir: Path, listen_port: int, upstream_port: int, *, buffering_fault: bool = False
+) -> Path:
     """Render nginx/*.j2 with the role defaults, the same way the wire tests do (their helper),
     overriding only root-only paths and the loopback addresses. Worker count stays the role's
-    default ("auto"), as deployed."""
+    default ("auto"), as deployed. `buffering_fault` applies the wire tests' negative control
+    (buffering on, X-Accel-Buffering ignored) so the reads-per-response figure is seen to fail."""
     sys.path.insert(0, str(REPO / "tests"))
-    from support.nginx import render, role_variables
+    from support.nginx import break_buffering, render, role_variables
 
-    nginx_dir = run_dir / "nginx"
+    nginx_dir = run_dir / ("nginx-buffered" if buffering_fault else "nginx")
     (nginx_dir / "temp").mkdir(parents=True, exist_ok=True)
     for path in (run_dir, nginx_dir, nginx_dir / "temp"):
         path.chmod(0o755)  # nginx workers run as nobody when started by root
@@ -177,6 +180,8 @@ def render_nginx(run_dir: Path, listen_port: int, upstream_port: int) -> Path:
         "__nginx_site_include": str(site),
     }
     rendered = render(variables)
+    if buffering_fault:
+        rendered["streamgate.conf"] = break_buffering(rendered["streamgate.conf"])
     site.write_text(rendered["streamgate.conf"])
     main = nginx_dir / "nginx.conf"
     main.write_text(rendered["nginx.conf"])

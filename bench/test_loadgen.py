@@ -1,0 +1,67 @@
+"""The load generator's HTTP reading, split at every byte: run with `pytest bench`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from loadgen import StreamConnection
+
+TOKENS = [b"Hello", b" wor", b"ld\r\n", b"0\r\n\r\n", b"!"]  # includes a fake terminator
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+    + b"".join(b"%x\r\n%s\r\n" % (len(token), token) for token in TOKENS)
+    + b"0\r\n\r\n"
+)
+
+
+def feed(response: bytes, cuts: list[int], sse: bool = False) -> StreamConnection:
+    loop = asyncio.new_event_loop()
+    try:
+        conn = StreamConnection(sse)
+        conn.done = loop.create_future()
+        for start, end in zip([0, *cuts], [*cuts, len(response)], strict=True):
+            conn.data_received(response[start:end])
+        return conn
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("cut", range(1, len(CHUNKED)))
+def test_chunked_body_decodes_wherever_the_reads_split(cut):
+    conn = feed(CHUNKED, [cut])
+    assert conn.done.done() and conn.status == 200
+    assert conn.body() == b"".join(TOKENS)
+
+
+def test_every_read_with_payload_is_one_arrival():
+    header_end = CHUNKED.index(b"\r\n\r\n") + 4
+    cuts = [header_end]
+    position = header_end
+    for token in TOKENS:
+        position += len(b"%x\r\n%s\r\n" % (len(token), token))
+        cuts.append(position)
+    conn = feed(CHUNKED, cuts)
+    assert conn.content_arrivals == len(TOKENS)
+    assert len(conn.gaps) == len(TOKENS) - 1
+
+
+def test_negative_control_a_truncated_stream_never_completes():
+    conn = feed(CHUNKED[:-5], [])  # the last chunk's "0\r\n\r\n" is missing
+    assert not conn.done.done()
+
+
+def test_sse_arrivals_count_only_content_deltas():
+    role = b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+    token = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n'
+    done = b"data: [DONE]\n\n"
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    frames = [b"%x\r\n%s\r\n" % (len(part), part) for part in (role, token, token, done)]
+    response = head + b"".join(frames) + b"0\r\n\r\n"
+    cuts, position = [], len(head)
+    for frame in frames:
+        position += len(frame)
+        cuts.append(position)
+    conn = feed(response, cuts, sse=True)
+    assert conn.done.done()
+    assert conn.content_arrivals == 2
