@@ -74,6 +74,19 @@ Faults (model ``sim-fault-<kind>`` or header ``X-Sim-Fault: <kind>``; an unknown
 ``drop-token``       token n//2 is never sent (its time slot passes empty); everything else is
                      normal, usage still says n: the text differs from the expected one.
 Any other model name streams normally. Fault requests are counted under ``faults`` in /stats.
+
+HTTP
+----
+HTTP/1.1 keep-alive (pipelined requests are answered in order), ``Expect: 100-continue``;
+HTTP/1.0 clients get the stream without chunked framing, ended by closing the connection.
+Bad requests (invalid JSON, wrong types, ``max_tokens`` < 1, an unknown fault) get a 400 with
+an OpenAI error body, as do 404 (route), 405 (method) and 413 (body over 8 MiB).
+
+For Python
+----------
+``server.SimulatorThread(SimConfig(port=0))`` runs one in a background thread (in-process
+tests); ``capacity.SimulatorProcess`` runs the console script on a free port; ``python -m
+streamgate.simulator.capacity`` measures how many concurrent streams one process carries.
 """
 
 from streamgate.simulator.config import SimConfig, parse_config
