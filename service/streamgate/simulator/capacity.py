@@ -82,8 +82,9 @@ class SimulatorProcess:
             if self.popen.poll() is not None:
                 break
             time.sleep(0.02)
+        output = self.logs()  # read before stop() removes the log
         self.stop()
-        raise RuntimeError(f"simulator did not start: {argv}\n{self.logs()}")
+        raise RuntimeError(f"simulator did not start: {argv}\n{output}")
 
     @property
     def pid(self) -> int:
