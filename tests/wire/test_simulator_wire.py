@@ -44,6 +44,11 @@ def test_a_taken_port_is_a_clear_error(sim_process):
     assert "Traceback" not in completed.stderr
 
 
+def test_a_bad_flag_stops_the_process_with_the_reason():
+    with pytest.raises(RuntimeError, match=r"--tokens: 0 outside 1\.\.16384"):
+        SimulatorProcess(["--tokens", "0"]).start()
+
+
 def test_environment_variables_configure_the_process():
     env = {**os.environ, "STREAMGATE_SIM_TOKENS": "7", "STREAMGATE_SIM_TTFT_MS": "300"}
     with SimulatorProcess(env=env) as process:
