@@ -27,6 +27,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 SIM_GAP_MS = 20.0
+SIM_TOKENS = 50
 # A step is "clean" while the measured gap stays near the simulator's and no read merges.
 CLEAN_ITL_P99_MS = SIM_GAP_MS + 10
 CLEAN_BUFFERED_RATIO = 0.0
@@ -35,7 +36,8 @@ CLEAN_BUFFERED_RATIO = 0.0
 def start_simulator() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "streamgate.simulator", "--host", "127.0.0.1", "--port", "0",
-         "--ttft-ms", "50", "--gap-ms", str(SIM_GAP_MS), "--jitter-ms", "0", "--tokens", "50"],
+         "--ttft-ms", "50", "--gap-ms", str(SIM_GAP_MS), "--jitter-ms", "0",
+         "--tokens", str(SIM_TOKENS)],
         stdout=subprocess.PIPE, text=True,
     )
     line = process.stdout.readline()  # "streamgate-sim listening on http://127.0.0.1:PORT"
@@ -53,6 +55,8 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
         self.samples: list[float] = []
+        self.first_wait_ns: dict[int, int] = {}
+        self.waited_ns: dict[int, int] = {}
         self.stopping = threading.Event()
 
     def tree(self) -> list[psutil.Process]:
@@ -71,7 +75,22 @@ class CpuSampler(threading.Thread):
                     total += tracked.cpu_percent(None)
                 except psutil.NoSuchProcess:
                     continue
+                self.note_run_queue_wait(process.pid)
             self.samples.append(total)
+
+    def note_run_queue_wait(self, pid: int) -> None:
+        """Linux schedstat: ns spent runnable but waiting for a CPU (a busy host's share)."""
+        try:
+            with open(f"/proc/{pid}/schedstat") as stat:
+                waited_ns = int(stat.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            return
+        first = self.first_wait_ns.setdefault(pid, waited_ns)
+        self.waited_ns[pid] = waited_ns - first
+
+    def run_queue_wait_pct(self, seconds: float) -> float:
+        """Summed over the tree, as % of one CPU for `seconds` of wall time."""
+        return sum(self.waited_ns.values()) / 1e9 / seconds * 100 if seconds else 0.0
 
     def mean(self, skip_first: int = 3) -> float:
         steady = self.samples[skip_first:-3] or self.samples  # the end: Locust stops, run.py plots
@@ -90,6 +109,12 @@ def itl_percentiles(report: Path) -> tuple[float, float]:
     return weighted("50%"), weighted("99%")
 
 
+def run_seconds(run_time: str) -> float:
+    """Locust's --run-time ("15s", "2m") in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    return float(run_time[:-1]) * units[run_time[-1]] if run_time[-1] in units else float(run_time)
+
+
 def run_step(target: str, users: int, args, reports: Path, sim: psutil.Process) -> dict:
     command = [sys.executable, str(HERE / "run.py"), "--target", target, "--routes", "openai",
                "--users", str(users), "--spawn-rate", str(max(users / 5, 1)),
@@ -99,18 +124,26 @@ def run_step(target: str, users: int, args, reports: Path, sim: psutil.Process) 
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = CpuSampler(runner.pid)
     sampler.start()
+    started = time.monotonic()
     output, _ = runner.communicate(timeout=600)
     sampler.stopping.set()
+    wall_s = time.monotonic() - started
     sim_cpu = sim.cpu_percent(None)
     report = max((reports / "runs").iterdir())  # run.py names its folders by time
     gates = {g["name"]: g for g in json.loads((report / "gates.json").read_text())["gates"]}
     p50, p99 = itl_percentiles(report)
+    responses = json.loads((report / "gates.json").read_text())["responses"]
+    chunks_per_s = responses * SIM_TOKENS / run_seconds(args.run_time)
     return {
         "users": users, "processes": args.processes or 1, "exit": runner.returncode,
         "generator_cpu_pct": round(sampler.mean(), 1), "sim_cpu_pct": round(sim_cpu, 1),
+        "generator_cpu_wait_pct": round(sampler.run_queue_wait_pct(wall_s), 1),
         "itl_p50_ms": p50, "itl_p99_ms": p99, "ttft_p95_ms": gates["ttft_p95"]["value"],
         "buffered_ratio": gates["buffered_ratio"]["value"],
-        "responses": json.loads((report / "gates.json").read_text())["responses"],
+        "responses": responses, "chunks_per_s": round(chunks_per_s),
+        # CPU cost of measuring one chunk: what a quiet core's capacity follows from
+        "cpu_us_per_chunk": round(sampler.mean() / 100 * 1e6 / chunks_per_s, 1)
+        if chunks_per_s else None,
         "report": str(report), "tail": output[-300:],
     }
 
@@ -133,10 +166,12 @@ def main() -> int:
                      and (result["buffered_ratio"] or 0) <= CLEAN_BUFFERED_RATIO)
             result["clean"] = clean
             print(f"users {users:5d} x{result['processes']}  generator CPU "
-                  f"{result['generator_cpu_pct']:6.1f}%  sim CPU {result['sim_cpu_pct']:6.1f}%  "
+                  f"{result['generator_cpu_pct']:6.1f}% (waited for a CPU "
+                  f"{result['generator_cpu_wait_pct']:5.1f}%)  sim CPU {result['sim_cpu_pct']:6.1f}%  "
                   f"gap p50 {result['itl_p50_ms']:6.1f} p99 {result['itl_p99_ms']:6.1f} ms  "
                   f"TTFT p95 {result['ttft_p95_ms']} ms  buffered {result['buffered_ratio']}  "
-                  f"responses {result['responses']}  {'clean' if clean else 'DISTORTED'}",
+                  f"{result['chunks_per_s']} chunks/s  {result['cpu_us_per_chunk']} us/chunk  "
+                  f"{'clean' if clean else 'DISTORTED'}",
                   flush=True)
             time.sleep(2)  # let sockets from the last step close
     finally:
