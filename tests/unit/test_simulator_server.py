@@ -209,6 +209,11 @@ def test_token_count_is_max_tokens_bounded_else_the_default(instant_sim, body, t
     assert response.json()["choices"][0]["message"]["content"] == expected_text(tokens)
 
 
+def test_every_token_of_the_sequence_streams_exactly(instant_sim):
+    response = chat(instant_sim, {"stream": True, "max_tokens": MAX_TOKENS})
+    assert contents_of(chunks_of(response.content))[1:] == expected_tokens(MAX_TOKENS)
+
+
 def test_openai_sdk_streams(sim):
     client = openai.OpenAI(base_url=sim.url + "/v1", api_key="unused", max_retries=0)
     stream = client.chat.completions.create(

@@ -120,6 +120,13 @@ class SimulatorProcess:
         ticks = os.sysconf("SC_CLK_TCK")
         return int(fields[11]) / ticks, int(fields[12]) / ticks
 
+    def peak_rss_mib(self) -> float:
+        """The simulator's peak resident memory so far (VmHWM)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
     def runqueue_wait_seconds(self) -> float:
         """How long the simulator has been ready to run but waiting for a CPU."""
         return _runqueue_wait_seconds(str(self.pid))
@@ -249,6 +256,7 @@ class CapacityResult:
     sim_clock_lag_p99_ms: float = 0.0
     sim_runqueue_wait_s: float = 0.0
     client_runqueue_wait_s: float = 0.0
+    sim_peak_rss_mib: float = 0.0
     sim_clock_lag_max_ms: float = 0.0
 
     def summary(self) -> str:
@@ -355,6 +363,7 @@ def run_capacity_check(
         result.client_runqueue_wait_s = _runqueue_wait_seconds("self") - client_wait_before
         result.client_cpu_s = time.process_time() - client_cpu_before
         sim_stats = sim.stats()
+        result.sim_peak_rss_mib = sim.peak_rss_mib()
         for client, _ in connected:
             if client.transport is not None:
                 client.transport.abort()
