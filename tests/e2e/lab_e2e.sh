@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The lab end to end (what `make test-lab` runs, as root): split lab up, deploy, a second deploy
-# that must report changed=0, testinfra, a short load test, and always teardown.
+# and a --check --diff run that must both report changed=0, testinfra, a short load test, and
+# always teardown.
 # Prints the wall time of each step and a summary; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -58,6 +59,13 @@ if ! grep -q '^PLAY RECAP' "$LOG_DIR/redeploy.log" || [ "$changed" != 0 ]; then
     exit 1
 fi
 SUMMARY+=("idempotence  ok: the second deploy reported changed=0")
+step check make --no-print-directory deploy DEPLOY_ARGS="--check --diff"
+changed=$(recap_changed "$LOG_DIR/check.log")
+if [ "$changed" != 0 ]; then
+    SUMMARY+=("check-diff   FAILED: --check --diff on the provisioned hosts reported changed=$changed")
+    exit 1
+fi
+SUMMARY+=("check-diff   ok: --check --diff on the provisioned hosts reported changed=0")
 step testinfra make --no-print-directory testinfra
 if [ -f loadtest/run.py ]; then
     step loadtest make --no-print-directory loadtest LOADTEST_ARGS="$LOADTEST_ARGS"
