@@ -269,6 +269,8 @@ class LeanTransport(httpx2.AsyncBaseTransport):
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._idle: dict[tuple, list[_Connection]] = {}
+        # (origin, target) -> (request head the client sent, when): see learned_head().
+        self._learned: dict[tuple, tuple[bytes, float]] = {}
         self._ssl_context = ssl_context
         self._closed = False
 
@@ -321,42 +323,56 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             raise httpx2.ConnectError(f"connect to {host}:{port} failed: {exc}") from exc
         return connection
 
-    @staticmethod
-    def _encode_request(request: httpx2.Request, body: bytes) -> bytes:
-        target = request.url.raw_path
-        lines = [request.method.encode() + b" " + target + b" HTTP/1.1"]
+    # Headers that are per request (or ours to set), never part of a learned request head.
+    _PER_REQUEST_HEADERS = (b"accept-encoding", b"transfer-encoding", b"content-length",
+                            b"x-request-id")
+
+    def _head_of(self, request: httpx2.Request) -> bytes:
+        """The request line and the headers that stay the same from one request to the next."""
+        lines = [request.method.encode() + b" " + request.url.raw_path + b" HTTP/1.1"]
         for name, value in request.headers.raw:
-            lower = name.lower()
-            if lower in (b"accept-encoding", b"transfer-encoding", b"content-length"):
-                continue
-            lines.append(name + b": " + value)
+            if name.lower() not in self._PER_REQUEST_HEADERS:
+                lines.append(name + b": " + value)
         # Identity: a compressed stream would be held back by the decompressor.
         lines.append(b"Accept-Encoding: identity")
-        lines.append(b"Content-Length: " + str(len(body)).encode())
-        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+        return b"\r\n".join(lines) + b"\r\n"
 
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+    @staticmethod
+    def encode(head: bytes, body: bytes, request_id: bytes | None) -> bytes:
+        extra = b"X-Request-ID: " + request_id + b"\r\n" if request_id else b""
+        return (head + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                + body)
+
+    @staticmethod
+    def origin(url: httpx2.URL) -> tuple[str, str, int]:
+        scheme = url.scheme
+        return scheme, url.host, url.port or (443 if scheme == "https" else 80)
+
+    def learned_head(self, origin: tuple, target: bytes, max_age_s: float) -> bytes | None:
+        """The head the client's own last POST to `target` used, if recent enough."""
+        learned = self._learned.get((origin, target))
+        if learned is None or time.monotonic() - learned[1] > max_age_s:
+            return None
+        return learned[0]
+
+    async def exchange(
+        self, origin: tuple, payload: bytes, connect_timeout: float | None,
+        read_timeout: float | None,
+    ) -> _Connection:
+        """Send one request; return its connection once the response headers are in."""
         if self._closed:
             raise httpx2.ConnectError("transport is closed")
-        url = request.url
-        scheme = url.scheme
-        port = url.port or (443 if scheme == "https" else 80)
-        key = (scheme, url.host, port)
-        timeouts = request.extensions.get("timeout", {})
-        body = await request.aread()
-        payload = self._encode_request(request, body)
-
         # A reused connection may have been closed by the server while idle; such a failure
         # (nothing received) is retried once on a fresh connection.
         for _attempt in range(2):
-            connection = self._take_idle(key)
+            connection = self._take_idle(origin)
             fresh = connection is None
             if connection is None:
-                connection = await self._connect(key, timeouts.get("connect"))
+                connection = await self._connect(origin, connect_timeout)
             assert connection.transport is not None
             connection.transport.write(payload)
             try:
-                async with asyncio.timeout(timeouts.get("read")):
+                async with asyncio.timeout(read_timeout):
                     await connection.headers_future
             except TimeoutError as exc:
                 connection.abort()
@@ -368,15 +384,27 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             except BaseException:
                 connection.abort()  # cancelled while waiting: the upstream must hear it
                 raise
-            stream = LeanResponseStream(self, key, connection)
-            return httpx2.Response(
-                status_code=connection.status,
-                headers=connection.raw_headers,
-                stream=stream,
-                extensions={"http_version": b"HTTP/1.1"},
-                request=request,
-            )
+            return connection
         raise httpx2.RemoteProtocolError("upstream closed reused connections")  # pragma: no cover
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        origin = self.origin(request.url)
+        timeouts = request.extensions.get("timeout", {})
+        body = await request.aread()
+        head = self._head_of(request)
+        if request.method == "POST":
+            self._learned[(origin, request.url.raw_path)] = (head, time.monotonic())
+        request_id = request.headers.get("x-request-id")
+        payload = self.encode(head, body, request_id.encode("latin-1") if request_id else None)
+        connection = await self.exchange(origin, payload, timeouts.get("connect"),
+                                         timeouts.get("read"))
+        return httpx2.Response(
+            status_code=connection.status,
+            headers=connection.raw_headers,
+            stream=LeanResponseStream(self, origin, connection),
+            extensions={"http_version": b"HTTP/1.1"},
+            request=request,
+        )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -61,7 +61,8 @@ class FakeUpstream:
                                headers={"content-type": "text/event-stream"})
 
 
-async def call(app, path: str, body: dict, send_hook=None) -> list[tuple[float, dict]]:
+async def call(app, path: str, body: dict, send_hook=None,
+               headers: list[tuple[bytes, bytes]] | None = None) -> list[tuple[float, dict]]:
     """Drive the ASGI app directly; returns (arrival time, message) for every send.
 
     `send_hook(message)`, if given, is awaited inside each send (to play a slow client)."""
@@ -85,7 +86,8 @@ async def call(app, path: str, body: dict, send_hook=None) -> list[tuple[float, 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
              "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
              "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json")], "client": ("t", 1),
+             "headers": [(b"content-type", b"application/json"), *(headers or [])],
+             "client": ("t", 1),
              "server": ("t", 80), "state": {}}
     await app(scope, receive, send)
     done.set()

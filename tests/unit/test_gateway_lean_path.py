@@ -151,3 +151,22 @@ async def test_client_disconnect_closes_the_upstream_at_once(lean_app, simulator
             break
         await asyncio.sleep(0.005)
     assert simulator.call(lambda: simulator.stats.snapshot()["cancelled"]) == before + 1
+
+
+async def test_replayed_sdk_request_keeps_ids_faults_and_text(lean_app, simulator):
+    """After the SDK's first request, later ones replay its head: same results as the SDK's."""
+    app = lean_app()
+    transport = app.state.upstream_client._client._transport
+    await call(app, "/v1/chat/stream", {"prompt": "x", "max_tokens": 3})  # through the SDK
+    assert transport._learned, "the SDK's request head was not recorded"
+
+    headers = [(b"x-request-id", b"replayed-42")]
+    sent = await call(app, "/v1/chat/stream", {"prompt": "x"}, headers=headers)
+    assert b"".join(b for _, b in bodies(sent)).decode() == "".join(expected_tokens(TOKENS))
+    recent = simulator.call(lambda: simulator.stats.snapshot()["recent_request_ids"])
+    assert recent[-1] == "replayed-42"
+
+    sent = await call(app, "/v1/chat/stream", {"prompt": "x", "model": "sim-fault-429"})
+    start = next(m for _, m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 429
+    await app.state.upstream_client.close()
