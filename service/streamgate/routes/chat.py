@@ -172,13 +172,17 @@ async def _read_body(receive, limit: int) -> bytes | None:
     while message.get("more_body", False):
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError  # nobody to answer
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             return None
         parts.append(chunk)
     return b"".join(parts)
+
+
+class _ClientGone(Exception):
+    """The client left before its request body arrived: nobody to answer."""
 
 
 def _request_id(scope) -> bytes:
@@ -240,6 +244,8 @@ class ChatEndpoint:
                 await relay.run_non_stream()
             else:
                 await _until_disconnect(relay, receive, outcome, self.route_label)
+        except _ClientGone:
+            outcome.outcome = "client_disconnect"
         finally:
             outcome.duration_s = time.perf_counter() - started_perf
             metrics.REQUESTS.labels(self.route_label, str(outcome.status)).inc()
@@ -470,7 +476,7 @@ class _Relay:
                     self.held_since = None
                     text = word.flush()
                     if text:
-                        await self._send_out([self._frame(text)], now)
+                        await self._send_out([self._frame(text)])
                 if now >= self.next_ping:
                     await self._ping(now)
                 continue
@@ -488,7 +494,7 @@ class _Relay:
                 self.last_event_at = now
                 out = self._frames_of(events, now)
                 if out:
-                    await self._send_out(out, now)
+                    await self._send_out(out)
             if stream.finished:
                 break
 
@@ -556,7 +562,7 @@ class _Relay:
             out.append(self._frame(content))
         return out
 
-    def _note_sent(self, _loop_now: float) -> None:
+    def _note_sent(self) -> None:
         outcome, now = self.outcome, time.perf_counter()
         if outcome.ttft_s is None:
             outcome.ttft_s = now - self.started_perf
@@ -565,8 +571,8 @@ class _Relay:
             self.gaps.add(now - self.last_sent_at)
         self.last_sent_at = now
 
-    async def _send_out(self, out: list[bytes], now: float) -> None:
-        self._note_sent(now)
+    async def _send_out(self, out: list[bytes]) -> None:
+        self._note_sent()
         if not self.response_started:
             await self._start()
         await self.send({"type": "http.response.body",
@@ -593,7 +599,7 @@ class _Relay:
             self.last_event_at = now
             out = self._frames_of(events, now)
             if out:
-                self._note_sent(now)
+                self._note_sent()
                 message = {"type": "http.response.body",
                            "body": out[0] if len(out) == 1 else b"".join(out),
                            "more_body": True}
