@@ -1,0 +1,106 @@
+"""The lean transport on its own: TLS (the default upstream is https), close-delimited bodies,
+and a read deadline that fires (with a negative control that data in time does not)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+
+import httpx2
+import openai
+import pytest
+from streamgate.transport import LeanTransport, UpstreamReadTimeout
+from streamgate.upstream import ChatStream
+
+pytestmark = pytest.mark.anyio
+
+EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi "},"finish_reason":null}]}\n\n'
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+
+
+async def serve(response: bytes, pause_s: float = 0.0, ssl_context=None):
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        head, _, body = response.partition(b"\r\n\r\n")
+        writer.write(head + b"\r\n\r\n")
+        await asyncio.sleep(pause_s)
+        writer.write(body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ssl_context)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def read_all(base_url: str, transport: LeanTransport, deadline_s: float = 2.0):
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0,
+                                http_client=httpx2.AsyncClient(transport=transport))
+    response = await client.post("/chat/completions", body={"model": "m", "messages": []},
+                                 cast_to=httpx2.Response, stream=True)
+    stream, events = ChatStream(response), []
+    try:
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        while (batch := await stream.read_events(deadline)) is not None:
+            events += batch
+            if stream.finished:
+                break
+    finally:
+        await stream.aclose()
+    return events
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"),
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True)
+    return directory / "cert.pem", directory / "key.pem"
+
+
+async def test_tls_upstream(certificate):
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n"))
+    server, port = await serve(response, ssl_context=server_context)
+    async with server:
+        trusting = LeanTransport(ssl.create_default_context(cafile=str(cert)))
+        events = await read_all(f"https://localhost:{port}/v1", trusting)
+        assert events[0]["choices"][0]["delta"]["content"] == "hi "
+        # Negative control: an untrusted certificate must fail, not be accepted.
+        with pytest.raises(openai.APIConnectionError):
+            await read_all(f"https://localhost:{port}/v1", LeanTransport())
+
+
+async def test_close_delimited_body_ends_cleanly():
+    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                + EVENT + b"data: [DONE]\n\n")
+    server, port = await serve(response)
+    async with server:
+        events = await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport())
+    assert len(events) == 1
+
+
+@pytest.mark.parametrize(("pause_s", "times_out"), [(0.5, True), (0.0, False)])
+async def test_read_deadline(pause_s, times_out):
+    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n"))
+    server, port = await serve(response, pause_s=pause_s)
+    async with server:
+        if times_out:
+            with pytest.raises(UpstreamReadTimeout):
+                await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport(), deadline_s=0.2)
+        else:
+            assert len(await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport(),
+                                      deadline_s=0.2)) == 1
