@@ -138,3 +138,14 @@ def test_settings_read_the_env_file(tmp_path, monkeypatch):
 def test_graceful_timeout_must_cover_total_timeout():
     with pytest.raises(ValueError, match="graceful_timeout_s"):
         Settings(total_timeout_s=100, graceful_timeout_s=50, _env_file=None)  # type: ignore[call-arg]
+
+
+async def test_role_only_first_chunk_does_not_count_as_first_token(make_app, fake_upstream):
+    # vLLM sends {"delta": {"role": "assistant"}} at once; the first token comes later.
+    role = chunk_event(None).replace(b'"delta":{}', b'"delta":{"role":"assistant"}')
+    fake_upstream.parts = [role, chunk_event("Hi"), *stream_body([])[-3:]]
+    fake_upstream.delays = [0, 0.5]
+    sent = await call(make_app(first_token_timeout_s=0.2), "/v1/chat/completions",
+                      {"prompt": "x", "stream": True})
+    text = b"".join(body for _, body in bodies(sent))
+    assert b"first token" in text and b"Hi" not in text  # timed out waiting for content

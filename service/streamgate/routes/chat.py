@@ -443,6 +443,7 @@ class _Relay:
         self.chunk_meta: dict[str, Any] | None = None  # id/created/model for rebuilt chunks
         self.blocked_send = None
         self.sink_error: BaseException | None = None
+        self.content_seen = False  # TTFT counts content, not a role-only first chunk
         self.stream = stream
         self.loop = loop
         # Once the first token is out, token-granularity chunks are relayed straight from the
@@ -536,6 +537,7 @@ class _Relay:
                     outcome.finish_reason = choice["finish_reason"]
             if content:
                 outcome.tokens += 1
+                self.content_seen = True
             if route == OPENAI and word is None:
                 # Token granularity: the upstream chunk as it came (every field kept).
                 if not choices and usage and not self.include_usage:
@@ -565,6 +567,8 @@ class _Relay:
     def _note_sent(self) -> None:
         outcome, now = self.outcome, time.perf_counter()
         if outcome.ttft_s is None:
+            if not self.content_seen:
+                return  # e.g. OpenAI's role-only first chunk: the first token is still due
             outcome.ttft_s = now - self.started_perf
             self.endpoint.ttft_metric.observe(outcome.ttft_s)
         elif self.last_sent_at is not None:
