@@ -77,7 +77,11 @@ class Settings(BaseSettings):
         """0 means one worker per CPU: the work is CPU-bound relaying, not waiting."""
         if self.workers:
             return self.workers
-        return max(1, cpu_count if cpu_count is not None else (os.cpu_count() or 1))
+        if cpu_count is None:
+            # The CPUs this process may run on (cgroup/affinity aware), not the host's total.
+            cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+                os.cpu_count() or 1)
+        return max(1, cpu_count)
 
     def public_dict(self) -> dict[str, object]:
         """What may be logged: everything except secrets."""

@@ -149,3 +149,12 @@ async def test_role_only_first_chunk_does_not_count_as_first_token(make_app, fak
                       {"prompt": "x", "stream": True})
     text = b"".join(body for _, body in bodies(sent))
     assert b"first token" in text and b"Hi" not in text  # timed out waiting for content
+
+
+@pytest.mark.parametrize(("workers", "cpus", "expected"), [(0, 4, 4), (0, None, None), (3, 8, 3)])
+def test_workers_zero_means_one_per_cpu(workers, cpus, expected):
+    import os
+
+    configured = Settings(workers=workers, _env_file=None)  # type: ignore[call-arg]
+    result = configured.effective_workers(cpus)
+    assert result == (expected if expected is not None else len(os.sched_getaffinity(0)))
