@@ -22,6 +22,8 @@ OPTIONS = [
     ("--slo-failure-ratio", float, 0.01, "gate: share of responses with an error"),
     ("--slo-buffered-ratio", float, 0.01, "gate: share of complete responses judged buffered"),
     ("--slo-corrupt-ratio", float, 0.0, "gate: share of complete responses judged corrupt"),
+    ("--max-generator-lagged-ratio", float, 0.05,
+     "validity: share of responses during which the generator itself stalled"),
     ("--gates-json", str, "", "also write the gate results to this JSON file"),
 ]
 

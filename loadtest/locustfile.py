@@ -6,8 +6,11 @@ themselves, one socket read at a time, and fire their own request events:
   ttft_ms <path>     time to the first content read
   itl_ms <path>      every gap between two content reads (and the last silence of a broken stream)
   tokens_per_s <path>  tokens / duration, in the "response time" column
-  buffered <path>    one sample per complete response; a failure when it arrived buffered
+  generator lagged <path>  one sample per complete response; a failure when it would be judged
+                     buffered but this generator process itself stalled meanwhile (not judged)
+  buffered <path>    one sample per judged response; a failure when it arrived buffered
   corrupt <path>     one sample per complete response; a failure when the text is not the expected
+  generator_loop_lag_ms  the generator's own worst event-loop lag per half second
 The SLO gates (slo.py) read these from Locust's stats, so they work on a distributed master too.
 """
 
@@ -17,16 +20,19 @@ import json
 import time
 import zlib
 
+import gevent
 import loadopts
 import slo
 from locust import FastHttpUser, constant, events, task
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 from streamcheck import (
     ABORTED,
     BUFFERED,
     CORRUPT,
     ERROR_EVENT,
+    GENERATOR_LAGGED,
     HTTP_STATUS,
+    LagLog,
     OpenAIDecoder,
     SSEDecoder,
     StreamRecord,
@@ -42,14 +48,42 @@ def _add_options(parser) -> None:
     loadopts.add_options(parser)
 
 
+# This process's record of its own stalls (see LagLog); replaced at init with the run's threshold.
+LAG_LOG = LagLog(threshold_s=0.010)
+LAG_PROBE_S = 0.005
+LAG_REPORT_EVERY_S = 0.5
+
+
 @events.init.add_listener
 def _configure_users(environment, **_kwargs) -> None:
+    global LAG_LOG
     options = environment.parsed_options
     if options is None:
         return
     # FastHttpUser reads these when a user starts: the read timeout bounds a silent stream.
     StreamUser.network_timeout = options.read_timeout_s
     StreamUser.wait_time = constant(options.think_time_s)
+    if environment.runner is not None and not isinstance(environment.runner, MasterRunner):
+        # Two tokens share a read once the loop is away for a gap; the probe wakes up to
+        # LAG_PROBE_S early within that, so a lag of gap - probe is already too much.
+        LAG_LOG = LagLog(threshold_s=max(options.sim_gap_ms / 1000 - LAG_PROBE_S, LAG_PROBE_S))
+        _expected_tokens(options)  # import and build now, not inside the first stream
+        gevent.spawn(_watch_own_lag, environment)
+
+
+def _watch_own_lag(environment) -> None:
+    """Sentinel: sleep briefly, note how late we woke; fire the worst lag every half second."""
+    fire = environment.events.request.fire
+    worst_s, window_start = 0.0, time.perf_counter()
+    while True:  # ends with the process (greenlets die with the runner)
+        due = time.perf_counter() + LAG_PROBE_S
+        gevent.sleep(LAG_PROBE_S)
+        woke = time.perf_counter()
+        worst_s = max(worst_s, LAG_LOG.note(due, woke))
+        if woke - window_start >= LAG_REPORT_EVERY_S:
+            fire(request_type=slo.LOOP_LAG, name="generator event loop",
+                 response_time=worst_s * 1000, response_length=0, exception=None, context={})
+            worst_s, window_start = 0.0, woke
 
 
 @events.quitting.add_listener
@@ -196,7 +230,12 @@ class StreamUser(FastHttpUser):
             fire(request_type=slo.TOKENS_PER_S, name=self.path, response_time=tokens / duration_s,
                  response_length=tokens, exception=None, context={})
         timing = loadopts.timing_from(options)
-        verdicts = [(BUFFERED, judge_buffered(record, tokens, timing))]
+        buffered = judge_buffered(record, tokens, timing)
+        # Merged reads while this process itself stalled may be ours: not held against the target.
+        lagged = buffered is not None and LAG_LOG.overlaps(record.started, record.ended)
+        verdicts = [(GENERATOR_LAGGED, f"{GENERATOR_LAGGED}: not judged buffered" if lagged else None)]
+        if not lagged:
+            verdicts.append((BUFFERED, buffered))
         if expected is not None:
             verdicts.append((CORRUPT, judge_corrupt(record, expected)))
         for kind, failure in verdicts:

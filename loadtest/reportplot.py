@@ -16,7 +16,11 @@ matplotlib.use("Agg")  # no display on a CI host
 import matplotlib.pyplot as plt
 
 # (request_type, percentile columns) drawn in one panel each.
-PANELS = [("ttft_ms", ("50%", "95%")), ("itl_ms", ("50%", "99%"))]
+PANELS = [
+    ("ttft_ms", ("50%", "95%")),
+    ("itl_ms", ("50%", "99%")),
+    ("generator_loop_lag_ms", ("50%", "100%")),  # the generator's own stalls: is the plot valid?
+]
 
 
 def read_history(path: Path) -> list[dict[str, str]]:
@@ -29,7 +33,7 @@ def plot_history(history_csv: Path, png: Path) -> Path:
     if not rows:
         raise ValueError(f"{history_csv} has no rows")
     start = int(rows[0]["Timestamp"])
-    figure, axes = plt.subplots(len(PANELS) + 1, 1, figsize=(10, 9), sharex=True)
+    figure, axes = plt.subplots(len(PANELS) + 1, 1, figsize=(10, 11), sharex=True)
     for axis, (metric, columns) in zip(axes, PANELS, strict=False):
         series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         for row in rows:

@@ -6,13 +6,14 @@ import json
 from dataclasses import asdict, dataclass
 
 from locust.stats import RequestStats, StatsEntry
-from streamcheck import BUFFERED, CORRUPT
+from streamcheck import BUFFERED, CORRUPT, GENERATOR_LAGGED
 
 # request_type of the events the users fire (see locustfile.py).
 TTFT = "ttft_ms"
 ITL = "itl_ms"
 TOKENS_PER_S = "tokens_per_s"
 RESPONSE = "POST"
+LOOP_LAG = "generator_loop_lag_ms"
 
 
 @dataclass
@@ -57,6 +58,9 @@ def evaluate(stats: RequestStats, limits) -> list[Gate]:
         Gate("failure_ratio", failure_ratio(merged(stats, RESPONSE)), limits.slo_failure_ratio),
         Gate("buffered_ratio", failure_ratio(merged(stats, BUFFERED)), limits.slo_buffered_ratio),
         Gate("corrupt_ratio", failure_ratio(merged(stats, CORRUPT)), limits.slo_corrupt_ratio),
+        # Validity, not service quality: above this the generator distorted its own figures.
+        Gate("generator_lagged", failure_ratio(merged(stats, GENERATOR_LAGGED)),
+             limits.max_generator_lagged_ratio),
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import json
+from collections import deque
 from dataclasses import dataclass, field
 
 # Error kinds: the start of every failure message, so Locust's error table groups by kind.
@@ -18,6 +19,7 @@ ABORTED = "aborted stream"
 ERROR_EVENT = "in-band error event"
 BUFFERED = "buffered"
 CORRUPT = "corrupt"
+GENERATOR_LAGGED = "generator lagged"
 
 
 class TextDecoder:
@@ -213,3 +215,35 @@ def judge_corrupt(record: StreamRecord, expected: list[str]) -> str | None:
     if len(record.text) < len("".join(expected)):
         return f"{CORRUPT}: text shorter than expected"
     return f"{CORRUPT}: text differs from expected"
+
+
+class LagLog:
+    """When this generator process was away from its sockets for long enough to merge reads.
+
+    A sentinel greenlet sleeps briefly in a loop and reports how late it woke (`note`); a late
+    wake means every socket waited as long (busy loop, or the host did not run the process).
+    A response streamed during such a period cannot be judged "buffered": its merged reads may be
+    the generator's. Episodes are kept for `keep_s`, ordered by their end.
+    """
+
+    def __init__(self, threshold_s: float, keep_s: float = 300.0) -> None:
+        self.threshold_s = threshold_s
+        self.keep_s = keep_s
+        self.episodes: deque[tuple[float, float]] = deque()
+
+    def note(self, due: float, woke: float) -> float:
+        """Record a wake-up that was due at `due`; returns the lag in seconds."""
+        lag = woke - due
+        if lag >= self.threshold_s:
+            self.episodes.append((due, woke))
+        while self.episodes and self.episodes[0][1] < woke - self.keep_s:
+            self.episodes.popleft()
+        return lag
+
+    def overlaps(self, start: float, end: float) -> bool:
+        for episode_start, episode_end in reversed(self.episodes):
+            if episode_end <= start:
+                return False  # every earlier episode ended earlier still
+            if episode_start < end:
+                return True
+        return False

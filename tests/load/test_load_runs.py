@@ -8,17 +8,20 @@ a simulator dropping a token -> corrupt_ratio. Tens of users, seconds each, ever
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from support import services
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "loadtest" / "run.py"
-GATES = ("ttft_p95", "itl_p99", "failure_ratio", "buffered_ratio", "corrupt_ratio")
 ALL_ROUTES = "text,sse,openai"
 # Bound on a whole run: run time + spawn + stop-timeout + plotting, with room for a busy host.
 RUN_BOUND_S = 120
@@ -42,24 +45,32 @@ class LoadResult:
 
 
 def run_load(target: str, tmp_path: Path, *, users=20, run_time="8s", routes="openai",
-             extra=(), env=None) -> LoadResult:
+             extra=(), env=None, during=None) -> LoadResult:
+    """run.py to the end; `during(popen)` runs meanwhile (to disturb the generator)."""
     command = [
         sys.executable, str(RUN), "--target", target, "--routes", routes,
         "--users", str(users), "--spawn-rate", str(users), "--run-time", run_time,
         "--reports-dir", str(tmp_path), *extra,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_BOUND_S,
-                          env=env, check=False)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env) as runner:
+        try:
+            if during is not None:
+                during(runner)
+            output, _ = runner.communicate(timeout=RUN_BOUND_S)
+        finally:
+            if runner.poll() is None:
+                runner.kill()
     reports = sorted(tmp_path.iterdir())
-    assert reports, f"run.py made no report folder\n{done.stdout}\n{done.stderr}"
+    assert reports, f"run.py made no report folder\n{output}"
     gates_file = reports[-1] / "gates.json"
-    assert gates_file.exists(), f"no gates.json\n{done.stdout}\n{done.stderr}"
+    assert gates_file.exists(), f"no gates.json\n{output}"
     summary = json.loads(gates_file.read_text())
     return LoadResult(
-        exit_code=done.returncode,
+        exit_code=runner.returncode,
         responses=summary["responses"],
         gates={gate["name"]: gate for gate in summary["gates"]},
-        output=done.stdout + done.stderr,
+        output=output,
         report=reports[-1],
     )
 
@@ -142,3 +153,29 @@ def test_distributed_mode_master_judges_the_workers_streams(simulator, tmp_path)
     assert result.exit_code == 0, result.explain()
     assert result.responses >= 20, result.explain()
     assert "worker" in (result.report / "locust.log").read_text().lower()
+
+
+def stall_the_generator(runner: subprocess.Popen, *, stalls=12, stall_s=0.3, between_s=0.3):
+    """SIGSTOP/SIGCONT the Locust process run.py started: a host that does not run the generator."""
+    run_py = psutil.Process(runner.pid)
+    deadline = time.monotonic() + 20
+    while not run_py.children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    locust = run_py.children()[0]
+    time.sleep(2)  # streams under way
+    for _ in range(stalls):
+        os.kill(locust.pid, signal.SIGSTOP)
+        try:
+            time.sleep(stall_s)
+        finally:
+            os.kill(locust.pid, signal.SIGCONT)
+        time.sleep(between_s)
+
+
+def test_a_stalled_generator_fails_validity_not_the_target(simulator, tmp_path):
+    result = run_load(simulator.base_url, tmp_path, users=10, run_time="10s",
+                      during=stall_the_generator)
+    assert result.exit_code != 0, result.explain()
+    assert "generator_lagged" in result.failed_gates(), result.explain()
+    # the merged reads are the generator's: not blamed on the (healthy) simulator
+    assert result.gates["buffered_ratio"]["passed"], result.explain()

@@ -8,6 +8,7 @@ import pytest
 from streamcheck import (
     BUFFERED,
     CORRUPT,
+    LagLog,
     OpenAIDecoder,
     SSEDecoder,
     StreamRecord,
@@ -140,3 +141,20 @@ def test_sse_decoder_reads_the_usage_of_the_done_event():
     wire = b'data: {"content": "a\\r\\nb"}\n\nevent: done\ndata: {"usage": {"completion_tokens": 2}}\n\n'
     assert decoder.feed(wire) == ("a\r\nb", 1)
     assert decoder.done and decoder.tokens_reported == 2
+
+
+def test_lag_log_marks_only_responses_that_overlap_a_late_wake_up():
+    log = LagLog(threshold_s=0.010)
+    assert log.note(due=1.000, woke=1.002) == pytest.approx(0.002)  # on time: not kept
+    log.note(due=2.000, woke=2.300)  # away 300 ms
+    log.note(due=5.000, woke=5.050)
+    assert list(log.episodes) == [(2.0, 2.3), (5.0, 5.05)]
+    assert log.overlaps(1.9, 2.1) and log.overlaps(2.2, 3.0) and log.overlaps(4.0, 6.0)
+    assert not log.overlaps(0.5, 1.9) and not log.overlaps(2.3, 4.9) and not log.overlaps(6, 7)
+
+
+def test_lag_log_forgets_old_episodes():
+    log = LagLog(threshold_s=0.010, keep_s=60)
+    log.note(due=1.0, woke=1.5)
+    log.note(due=100.0, woke=100.001)
+    assert not log.episodes
