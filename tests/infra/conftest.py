@@ -1,8 +1,10 @@
 """testinfra checks of deployed hosts: `make testinfra` (hosts from the inventory).
 
-Each module names its group in `testinfra_hosts`; tests that take no `host` (the validation
-play, parser checks) run once on the controller. Commands that need root run in
-`host.sudo()`: the inventory's SSH user is an ordinary sudo-capable user, as on cloud VMs.
+Each module names its group in `testinfra_hosts`. `make testinfra` passes `--hosts=ansible://all`,
+which testinfra lets override every module's own list, so the collection hook below keeps each
+host test only for the hosts of its module's groups. Tests that take no `host` (the validation
+play, parser checks) run once on the controller. Commands that need root run in `host.sudo()`:
+the inventory's SSH user is an ordinary sudo-capable user, as on cloud VMs.
 """
 
 from __future__ import annotations
@@ -12,14 +14,39 @@ import sys
 from pathlib import Path
 
 import pytest
+from testinfra.utils.ansible_runner import AnsibleRunner
 
 # testinfra's ansible backend runs `ansible-inventory`: take the one next to this Python
 # (the project venv) even when the venv is not activated.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
+# A host that stops answering must fail the run, not hang it.
+HOST_TEST_TIMEOUT_S = 120
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+
+def hosts_in(runner: AnsibleRunner, specs: list[str]) -> set[str]:
+    """Inventory hosts named by testinfra specs such as "ansible://app" or "ansible://all"."""
+    names: set[str] = set()
+    for spec in specs:
+        for pattern in spec.removeprefix("ansible://").split(":"):
+            names.update(runner.get_hosts(pattern))
+    return names
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    inventory = config.option.ansible_inventory
+    runner = AnsibleRunner(inventory) if inventory else None
+    kept, deselected = [], []
     for item in items:
         if "infra" in item.path.parts and item.get_closest_marker("timeout") is None:
-            # A host that stops answering must fail the run, not hang it.
-            item.add_marker(pytest.mark.timeout(120))
+            item.add_marker(pytest.mark.timeout(HOST_TEST_TIMEOUT_S))
+        host = getattr(item, "callspec", None) and item.callspec.params.get("_testinfra_host")
+        specs = getattr(item.module, "testinfra_hosts", None)
+        if runner is None or host is None or specs is None:
+            kept.append(item)
+            continue
+        name = host.backend.get_pytest_id().split("://", 1)[-1]
+        (kept if name in hosts_in(runner, specs) else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-testinfra_hosts = ["ansible://edge:app:simulator"]
+testinfra_hosts = ["ansible://all"]
 
 
 @pytest.mark.parametrize("package", ["ca-certificates", "curl"])
