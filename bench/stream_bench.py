@@ -67,6 +67,7 @@ TARGET_GAP_P99_MS = 40.0
 TARGET_TTFT_P99_MS = 150.0
 TARGET_ADDED_TTFT_P50_MS = 2.0
 TARGET_ADDED_TTFT_LEVEL = 10
+NOISY_OTHERS_CORES = 0.5
 
 
 @dataclass
@@ -457,6 +458,14 @@ def markdown(rows: list[dict], checks: list[dict]) -> str:
             f"| {fmt(per_chunk.get('sim'))} | {client} | {row['other_processes_cores']} "
             f"| {fmt(relay_wait(row))} |"
         )
+    noisy = [row for row in rows if row["other_processes_cores"] > NOISY_OTHERS_CORES]
+    if noisy:
+        lines += [
+            "",
+            f"{len(noisy)} of {len(rows)} rows ran while other processes used more than "
+            f"{NOISY_OTHERS_CORES} of the {os.cpu_count()} cores: their latency figures say more "
+            "about the machine than about the target.",
+        ]
     lines += [
         "",
         "| target (issue 2) | measured | limit | verdict | others' cores then |",
