@@ -460,12 +460,12 @@ def markdown(rows: list[dict], checks: list[dict]) -> str:
         )
     noisy = [row for row in rows if row["other_processes_cores"] > NOISY_OTHERS_CORES]
     if noisy:
-        lines += [
-            "",
+        warning = (
             f"{len(noisy)} of {len(rows)} rows ran while other processes used more than "
             f"{NOISY_OTHERS_CORES} of the {os.cpu_count()} cores: their latency figures say more "
-            "about the machine than about the target.",
-        ]
+            "about the machine than about the target."
+        )
+        lines += ["", warning]
     lines += [
         "",
         "| target (issue 2) | measured | limit | verdict | others' cores then |",
