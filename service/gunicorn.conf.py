@@ -17,6 +17,12 @@ _settings = load_settings()
 worker_class = "uvicorn_worker.UvicornWorker"
 workers = _settings.effective_workers()
 bind = [_settings.bind]
+# Each worker gets its own SO_REUSEPORT listener and the kernel spreads connections evenly.
+# With one shared listener, whichever worker wakes first accepts the whole queue: measured
+# here, 500 connections split 394/106, and the busy worker's streams stall while the other
+# idles (keep-alive clients and nginx's upstream pool stay on the worker that accepted them).
+# Linux balances TCP only, so a unix: bind keeps the shared listener.
+reuse_port = not _settings.bind.startswith("unix:")
 wsgi_app = "streamgate.app:create_app()"
 
 # Must cover the longest stream: on stop/reload the arbiter kills what is still open after it.
