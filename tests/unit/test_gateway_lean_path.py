@@ -14,6 +14,7 @@ import time
 
 import orjson
 import pytest
+from streamgate import metrics
 from streamgate.app import create_app
 from streamgate.simulator.config import SimConfig
 from streamgate.simulator.script import expected_tokens
@@ -121,6 +122,8 @@ async def test_stall_midstream_hits_the_gap_timeout(lean_app):
 
 async def test_client_disconnect_closes_the_upstream_at_once(lean_app, simulator):
     app = lean_app()
+    disconnects = metrics.DISCONNECTS.labels("stream", "streaming")
+    disconnects_before = disconnects._value.get()
     before = simulator.call(lambda: simulator.stats.snapshot()["cancelled"])
     body = orjson.dumps({"prompt": "x", "max_tokens": 5000})
     disconnect = asyncio.Event()
@@ -151,6 +154,7 @@ async def test_client_disconnect_closes_the_upstream_at_once(lean_app, simulator
             break
         await asyncio.sleep(0.005)
     assert simulator.call(lambda: simulator.stats.snapshot()["cancelled"]) == before + 1
+    assert disconnects._value.get() == disconnects_before + 1
 
 
 async def test_replayed_sdk_request_keeps_ids_faults_and_text(lean_app, simulator):
