@@ -57,7 +57,7 @@ def plot_history(history_csv: Path, png: Path) -> Path:
     axes[-1].set_ylabel("active users")
     axes[-1].set_xlabel("seconds since start")
     axes[-1].grid(True, alpha=0.3)
-    figure.suptitle("streamgate load test: time to first token, inter-token gap, users")
+    figure.suptitle("streamgate load test: first token, inter-token gap, generator lag, users")
     figure.tight_layout()
     figure.savefig(png, dpi=100)
     plt.close(figure)
