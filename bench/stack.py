@@ -155,7 +155,12 @@ class Service:
 
 
 def render_nginx(
-    run_dir: Path, listen_port: int, upstream_port: int, *, buffering_fault: bool = False
+    run_dir: Path,
+    listen_port: int,
+    upstream_port: int,
+    *,
+    buffering_fault: bool = False,
+    worker_processes: str | None = None,
 ) -> Path:
     """Render nginx/*.j2 with the role defaults, the same way the wire tests do (their helper),
     overriding only root-only paths and the loopback addresses. Worker count stays the role's
@@ -180,6 +185,8 @@ def render_nginx(
         "__nginx_temp_dir": str(nginx_dir / "temp"),
         "__nginx_site_include": str(site),
     }
+    if worker_processes:
+        variables["nginx_worker_processes"] = worker_processes
     rendered = render(variables)
     if buffering_fault:
         rendered["streamgate.conf"] = break_buffering(rendered["streamgate.conf"])

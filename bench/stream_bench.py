@@ -125,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--client-procs", type=int, default=0,
         help="load-generator processes (0: 1 below 200 streams, else 2)",
     )
+    parser.add_argument("--gateway-workers", type=int, default=2, help="gunicorn workers")
+    parser.add_argument(
+        "--nginx-workers", help="nginx worker_processes (default: the role's default, auto)"
+    )
     parser.add_argument(
         "--no-content-check", action="store_true",
         help="do not compare answers with the simulator's script (another simulator)",
@@ -174,7 +178,7 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
              "streamgate.app:create_app()"],
             env={
                 "STREAMGATE_BIND": f"127.0.0.1:{port}",
-                "STREAMGATE_WORKERS": "2",
+                "STREAMGATE_WORKERS": str(args.gateway_workers),
                 "STREAMGATE_UPSTREAM_BASE_URL": upstream,
                 "STREAMGATE_UPSTREAM_API_KEY": "sk-bench-not-secret",
             },
@@ -186,7 +190,8 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
             continue
         port = free_port()
         conf = render_nginx(
-            run_dir, port, services["gateway"].port, buffering_fault=name == "nginx-buffered"
+            run_dir, port, services["gateway"].port, buffering_fault=name == "nginx-buffered",
+            worker_processes=args.nginx_workers,
         )
         services[name] = Service(
             name, port,
