@@ -38,6 +38,7 @@ from streamcheck import (
     StreamRecord,
     TextDecoder,
     count_tokens,
+    excused_by_lag,
     judge_buffered,
     judge_corrupt,
 )
@@ -232,7 +233,8 @@ class StreamUser(FastHttpUser):
         timing = loadopts.timing_from(options)
         buffered = judge_buffered(record, tokens, timing)
         # Merged reads while this process itself stalled may be ours: not held against the target.
-        lagged = buffered is not None and LAG_LOG.overlaps(record.started, record.ended)
+        lagged = buffered is not None and excused_by_lag(
+            record, tokens, timing, *LAG_LOG.within(record.started, record.ended))
         verdicts = [(GENERATOR_LAGGED, f"{GENERATOR_LAGGED}: not judged buffered" if lagged else None)]
         if not lagged:
             verdicts.append((BUFFERED, buffered))

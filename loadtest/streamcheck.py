@@ -240,10 +240,32 @@ class LagLog:
             self.episodes.popleft()
         return lag
 
-    def overlaps(self, start: float, end: float) -> bool:
+    def within(self, start: float, end: float) -> tuple[float, int]:
+        """(seconds of stall inside [start, end], how many stalls touched it)."""
+        stalled_s, count = 0.0, 0
         for episode_start, episode_end in reversed(self.episodes):
             if episode_end <= start:
-                return False  # every earlier episode ended earlier still
-            if episode_start < end:
-                return True
+                break  # every earlier episode ended earlier still
+            overlap = min(episode_end, end) - max(episode_start, start)
+            if overlap > 0:
+                stalled_s += overlap
+                count += 1
+        return stalled_s, count
+
+
+def excused_by_lag(record: StreamRecord, tokens: int, timing: StreamTiming,
+                   stalled_s: float, stalls: int) -> bool:
+    """Would the response have passed as streamed, had the generator not stalled?
+
+    A stall of L seconds can merge up to L / gap + 1 tokens into one read and shorten the
+    arrival span by at most L: only that much is forgiven, so a response that arrived in one
+    piece is still judged buffered when the generator hiccuped meanwhile.
+    """
+    if not stalls:
         return False
+    mergeable = stalls + stalled_s * 1000 / timing.gap_ms if timing.gap_ms > 0 else tokens
+    reads_ok = min(len(record.content_times) + mergeable, tokens) >= (
+        timing.min_separate_reads_ratio * tokens)
+    span_ok = record.span_ms() + stalled_s * 1000 >= (
+        timing.min_span_ratio * timing.expected_span_ms(tokens))
+    return reads_ok and span_ok

@@ -15,6 +15,7 @@ from streamcheck import (
     StreamTiming,
     TextDecoder,
     count_tokens,
+    excused_by_lag,
     judge_buffered,
     judge_corrupt,
     matched_token_prefix,
@@ -149,8 +150,22 @@ def test_lag_log_marks_only_responses_that_overlap_a_late_wake_up():
     log.note(due=2.000, woke=2.300)  # away 300 ms
     log.note(due=5.000, woke=5.050)
     assert list(log.episodes) == [(2.0, 2.3), (5.0, 5.05)]
-    assert log.overlaps(1.9, 2.1) and log.overlaps(2.2, 3.0) and log.overlaps(4.0, 6.0)
-    assert not log.overlaps(0.5, 1.9) and not log.overlaps(2.3, 4.9) and not log.overlaps(6, 7)
+    assert log.within(1.9, 2.1) == (pytest.approx(0.1), 1)
+    assert log.within(0.0, 9.0) == (pytest.approx(0.35), 2)
+    assert log.within(0.5, 1.9) == (0.0, 0) and log.within(2.3, 4.9) == (0.0, 0)
+
+
+def test_a_generator_stall_excuses_only_the_reads_it_can_explain():
+    # 50 tokens 20 ms apart; the generator away 300 ms: 16 tokens land in one read
+    arrivals = [(0.05 + i * 0.02, "t") for i in range(50)]
+    merged = record_of(arrivals[:10] + [(0.56, "t" * 16)] + arrivals[26:])
+    timing = StreamTiming(gap_ms=20, tokens=50)
+    assert judge_buffered(merged, 50, timing) is not None  # 35 reads: under 80% of 50
+    assert excused_by_lag(merged, 50, timing, stalled_s=0.3, stalls=1)
+    assert not excused_by_lag(merged, 50, timing, stalled_s=0.0, stalls=0)
+    # the whole answer in one read is not explained by a 300 ms hiccup
+    whole = record_of([(1.03, "t" * 50)])
+    assert not excused_by_lag(whole, 50, timing, stalled_s=0.3, stalls=1)
 
 
 def test_lag_log_forgets_old_episodes():
