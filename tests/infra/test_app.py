@@ -129,3 +129,18 @@ def test_gateway_answers_health_checks_on_the_host(host, path):
 )
 def test_timespan_parser(text, seconds):
     assert parse_systemd_timespan(text) == seconds
+
+
+def test_reload_keeps_the_master_and_stays_ready(host):
+    """`systemctl reload` (HUP) replaces the workers under the same master, still ready after."""
+    main_pid_before = host.check_output("systemctl show -p MainPID --value streamgate")
+    check_output_as_root(host, "systemctl reload streamgate")
+    # Bounded: 20 tries, 1 s apart; curl fails fast when nothing answers.
+    status = host.check_output(
+        "for try in $(seq 20); do "
+        f"code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 2 http://127.0.0.1:{GATEWAY_PORT}/readyz); "
+        '[ "$code" = 200 ] && break; sleep 1; done; echo "$code"'
+    )
+    assert status == "200"
+    assert host.check_output("systemctl show -p MainPID --value streamgate") == main_pid_before
+    assert host.service("streamgate").is_running
