@@ -17,6 +17,10 @@ LOADTEST_ARGS="${LOADTEST_ARGS:---users 100 --run-time 30s}"
 LOG_DIR="$(mktemp -d -t streamgate-e2e-XXXXXX)"
 SUMMARY=()
 
+# Prerequisites before the trap: a failure here has made no lab, so there is nothing to
+# remove (and lab-destroy would only remove a lab that someone else made).
+make --no-print-directory venv deps
+
 teardown() {
     local status=$?
     echo "== teardown (make lab-destroy)"
