@@ -32,6 +32,8 @@ from streamcheck import (
     ERROR_EVENT,
     GENERATOR_LAGGED,
     HTTP_STATUS,
+    MALFORMED,
+    NO_END,
     LagLog,
     OpenAIDecoder,
     SSEDecoder,
@@ -203,10 +205,14 @@ class StreamUser(FastHttpUser):
             record.error = f"{ABORTED}: read timeout"
         except (OSError, zlib.error) as error:  # ConnectionError, resets, a broken gzip stream
             record.error = f"{ABORTED}: {type(error).__name__}"
+        except ValueError as error:  # an event whose JSON does not parse
+            record.error = f"{MALFORMED}: {type(error).__name__}"
         if record.error:
             _discard_connection(raw)
         elif decoder.error:
             record.error = ERROR_EVENT
+        elif decoder.has_end_event and not decoder.done:
+            record.error = NO_END
 
     def _report(self, response, record: StreamRecord, decoder: TextDecoder, options) -> None:
         expected = _expected_tokens(options)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 HTTP_STATUS = "http status"
 ABORTED = "aborted stream"
 ERROR_EVENT = "in-band error event"
+MALFORMED = "malformed stream"
+NO_END = "aborted stream: no end event"
 BUFFERED = "buffered"
 CORRUPT = "corrupt"
 GENERATOR_LAGGED = "generator lagged"
@@ -24,6 +26,9 @@ GENERATOR_LAGGED = "generator lagged"
 
 class TextDecoder:
     """text/plain: the body is the content (UTF-8, a character may be split across reads)."""
+
+    # Whether the format marks its own end (then a body that stops without it was cut short).
+    has_end_event = False
 
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -42,6 +47,8 @@ class SSEDecoder(TextDecoder):
 
     Subclasses say what an event means (`on_event`); this base treats the data as content.
     """
+
+    has_end_event = True
 
     def __init__(self) -> None:
         super().__init__()
