@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -156,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
     if "sim" not in args.targets:
         args.targets.insert(0, "sim")  # every ratio is against it
+    if shutil.which("nginx") is None and {"nginx", "nginx-buffered"} & set(args.targets):
+        print("note: no nginx binary (Debian: apt-get install nginx-light): nginx rows skipped")
+        args.targets = [name for name in args.targets if not name.startswith("nginx")]
     return args
 
 
