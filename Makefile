@@ -39,7 +39,7 @@ run: venv ## run the simulator and the gateway on loopback (no root), print a cu
 	$(PY) -m streamgate.devrun --gateway-port $(GATEWAY_PORT) --sim-port $(SIM_PORT)
 
 test-service: venv deps ## service tests: unit, property, wire (real gunicorn, simulator, local nginx)
-	$(PY) -m pytest tests/unit tests/wire
+	$(PY) -m pytest tests/unit tests/wire bench/test_loadgen.py lab/tests
 
 test-load: venv deps ## load-test verdicts and gates, with their negative controls (local processes)
 	$(PY) -m pytest tests/load
@@ -74,8 +74,8 @@ loadtest: venv ## headless Locust through nginx (lab edge by default; TARGET=htt
 lint: venv ## ruff
 	$(VENV)/bin/ruff check service tests loadtest lab bench
 
-bench: venv deps ## benchmark gateway (direct, via nginx) against the simulator alone
-	$(PY) bench/stream_bench.py
+bench: venv deps ## benchmark: simulator alone vs gateway direct, via nginx, the article's design (BENCH_ARGS=...)
+	$(PY) bench/stream_bench.py $(BENCH_ARGS)
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
