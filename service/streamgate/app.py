@@ -15,7 +15,7 @@ from .logs import log_event
 from .routes import health
 from .routes.chat import ROUTES, ChatEndpoint
 from .settings import Settings, get_settings
-from .upstream import make_client
+from .upstream import choose_transport, make_client
 
 
 class StreamGateApp(FastAPI):
@@ -45,10 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One upstream client (one connection pool) per worker, made inside its event loop.
-        app.state.upstream_client = make_client(settings)
+        transport = choose_transport(settings)
+        app.state.upstream_client = make_client(settings, transport.name)
         log_event(
             "worker_started",
             loop=type(asyncio.get_running_loop()).__module__,
+            upstream_transport=transport.name,
+            upstream_transport_reason=transport.reason,
             settings=settings.public_dict(),
         )
         try:

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     token_gap_timeout_s: float = Field(30.0, gt=0)
     total_timeout_s: float = Field(600.0, gt=0)
     upstream_retries: int = Field(1, ge=0, le=5)
+    # lean: the kit's own HTTP/1.1 transport (fast, no proxies); sdk: the SDK's httpx2 transport
+    # (honours HTTP(S)_PROXY, ALL_PROXY, NO_PROXY); auto: sdk only when a proxy applies.
+    upstream_transport: Literal["auto", "lean", "sdk"] = "auto"
+    # Ask for stream_options.include_usage upstream; off for servers that reject it (the
+    # usage is then unknown: logs and `event: done` carry null).
+    upstream_include_usage: bool = True
 
     max_prompt_chars: int = Field(32_000, gt=0)
     word_flush_ms: int = Field(150, ge=0)

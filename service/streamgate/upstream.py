@@ -3,7 +3,9 @@
 The openai SDK makes the request (base URL, auth, headers, status errors); the response body
 is read here as raw SSE bytes and each `data:` payload parsed once with orjson. Building the
 SDK's pydantic objects for every chunk cost ~100 us per chunk on this kit's benchmark: more
-than the whole relay budget. The HTTP client underneath is `transport.LeanTransport`.
+than the whole relay budget. The HTTP client underneath is `transport.LeanTransport`, or the
+SDK's own httpx2 transport when the upstream must be reached through a proxy (see
+choose_transport): the relay reads both the same way, the lean one faster.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 import httpx2
 import openai
 import orjson
+from httpx2._utils import URLPattern, get_environment_proxies
 
 from .settings import Settings
 from .transport import LeanResponseStream, LeanTransport, UpstreamReadTimeout
@@ -24,8 +27,10 @@ T = TypeVar("T")
 
 __all__ = [
     "ChatStream",
+    "TransportChoice",
     "UpstreamError",
     "UpstreamReadTimeout",
+    "choose_transport",
     "complete_chat",
     "make_client",
     "open_chat_stream",
@@ -55,17 +60,53 @@ class UpstreamError(Exception):
         return {"error": {"message": self.message, "type": "upstream_error", "code": self.kind}}
 
 
-def make_client(settings: Settings) -> openai.AsyncOpenAI:
+@dataclass(frozen=True, slots=True)
+class TransportChoice:
+    name: str  # "lean" or "sdk"
+    reason: str  # for the startup log
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the SDK's httpx2 client would take from the environment for `url` (None:
+    direct), by httpx2's own rules: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY."""
+    mounts = {URLPattern(pattern): proxy for pattern, proxy in get_environment_proxies().items()}
+    target = httpx2.URL(url)
+    for pattern in sorted(mounts):  # most specific first, as httpx2's client matches them
+        if pattern.matches(target):
+            return mounts[pattern]
+    return None
+
+
+def choose_transport(settings: Settings) -> TransportChoice:
+    """lean (no proxy support) unless set otherwise or a proxy applies to the upstream."""
+    if settings.upstream_transport != "auto":
+        return TransportChoice(settings.upstream_transport, "STREAMGATE_UPSTREAM_TRANSPORT")
+    proxy = environment_proxy(settings.upstream_base_url or "")
+    if proxy is None:
+        return TransportChoice("lean", "auto: no proxy applies to the upstream")
+    shown = httpx2.URL(proxy).copy_with(username=None, password=None)  # never its credentials
+    return TransportChoice("sdk", f"auto: proxy {shown} applies to the upstream")
+
+
+def make_client(settings: Settings, transport: str | None = None) -> openai.AsyncOpenAI:
     """One client per worker (made in the lifespan): one connection pool, deliberate timeouts."""
+    lean = (transport or choose_transport(settings).name) == "lean"
     timeout = httpx2.Timeout(
         connect=settings.connect_timeout_s,
-        read=settings.first_token_timeout_s,  # until response headers; the relay times the body
+        # Lean: until the response headers (the relay times the body). The SDK's transport
+        # applies it to every socket read: there it must not cut a gap the relay allows.
+        read=settings.first_token_timeout_s if lean
+        else max(settings.first_token_timeout_s, settings.token_gap_timeout_s),
         write=settings.connect_timeout_s,
         pool=settings.connect_timeout_s,
     )
-    http_client = httpx2.AsyncClient(
-        transport=LeanTransport(), timeout=timeout, follow_redirects=False
-    )
+    if lean:
+        http_client = httpx2.AsyncClient(
+            transport=LeanTransport(), timeout=timeout, follow_redirects=False
+        )
+    else:
+        # The SDK's default client: its pool limits, and proxies and CAs from the environment.
+        http_client = openai.DefaultAsyncHttpxClient(timeout=timeout, follow_redirects=False)
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else ""
     return openai.AsyncOpenAI(
         base_url=settings.upstream_base_url,

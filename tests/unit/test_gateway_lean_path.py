@@ -1,8 +1,10 @@
-"""The production read path: the lean transport against the real simulator (in a thread).
+"""The production read paths against the real simulator (in a thread): the lean transport,
+and the SDK's own httpx2 transport (used when the upstream is behind a proxy).
 
 The MockTransport tests elsewhere exercise the generic path; these make sure the callback
 relay (chunks sent from the upstream connection's callback) keeps every token, in order,
-also when the client is slow, and that errors, stalls and disconnects behave the same.
+also when the client is slow, and that errors, stalls, timeouts and disconnects behave the
+same on both transports.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from streamgate.app import create_app
 from streamgate.simulator.config import SimConfig
 from streamgate.simulator.script import expected_tokens
 from streamgate.simulator.server import SimulatorThread
+from streamgate.transport import LeanTransport
 from streamgate.upstream import make_client
 
 from .conftest import bodies, call
@@ -34,12 +37,20 @@ def simulator():
         yield sim
 
 
+@pytest.fixture(params=["lean", "sdk"])
+def transport(request) -> str:
+    """Which transport the app's upstream client uses (tests of lean internals pin "lean")."""
+    return request.param
+
+
 @pytest.fixture
-def lean_app(settings, simulator):
+def lean_app(settings, simulator, transport):
     def make(**overrides):
         app = create_app(settings.model_copy(
             update={"upstream_base_url": simulator.url + "/v1", **overrides}))
-        app.state.upstream_client = make_client(app.state.settings)
+        app.state.upstream_client = make_client(app.state.settings, transport)
+        http_transport = app.state.upstream_client._client._transport
+        assert isinstance(http_transport, LeanTransport) == (transport == "lean")
         return app
 
     return make
@@ -92,6 +103,7 @@ async def test_every_token_arrives_once_and_in_order(lean_app, route, send_hook)
     await app.state.upstream_client.close()
 
 
+@pytest.mark.parametrize("transport", ["lean"])
 async def test_upstream_connections_are_reused(lean_app):
     app = lean_app()
     for _ in range(3):
@@ -118,6 +130,16 @@ async def test_stall_midstream_hits_the_gap_timeout(lean_app):
     assert events[-1][0] == "error"
     assert "gap between tokens" in events[-1][1]
     assert time.monotonic() - started < 2
+
+
+async def test_stall_before_the_first_token_is_a_504(lean_app):
+    started = time.monotonic()
+    sent = await call(lean_app(first_token_timeout_s=0.3), "/v1/chat/stream",
+                      {"prompt": "x", "model": "sim-fault-stall-first"})
+    start = next(m for _, m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 504
+    assert b"first token" in b"".join(body for _, body in bodies(sent))
+    assert 0.3 <= time.monotonic() - started < 2
 
 
 async def test_client_disconnect_closes_the_upstream_at_once(lean_app, simulator):
@@ -157,6 +179,7 @@ async def test_client_disconnect_closes_the_upstream_at_once(lean_app, simulator
     assert disconnects._value.get() == disconnects_before + 1
 
 
+@pytest.mark.parametrize("transport", ["lean"])
 async def test_replayed_sdk_request_keeps_ids_faults_and_text(lean_app, simulator):
     """After the SDK's first request, later ones replay its head: same results as the SDK's."""
     app = lean_app()
@@ -173,4 +196,27 @@ async def test_replayed_sdk_request_keeps_ids_faults_and_text(lean_app, simulato
     sent = await call(app, "/v1/chat/stream", {"prompt": "x", "model": "sim-fault-429"})
     start = next(m for _, m in sent if m["type"] == "http.response.start")
     assert start["status"] == 429
+    await app.state.upstream_client.close()
+
+
+@pytest.mark.parametrize("ask_usage", [True, False], ids=["usage-asked", "usage-not-asked"])
+async def test_usage_is_asked_upstream_only_when_configured(lean_app, ask_usage):
+    app = lean_app(upstream_include_usage=ask_usage)
+    sent = await call(app, "/v1/chat/stream-sse", {"prompt": "x", "max_tokens": 7})
+    text = b"".join(body for _, body in bodies(sent)).decode()
+    assert content_of("/v1/chat/stream-sse", text) == "".join(expected_tokens(7))
+    name, data = sse_events(text)[-1]
+    assert name == "done"
+    usage = orjson.loads(data)["usage"]
+    assert (usage["completion_tokens"] == 7) if ask_usage else (usage is None), usage
+
+    # An OpenAI client asking for usage gets it only when the upstream was asked for it.
+    sent = await call(app, "/v1/chat/completions", {
+        "prompt": "x", "max_tokens": 7, "stream": True,
+        "stream_options": {"include_usage": True}})
+    text = b"".join(body for _, body in bodies(sent)).decode()
+    chunks = [json.loads(data) for _, data in sse_events(text) if data != "[DONE]"]
+    assert content_of("/v1/chat/completions", text) == "".join(expected_tokens(7))
+    assert any(chunk.get("usage") for chunk in chunks) == ask_usage
+    assert text.endswith("data: [DONE]\n\n")
     await app.state.upstream_client.close()

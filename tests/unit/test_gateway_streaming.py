@@ -86,6 +86,15 @@ async def test_non_stream_completion_is_relayed_without_stream_options(make_app,
     assert payload["stream"] is False and "stream_options" not in payload
 
 
+@pytest.mark.parametrize("ask_usage", [True, False])
+async def test_stream_options_go_upstream_only_when_configured(make_app, fake_upstream,
+                                                               ask_usage):
+    await call(make_app(upstream_include_usage=ask_usage), "/v1/chat/stream", {"prompt": "x"})
+    payload = orjson.loads(fake_upstream.requests[0].content)
+    assert payload["stream"] is True
+    assert payload.get("stream_options") == ({"include_usage": True} if ask_usage else None)
+
+
 async def test_midstream_error_is_in_band_for_sse_and_openai(make_app, fake_upstream):
     error = b'data: {"error": {"message": "model crashed"}}\n\n'
     for path, expect in (("/v1/chat/stream-sse", b"event: error"),

@@ -1,5 +1,6 @@
 """The lean transport on its own: TLS (the default upstream is https), close-delimited bodies,
-and a read deadline that fires (with a negative control that data in time does not)."""
+and a read deadline that fires (with a negative control that data in time does not); and the
+choice between it and the SDK's transport (which honours proxies)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import subprocess
 import httpx2
 import openai
 import pytest
+from streamgate.settings import Settings
 from streamgate.transport import LeanTransport, UpstreamReadTimeout
-from streamgate.upstream import ChatStream
+from streamgate.upstream import ChatStream, choose_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -104,3 +106,39 @@ async def test_read_deadline(pause_s, times_out):
         else:
             assert len(await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport(),
                                       deadline_s=0.2)) == 1
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.mark.parametrize(("upstream", "environment", "expected"), [
+    ("https://api.openai.com/v1", {}, "lean"),
+    ("https://api.openai.com/v1", {"HTTPS_PROXY": "http://proxy.corp:3128"}, "sdk"),
+    ("https://api.openai.com/v1", {"HTTP_PROXY": "http://proxy.corp:3128"}, "lean"),  # http only
+    ("http://vllm.lan:8000/v1", {"HTTP_PROXY": "http://proxy.corp:3128"}, "sdk"),
+    ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://proxy.corp:3128"}, "sdk"),
+    ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "vllm.lan"}, "lean"),
+    ("http://10.0.0.7:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.7"}, "lean"),
+    ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "other.lan"}, "sdk"),
+    ("https://api.openai.com/v1", {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "*"}, "lean"),
+])
+def test_auto_takes_the_sdk_transport_only_when_a_proxy_applies(monkeypatch, upstream,
+                                                                 environment, expected):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(upstream_base_url=upstream, _env_file=None)  # type: ignore[call-arg]
+    assert choose_transport(settings).name == expected
+
+
+def test_explicit_transport_wins_and_proxy_credentials_stay_out_of_the_log(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:s3cret@proxy.corp:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    auto = choose_transport(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert auto.name == "sdk" and "proxy.corp:3128" in auto.reason
+    assert "s3cret" not in auto.reason and "user" not in auto.reason
+    pinned = Settings(upstream_transport="lean", _env_file=None)  # type: ignore[call-arg]
+    assert choose_transport(pinned).name == "lean"

@@ -61,9 +61,10 @@ class ChatRequest:
     include_usage: bool = False
     upstream_extra: dict[str, Any] = field(default_factory=dict)
 
-    def upstream_payload(self) -> dict[str, Any]:
+    def upstream_payload(self, ask_usage: bool) -> dict[str, Any]:
+        """ask_usage: STREAMGATE_UPSTREAM_INCLUDE_USAGE (off for servers that reject it)."""
         payload = {**self.upstream_extra, "model": self.model, "messages": self.messages}
-        if self.stream:  # servers reject stream_options on a non-streaming request
+        if self.stream and ask_usage:  # servers reject stream_options on a non-streaming request
             payload["stream_options"] = {"include_usage": True}  # usage feeds logs and metrics
         return payload
 
@@ -327,6 +328,9 @@ class _Relay:
             ],
         })
 
+    def _upstream_payload(self) -> dict[str, Any]:
+        return self.request.upstream_payload(self.settings.upstream_include_usage)
+
     async def _fail_before_start(self, error: UpstreamError) -> None:
         self.outcome.status, self.outcome.outcome = error.status, "upstream_error"
         self.outcome.error = str(error)
@@ -338,8 +342,8 @@ class _Relay:
         deadline = self.started_at + self.settings.total_timeout_s
         try:
             status, body, content_type = await complete_chat(
-                self.client, self.settings, self.request.upstream_payload(),
-                self.request_id.decode(), deadline)
+                self.client, self.settings, self._upstream_payload(), self.request_id.decode(),
+                deadline)
         except UpstreamError as error:
             await self._fail(error)
             return
@@ -375,7 +379,7 @@ class _Relay:
 
     async def _open(self) -> ChatStream:
         """Start the upstream request; SSE clients get heartbeats if its headers are slow."""
-        opening = open_chat_stream(self.client, self.settings, self.request.upstream_payload(),
+        opening = open_chat_stream(self.client, self.settings, self._upstream_payload(),
                                    self.request_id.decode())
         if self.endpoint.route != SSE:
             return await opening
