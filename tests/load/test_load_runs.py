@@ -97,6 +97,13 @@ def test_run_through_the_chain_passes_every_gate(chain, tmp_path):
     for artifact in ("report.html", "stats_stats.csv", "stats_stats_history.csv", "latency.png"):
         assert (result.report / artifact).stat().st_size > 0, artifact
     assert "gate itl_p99" in result.output and "PASS" in result.output
+    stats = (result.report / "stats_stats.csv").read_text()
+    for route in routes.split(","):
+        path = {"text": "/v1/chat/stream", "sse": "/v1/chat/stream-sse",
+                "openai": "/v1/chat/completions"}[route]
+        for metric in ("POST", "ttft_ms", "itl_ms", "tokens_per_s", "buffered", "corrupt"):
+            assert f"{metric},{path}," in stats, (metric, path)
+    assert "itl_ms" in (result.report / "report.html").read_text()  # Locust's report carries it
 
 
 def test_nginx_with_buffering_on_fails_buffered(simulator_factory, nginx_factory, tmp_path):
