@@ -406,11 +406,13 @@ class _Relay:
         outcome = self.outcome
         outcome.outcome, outcome.error = "upstream_error", str(error)
         metrics.UPSTREAM_ERRORS.labels(error.kind).inc()
+        # The answer is complete after this: a client that leaves now (e.g. while the upstream
+        # connection is being closed, which can wait on the SDK transport) is no hang-up.
+        self.finished = True
         if not self.response_started:
             await self._fail_before_start(error)
             return
         route = self.endpoint.route
-        self.finished = True
         if route == SSE:
             body = framing.sse_error(error.kind, error.message)
         elif route == OPENAI:

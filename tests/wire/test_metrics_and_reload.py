@@ -1,0 +1,349 @@
+"""Operations on the wire, with real gunicorn: /metrics counts what really happened, a HUP
+reload keeps in-flight streams whole and applies the changed env file, and an egress proxy in
+the environment makes the gateway relay through it (STREAMGATE_UPSTREAM_TRANSPORT=auto takes
+the SDK's transport), with the same exactness, timeouts and disconnect cancel as direct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from streamgate.simulator.script import expected_text, expected_tokens
+from support import chat, services, stream_probe
+from support.procs import wait_until
+
+from wire.test_disconnect import CANCEL_WITHIN_S, cancel_record
+
+ROUTE_LABELS = {chat.TEXT: "stream", chat.SSE: "stream-sse", chat.OPENAI: "completions"}
+# A different length per route, so tokens counted under the wrong route would show.
+TOKENS_BY_ROUTE = {chat.TEXT: 7, chat.SSE: 11, chat.OPENAI: 13}
+HANG_UP_AFTER_READS = 5
+
+
+def stream(service, route: str, **body) -> tuple[stream_probe.Trace, chat.Relay]:
+    trace = stream_probe.request(
+        "127.0.0.1", service.port, chat.ROUTES[route], chat.body(route, **body), timeout_s=20
+    )
+    return trace, chat.decode(route, trace)
+
+
+# --- /metrics ------------------------------------------------------------------------------
+
+
+def scrape(service) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics, keyed by (name, labels), parsed by prometheus_client itself."""
+    with urllib.request.urlopen(f"{service.base_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(scraped: dict, name: str, **labels: str) -> float:
+    return scraped.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture(scope="module")
+def metrics_gateway(gateway_factory, simulator):
+    """Its own gateway (two workers: /metrics must sum them), so no other test's traffic counts."""
+    gateway = gateway_factory(simulator, workers=2)
+    yield gateway
+    gateway.stop()
+
+
+def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gateway):
+    gateway = metrics_gateway
+    before = scrape(gateway)
+    for route, tokens in TOKENS_BY_ROUTE.items():
+        trace, relay = stream(gateway, route, max_tokens=tokens)
+        assert relay.ended_properly and relay.content == expected_text(tokens), trace.error
+    invalid = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[chat.SSE],
+                                   {"prompt": ""})
+    assert invalid.status == 400
+    fault, _ = stream(gateway, chat.SSE, model="sim-fault-500")
+    assert fault.status == 502
+    after_streams = scrape(gateway)
+
+    def moved(name, **labels):
+        return value(after_streams, name, **labels) - value(before, name, **labels)
+
+    for route, tokens in TOKENS_BY_ROUTE.items():
+        label = ROUTE_LABELS[route]
+        assert moved("streamgate_requests_total", route=label, status="200") == 1, label
+        assert moved("streamgate_tokens_relayed_total", route=label) == tokens, label
+        assert moved("streamgate_ttft_seconds_count", route=label) == 1, label
+    assert moved("streamgate_requests_total", route="stream-sse", status="400") == 1
+    assert moved("streamgate_requests_total", route="stream-sse", status="502") == 1
+    assert moved("streamgate_upstream_errors_total", kind="status_500") == 1
+    assert moved("streamgate_inter_chunk_gap_seconds_count") > 0
+    assert moved("streamgate_inter_chunk_gap_seconds_sum") > 0
+    # Negative controls: what did not happen did not move.
+    assert moved("streamgate_requests_total", route="completions", status="502") == 0
+    assert moved("streamgate_upstream_errors_total", kind="timeout") == 0
+    assert moved("streamgate_client_disconnects_total", route="stream", phase="streaming") == 0
+    assert value(after_streams, "streamgate_active_streams") == 0
+
+    # A client that hangs up mid-stream: the gauge shows its stream while it runs, the
+    # disconnect is counted once the gateway notices, and the gauge returns to 0.
+    active_while_streaming = []
+
+    def hang_up(trace):
+        if stream_probe.separate_reads(trace) < HANG_UP_AFTER_READS:
+            return False
+        active_while_streaming.append(value(scrape(gateway), "streamgate_active_streams"))
+        return True
+
+    hung_up = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[chat.TEXT],
+                                   chat.body(chat.TEXT), timeout_s=20, stop_when=hang_up)
+    assert hung_up.client_closed, hung_up.error
+    assert active_while_streaming == [1]
+
+    def disconnect_counted():
+        scraped = scrape(gateway)
+        counted = value(scraped, "streamgate_client_disconnects_total", route="stream",
+                        phase="streaming") - value(before, "streamgate_client_disconnects_total",
+                                                   route="stream", phase="streaming")
+        return scraped if counted and value(scraped, "streamgate_active_streams") == 0 else None
+
+    after = wait_until(disconnect_counted, timeout_s=5, what="the hang-up to be counted")
+    assert value(after, "streamgate_client_disconnects_total", route="stream",
+                 phase="streaming") - value(before, "streamgate_client_disconnects_total",
+                                            route="stream", phase="streaming") == 1
+    assert value(after, "streamgate_client_disconnects_total", route="stream",
+                 phase="first_token") == value(before, "streamgate_client_disconnects_total",
+                                               route="stream", phase="first_token")
+    relayed = (value(after, "streamgate_tokens_relayed_total", route="stream")
+               - value(after_streams, "streamgate_tokens_relayed_total", route="stream"))
+    assert HANG_UP_AFTER_READS <= relayed < 50, relayed  # what it relayed before it stopped
+
+
+# --- graceful reload -----------------------------------------------------------------------
+
+
+def default_model(service) -> str:
+    """The model the upstream was asked for when the request names none (the simulator echoes
+    it): STREAMGATE_DEFAULT_MODEL as the worker that answered has it."""
+    request = urllib.request.Request(
+        f"{service.base_url}/v1/chat/completions",
+        data=json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                         "max_tokens": 1}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["model"]
+
+
+def test_hup_reload_finishes_in_flight_streams_and_applies_the_env_file(
+    gateway_factory, simulator, tmp_path
+):
+    env_file = tmp_path / "streamgate.env"
+    env_file.write_text("STREAMGATE_DEFAULT_MODEL=model-before-reload\n")
+    gateway = gateway_factory(simulator, workers=2, env_file=env_file)
+    try:
+        assert default_model(gateway) == "model-before-reload"
+        tokens = 100  # 2 s at 20 ms a token: in flight across the reload
+        finished: dict[str, stream_probe.Trace] = {}
+        in_flight = threading.Thread(target=lambda: finished.update(trace=stream_probe.request(
+            "127.0.0.1", gateway.port, chat.ROUTES[chat.SSE],
+            chat.body(chat.SSE, max_tokens=tokens), timeout_s=30)))
+        in_flight.start()
+        wait_until(lambda: simulator.stats()["active"] >= 1, timeout_s=5,
+                   what="the stream to be in flight")
+
+        env_file.write_text("STREAMGATE_DEFAULT_MODEL=model-after-reload\n")
+        # Negative control: a changed file alone changes nothing; the reload applies it.
+        assert default_model(gateway) == "model-before-reload"
+        os.kill(gateway.process.pid, signal.SIGHUP)  # the gunicorn master (our child)
+        hup_at = time.monotonic()
+        wait_until(lambda: default_model(gateway) == "model-after-reload", timeout_s=20,
+                   interval_s=0.1, what="new workers with the changed env file")
+        assert {default_model(gateway) for _ in range(6)} == {"model-after-reload"}
+
+        in_flight.join(timeout=30)
+        trace = finished["trace"]
+        relay = chat.decode(chat.SSE, trace)
+        assert trace.sent_at < hup_at < trace.sent_at + trace.ended_at_s, "not across the HUP"
+        assert relay.ended_properly, (trace.error, relay.error)
+        assert relay.texts == expected_tokens(tokens)
+        assert gateway.process.is_running()
+    finally:
+        gateway.stop()
+
+
+# --- through an egress proxy ---------------------------------------------------------------
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    except ConnectionError:
+        pass
+
+
+class ForwardProxy:
+    """A minimal HTTP forward proxy in a thread, standing in for an estate's egress proxy.
+
+    Takes absolute-form requests (what clients send a proxy for http:// URLs), one per
+    connection, records their heads, and closes the upstream side as soon as the client's
+    side closes, as real proxies do (so a client's hang-up still reaches the LLM server).
+    """
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> ForwardProxy:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result(timeout=5)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+    def saw(self, text: str) -> bool:
+        return any(text.encode() in head for head in list(self.heads))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_writer = None
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line, _, fields = head.partition(b"\r\n")
+            method, target, version = request_line.split(b" ")
+            url = urllib.parse.urlsplit(target.decode("latin-1"))
+            self.heads.append(head)
+            kept = [field for field in fields.split(b"\r\n") if field and not field.lower()
+                    .startswith((b"connection:", b"proxy-connection:", b"keep-alive:"))]
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                url.hostname, url.port or 80)
+            upstream_writer.write(b"\r\n".join([
+                b" ".join([method, path.encode(), version]), *kept, b"Connection: close", b"", b""
+            ]))
+            pipes = [asyncio.ensure_future(_pipe(reader, upstream_writer)),
+                     asyncio.ensure_future(_pipe(upstream_reader, writer))]
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            for pipe in pipes:
+                pipe.cancel()
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for side in (writer, upstream_writer):
+                if side is not None:
+                    side.close()
+
+
+@pytest.fixture(scope="module")
+def proxy():
+    forward_proxy = ForwardProxy().start()
+    yield forward_proxy
+    forward_proxy.stop()
+
+
+FIRST_TOKEN_TIMEOUT_S = 1.0
+TOKEN_GAP_TIMEOUT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def proxied_gateway(gateway_factory, simulator, proxy):
+    """Default transport setting (auto), with HTTP_PROXY in the gateway's environment only
+    (this test process must not start using the proxy itself)."""
+    plain_environment = services.clean_environ
+
+    def with_proxy() -> dict[str, str]:
+        environment = {name: value for name, value in plain_environment().items()
+                       if name.lower() not in ("http_proxy", "all_proxy", "no_proxy")}
+        return {**environment, "HTTP_PROXY": proxy.url}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(services, "clean_environ", with_proxy)
+        gateway = gateway_factory(simulator, workers=1, upstream_retries=0,
+                                  first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
+                                  token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S)
+    yield gateway
+    gateway.stop()
+
+
+def test_auto_takes_the_sdk_transport_when_a_proxy_applies_and_logs_it(proxied_gateway, proxy):
+    started = [json.loads(line) for line in proxied_gateway.process.log_path.read_text()
+               .splitlines() if '"worker_started"' in line]
+    assert started, proxied_gateway.describe()
+    assert {entry["upstream_transport"] for entry in started} == {"sdk"}
+    assert proxy.url in started[0]["upstream_transport_reason"]
+
+
+def test_default_gateway_logs_the_lean_transport(gateway):
+    """Negative control: without a proxy, auto stays on the lean transport."""
+    log = gateway.process.log_path.read_text()
+    assert '"upstream_transport":"lean"' in log and '"upstream_transport":"sdk"' not in log
+
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+def test_every_token_arrives_exactly_through_the_proxy(proxied_gateway, proxy, route):
+    request_id = f"wire-proxy-{uuid.uuid4().hex[:12]}"
+    trace = stream_probe.request("127.0.0.1", proxied_gateway.port, chat.ROUTES[route],
+                                 chat.body(route), headers={"X-Request-ID": request_id},
+                                 timeout_s=20)
+    relay = chat.decode(route, trace)
+    assert trace.status == 200 and relay.ended_properly, (trace.status, trace.error, relay.error)
+    assert relay.content == expected_text(50)
+    if route != chat.TEXT:
+        assert relay.texts == expected_tokens(50)
+    assert stream_probe.separate_reads(trace) >= 45  # still word by word
+    assert proxy.saw(request_id), "the request did not go through the proxy"
+
+
+def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simulator):
+    request_id = f"wire-proxy-hangup-{uuid.uuid4().hex[:12]}"
+    trace = stream_probe.request(
+        "127.0.0.1", proxied_gateway.port, chat.ROUTES[chat.SSE], chat.body(chat.SSE),
+        headers={"X-Request-ID": request_id}, timeout_s=10,
+        stop_when=lambda t: stream_probe.separate_reads(t) >= HANG_UP_AFTER_READS,
+    )
+    assert trace.status == 200 and trace.client_closed, (trace.status, trace.error)
+    cancel = cancel_record(simulator, request_id)
+    assert 0 < cancel["tokens_sent"] < simulator.tokens, cancel
+    assert cancel["at"] - trace.client_closed_wall <= CANCEL_WITHIN_S, cancel
+
+
+def test_timeouts_through_the_proxy(proxied_gateway):
+    before = scrape(proxied_gateway)
+    stalled_first, _ = stream(proxied_gateway, chat.SSE, model="sim-fault-stall-first")
+    assert stalled_first.status == 504, (stalled_first.status, stalled_first.body[:200])
+    assert (FIRST_TOKEN_TIMEOUT_S - 0.05 <= stalled_first.headers_at_s
+            <= FIRST_TOKEN_TIMEOUT_S + 1.5), stalled_first.headers_at_s
+
+    stalled_mid, relay = stream(proxied_gateway, chat.SSE, model="sim-fault-stall-midstream",
+                                max_tokens=10)
+    assert stalled_mid.status == 200 and relay.content == expected_text(5)
+    assert isinstance(relay.error, dict), relay.error
+    assert "gap between tokens" in relay.error["error"]["message"], relay.error
+    silence_s = stalled_mid.ended_at_s - relay.deltas[-1].at_s
+    assert TOKEN_GAP_TIMEOUT_S - 0.05 <= silence_s <= TOKEN_GAP_TIMEOUT_S + 1.5, silence_s
+
+    after = scrape(proxied_gateway)
+    for name, labels, expected in [
+        ("streamgate_upstream_errors_total", {"kind": "timeout"}, 2),
+        # The clients stayed to the end: neither answer may count as a hang-up.
+        ("streamgate_client_disconnects_total", {"route": "stream-sse", "phase": "first_token"}, 0),
+        ("streamgate_client_disconnects_total", {"route": "stream-sse", "phase": "streaming"}, 0),
+    ]:
+        assert value(after, name, **labels) - value(before, name, **labels) == expected, labels
