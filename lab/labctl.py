@@ -69,7 +69,9 @@ IMAGES_DIR = STATE_DIR / "images"
 HOSTS_DIR = STATE_DIR / "hosts"
 SSH_KEY = STATE_DIR / "ssh" / "id_ed25519"
 STATE_FILE = STATE_DIR / "lab.json"
-LOCK_FILE = STATE_DIR / "lock"
+# Machine-wide, not per checkout: the lab's names and subnet are global, so a create from a
+# second checkout (a CI workspace, a copy of the repo) replaces this one's lab; never both at once.
+LOCK_FILE = Path("/run") / f"{NAME_PREFIX}labctl.lock"
 INVENTORY_FILE = REPO_ROOT / "ansible" / "inventories" / "lab" / "hosts.yml"
 # Ansible's SSH multiplexing sockets, one directory per lab: a new lab reuses the old lab's
 # addresses, and a master left attached to a hard-killed host could stall the next connection.
@@ -140,7 +142,11 @@ def lab_lock():
     """Serialise labctl runs: two creates interleaving would tear each other's hosts down."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     with open(LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another labctl run to finish ({LOCK_FILE})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
@@ -474,6 +480,15 @@ def nspawn_machine_name(argv: list[str]) -> str | None:
     return None
 
 
+def nspawn_directory(argv: list[str]) -> str:
+    for index, arg in enumerate(argv):
+        if arg in ("-D", "--directory") and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--directory="):
+            return arg.removeprefix("--directory=")
+    return "?"
+
+
 def lab_processes() -> tuple[list[int], list[int]]:
     """Our nspawn processes (by -M sglab-*) and processes whose root is one of our host dirs."""
     nspawns, rooted = [], []
@@ -507,7 +522,10 @@ def stop_processes() -> None:
     # A recorded PID counts only while it still is one of our nspawn processes (PIDs get reused).
     targets = sorted({pid for pid in recorded if pid in nspawns} | set(nspawns))
     for pid in targets:
-        log(f"stopping systemd-nspawn {pid} ({nspawn_machine_name(process_cmdline(pid))})")
+        argv = process_cmdline(pid)
+        origin = nspawn_directory(argv)
+        elsewhere = "" if origin.startswith(str(HOSTS_DIR) + "/") else f", started from another checkout: {origin}"
+        log(f"stopping systemd-nspawn {pid} ({nspawn_machine_name(argv)}{elsewhere})")
         send_signal(pid, signal.SIGTERM)  # nspawn asks the container's systemd to power off
     deadline = time.monotonic() + STOP_GRACE_S
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in targets):
