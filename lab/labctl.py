@@ -72,6 +72,10 @@ STATE_FILE = STATE_DIR / "lab.json"
 # Machine-wide, not per checkout: the lab's names and subnet are global, so a create from a
 # second checkout (a CI workspace, a copy of the repo) replaces this one's lab; never both at once.
 LOCK_FILE = Path("/run") / f"{NAME_PREFIX}labctl.lock"
+# The lab switches IPv4 forwarding on; the value it found is kept (machine-wide, for the same
+# reason) until destroy puts it back.
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IP_FORWARD_BEFORE_FILE = Path("/run") / f"{NAME_PREFIX}ip_forward.before"
 INVENTORY_FILE = REPO_ROOT / "ansible" / "inventories" / "lab" / "hosts.yml"
 # Ansible's SSH multiplexing sockets, one directory per lab: a new lab reuses the old lab's
 # addresses, and a master left attached to a hard-killed host could stall the next connection.
@@ -290,7 +294,7 @@ def copy_trust_store(root: Path) -> None:
                         dirs_exist_ok=True)
 
 
-def setup_network(hosts: list[LabHost]) -> dict:
+def setup_network(hosts: list[LabHost]) -> None:
     prefix = LAB_SUBNET.prefixlen
     run(["ip", "link", "add", BRIDGE_NAME, "type", "bridge"])
     run(["ip", "addr", "add", f"{GATEWAY_ADDRESS}/{prefix}", "dev", BRIDGE_NAME])
@@ -304,12 +308,12 @@ def setup_network(hosts: list[LabHost]) -> dict:
         run([*netns, "link", "set", "lo", "up"])
         run([*netns, "link", "set", "eth0", "up"])
         run([*netns, "route", "add", "default", "via", str(GATEWAY_ADDRESS)])
-    forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
-    run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+    if not IP_FORWARD_BEFORE_FILE.exists():  # a lab from another checkout may have switched it on
+        IP_FORWARD_BEFORE_FILE.write_text(IP_FORWARD.read_text())
+    IP_FORWARD.write_text("1\n")
     for table, chain, *match in lab_rules():
         # Inserted first: a DROP further up (another tool's FORWARD rules) must not hide them.
         run(["iptables", "-t", table, "-I", chain, *match])
-    return {"ip_forward_before": forward_before}
 
 
 def lab_rules() -> list[list[str]]:
@@ -586,12 +590,12 @@ def remove_tree(path: Path) -> None:
 
 
 def destroy(purge_images: bool = False) -> None:
-    state = json.loads(STATE_FILE.read_text()) if STATE_FILE.exists() else {}
     stop_processes()
     remove_network()
     remove_cgroups()
-    if state.get("ip_forward_before") == "0":
-        run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"], check=False)
+    if IP_FORWARD_BEFORE_FILE.exists():
+        IP_FORWARD.write_text(IP_FORWARD_BEFORE_FILE.read_text())
+        IP_FORWARD_BEFORE_FILE.unlink()
     if HOSTS_DIR.exists():
         for host_dir in HOSTS_DIR.glob(f"{NAME_PREFIX}*"):
             remove_tree(host_dir)
@@ -626,7 +630,7 @@ def create(topology: str, release: str) -> None:
         populate_host_root(host, tarball, hosts)
     timings["copy"] = time.monotonic() - phase_started
     state = {"topology": topology, "release": release, "hosts": []}
-    state.update(setup_network(hosts))
+    setup_network(hosts)
     STATE_FILE.write_text(json.dumps(state, indent=2))
     for host in hosts:
         boot_host(host)
