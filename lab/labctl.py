@@ -93,11 +93,11 @@ RESOLVED_UPSTREAM_CONF = Path("/run/systemd/resolve/resolv.conf")
 BOOT_TIMEOUT_S = 90
 SSH_TIMEOUT_S = 60
 STOP_GRACE_S = 10
-SSH_OPTIONS = (
+# Throwaway hosts get fresh host keys on every create: no prompts, no known_hosts entries.
+SSH_HOST_KEY_OPTIONS = (
     "-o", "StrictHostKeyChecking=no",
     "-o", "UserKnownHostsFile=/dev/null",
     "-o", "LogLevel=ERROR",
-    "-o", "BatchMode=yes",
 )
 
 
@@ -425,8 +425,8 @@ def wait_for_boot(host: LabHost) -> None:
 
 
 def ssh_argv(host_address: str, command: list[str] | None = None, *extra_options: str) -> list[str]:
-    return ["ssh", "-i", str(SSH_KEY), *SSH_OPTIONS, *extra_options, f"{LAB_USER}@{host_address}",
-            *(command or [])]
+    return ["ssh", "-i", str(SSH_KEY), *SSH_HOST_KEY_OPTIONS, "-o", "BatchMode=yes", *extra_options,
+            f"{LAB_USER}@{host_address}", *(command or [])]
 
 
 def wait_for_ssh(host: LabHost) -> None:
@@ -447,7 +447,7 @@ def write_inventory(hosts: list[LabHost], topology: str, release: str, control_d
         "  vars:",
         f"    ansible_user: {LAB_USER}",
         f"    ansible_ssh_private_key_file: {quote(str(SSH_KEY))}",
-        f"    ansible_ssh_common_args: {quote(' '.join(SSH_OPTIONS[:6]))}",
+        f"    ansible_ssh_common_args: {quote(' '.join(SSH_HOST_KEY_OPTIONS))}",
         "    ansible_python_interpreter: /usr/bin/python3",
         f"    ansible_control_path_dir: {quote(str(control_dir))}",
         f"    lab_topology: {topology}",
