@@ -132,6 +132,12 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
 # --- graceful reload -----------------------------------------------------------------------
 
 
+def workers_started(service) -> list[dict]:
+    """The `worker_started` log events of a gateway so far."""
+    return [json.loads(line) for line in service.process.log_path.read_text().splitlines()
+            if line.startswith('{"event":"worker_started"')]
+
+
 def default_model(service) -> str:
     """The model the upstream was asked for when the request names none (the simulator echoes
     it): STREAMGATE_DEFAULT_MODEL as the worker that answered has it."""
@@ -152,6 +158,10 @@ def test_hup_reload_finishes_in_flight_streams_and_applies_the_env_file(
     env_file.write_text("STREAMGATE_DEFAULT_MODEL=model-before-reload\n")
     gateway = gateway_factory(simulator, workers=2, env_file=env_file)
     try:
+        # Ready means one worker answers; each worker reads the file when it boots, so all
+        # must be up before the file changes.
+        wait_until(lambda: len(workers_started(gateway)) == 2, timeout_s=20,
+                   what="both workers to start")
         assert default_model(gateway) == "model-before-reload"
         tokens = 100  # 2 s at 20 ms a token: in flight across the reload
         finished: dict[str, stream_probe.Trace] = {}
@@ -283,8 +293,7 @@ def proxied_gateway(gateway_factory, simulator, proxy):
 
 
 def test_auto_takes_the_sdk_transport_when_a_proxy_applies_and_logs_it(proxied_gateway, proxy):
-    started = [json.loads(line) for line in proxied_gateway.process.log_path.read_text()
-               .splitlines() if '"worker_started"' in line]
+    started = workers_started(proxied_gateway)
     assert started, proxied_gateway.describe()
     assert {entry["upstream_transport"] for entry in started} == {"sdk"}
     assert proxy.url in started[0]["upstream_transport_reason"]
@@ -309,6 +318,11 @@ def test_every_token_arrives_exactly_through_the_proxy(proxied_gateway, proxy, r
         assert relay.texts == expected_tokens(50)
     assert stream_probe.separate_reads(trace) >= 45  # still word by word
     assert proxy.saw(request_id), "the request did not go through the proxy"
+
+
+def test_non_streamed_completion_through_the_proxy(proxied_gateway, proxy):
+    assert default_model(proxied_gateway) == "gpt-4o-mini"
+    assert proxy.saw("/v1/chat/completions")
 
 
 def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simulator):
