@@ -53,7 +53,37 @@ recap_changed() {
 }
 
 step lab make --no-print-directory lab LAB_TOPOLOGY="$LAB_TOPOLOGY" LAB_RELEASE="$LAB_RELEASE"
+
+# Scale-out, as an operator does it: deploy without the last app host, then with the whole
+# inventory. The hosts already deployed must report changed=0 except the edge (new upstream).
+LAB_INVENTORY=ansible/inventories/lab/hosts.yml
+SMALLER_INVENTORY="$LOG_DIR/inventory-minus-one-app.yml"
+added_app_host=$(.venv/bin/python - "$LAB_INVENTORY" "$SMALLER_INVENTORY" <<'PY'
+import sys, yaml
+inventory = yaml.safe_load(open(sys.argv[1]))
+app_hosts = inventory["all"]["children"]["app"]["hosts"]
+if len(app_hosts) > 1:
+    added = sorted(app_hosts)[-1]
+    del app_hosts[added]
+    yaml.safe_dump(inventory, open(sys.argv[2], "w"))
+    print(added)
+PY
+)
+if [ -n "$added_app_host" ]; then
+    step deploy-less make --no-print-directory deploy INVENTORY="$SMALLER_INVENTORY"
+fi
 step deploy make --no-print-directory deploy
+if [ -n "$added_app_host" ]; then
+    edge_hosts=$(.venv/bin/python -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["all"]["children"]["edge"]["hosts"]))' "$LAB_INVENTORY")
+    # Recap lines of hosts other than the added app host and the edge: all changed=0.
+    touched=$(awk -v skip=" $added_app_host $edge_hosts localhost " '/^PLAY RECAP/ {recap = 1; next}
+        recap && / changed=/ && index(skip, " " $1 " ") == 0 && $0 !~ / changed=0 / {print $1}' "$LOG_DIR/deploy.log")
+    if [ -n "$touched" ]; then
+        SUMMARY+=("scale-out    FAILED: adding $added_app_host changed other hosts: $touched")
+        exit 1
+    fi
+    SUMMARY+=("scale-out    ok: adding $added_app_host changed only it and the edge")
+fi
 step redeploy make --no-print-directory deploy
 changed=$(recap_changed "$LOG_DIR/redeploy.log")
 if ! grep -q '^PLAY RECAP' "$LOG_DIR/redeploy.log" || [ "$changed" != 0 ]; then
