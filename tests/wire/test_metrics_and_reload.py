@@ -55,6 +55,10 @@ def value(scraped: dict, name: str, **labels: str) -> float:
     return scraped.get((name, frozenset(labels.items())), 0.0)
 
 
+def moved(after: dict, before: dict, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
 @pytest.fixture(scope="module")
 def metrics_gateway(gateway_factory, simulator):
     """Its own gateway (two workers: /metrics must sum them), so no other test's traffic counts."""
@@ -74,26 +78,27 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
     assert invalid.status == 400
     fault, _ = stream(gateway, chat.SSE, model="sim-fault-500")
     assert fault.status == 502
-    after_streams = scrape(gateway)
-
-    def moved(name, **labels):
-        return value(after_streams, name, **labels) - value(before, name, **labels)
+    streamed = scrape(gateway)
 
     for route, tokens in TOKENS_BY_ROUTE.items():
         label = ROUTE_LABELS[route]
-        assert moved("streamgate_requests_total", route=label, status="200") == 1, label
-        assert moved("streamgate_tokens_relayed_total", route=label) == tokens, label
-        assert moved("streamgate_ttft_seconds_count", route=label) == 1, label
-    assert moved("streamgate_requests_total", route="stream-sse", status="400") == 1
-    assert moved("streamgate_requests_total", route="stream-sse", status="502") == 1
-    assert moved("streamgate_upstream_errors_total", kind="status_500") == 1
-    assert moved("streamgate_inter_chunk_gap_seconds_count") > 0
-    assert moved("streamgate_inter_chunk_gap_seconds_sum") > 0
-    # Negative controls: what did not happen did not move.
-    assert moved("streamgate_requests_total", route="completions", status="502") == 0
-    assert moved("streamgate_upstream_errors_total", kind="timeout") == 0
-    assert moved("streamgate_client_disconnects_total", route="stream", phase="streaming") == 0
-    assert value(after_streams, "streamgate_active_streams") == 0
+        assert moved(streamed, before, "streamgate_requests_total", route=label,
+                     status="200") == 1, label
+        assert moved(streamed, before, "streamgate_tokens_relayed_total", route=label) == tokens
+        assert moved(streamed, before, "streamgate_ttft_seconds_count", route=label) == 1, label
+    for name, labels, expected in [
+        ("streamgate_requests_total", {"route": "stream-sse", "status": "400"}, 1),
+        ("streamgate_requests_total", {"route": "stream-sse", "status": "502"}, 1),
+        ("streamgate_upstream_errors_total", {"kind": "status_500"}, 1),
+        # Negative controls: what did not happen did not move.
+        ("streamgate_requests_total", {"route": "completions", "status": "502"}, 0),
+        ("streamgate_upstream_errors_total", {"kind": "timeout"}, 0),
+        ("streamgate_client_disconnects_total", {"route": "stream", "phase": "streaming"}, 0),
+    ]:
+        assert moved(streamed, before, name, **labels) == expected, (name, labels)
+    assert moved(streamed, before, "streamgate_inter_chunk_gap_seconds_count") > 0
+    assert moved(streamed, before, "streamgate_inter_chunk_gap_seconds_sum") > 0
+    assert value(streamed, "streamgate_active_streams") == 0
 
     # A client that hangs up mid-stream: the gauge shows its stream while it runs, the
     # disconnect is counted once the gateway notices, and the gauge returns to 0.
@@ -110,22 +115,20 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
     assert hung_up.client_closed, hung_up.error
     assert active_while_streaming == [1]
 
-    def disconnect_counted():
+    def hang_up_counted():
         scraped = scrape(gateway)
-        counted = value(scraped, "streamgate_client_disconnects_total", route="stream",
-                        phase="streaming") - value(before, "streamgate_client_disconnects_total",
-                                                   route="stream", phase="streaming")
+        counted = moved(scraped, streamed, "streamgate_client_disconnects_total",
+                        route="stream", phase="streaming")
         return scraped if counted and value(scraped, "streamgate_active_streams") == 0 else None
 
-    after = wait_until(disconnect_counted, timeout_s=5, what="the hang-up to be counted")
-    assert value(after, "streamgate_client_disconnects_total", route="stream",
-                 phase="streaming") - value(before, "streamgate_client_disconnects_total",
-                                            route="stream", phase="streaming") == 1
-    assert value(after, "streamgate_client_disconnects_total", route="stream",
-                 phase="first_token") == value(before, "streamgate_client_disconnects_total",
-                                               route="stream", phase="first_token")
-    relayed = (value(after, "streamgate_tokens_relayed_total", route="stream")
-               - value(after_streams, "streamgate_tokens_relayed_total", route="stream"))
+    after = wait_until(hang_up_counted, timeout_s=5, what="the hang-up to be counted")
+    for name, labels, expected in [
+        ("streamgate_client_disconnects_total", {"route": "stream", "phase": "streaming"}, 1),
+        ("streamgate_client_disconnects_total", {"route": "stream", "phase": "first_token"}, 0),
+        ("streamgate_requests_total", {"route": "stream", "status": "200"}, 1),
+    ]:
+        assert moved(after, streamed, name, **labels) == expected, (name, labels)
+    relayed = moved(after, streamed, "streamgate_tokens_relayed_total", route="stream")
     assert HANG_UP_AFTER_READS <= relayed < 50, relayed  # what it relayed before it stopped
 
 
@@ -360,4 +363,4 @@ def test_timeouts_through_the_proxy(proxied_gateway):
         ("streamgate_client_disconnects_total", {"route": "stream-sse", "phase": "first_token"}, 0),
         ("streamgate_client_disconnects_total", {"route": "stream-sse", "phase": "streaming"}, 0),
     ]:
-        assert value(after, name, **labels) - value(before, name, **labels) == expected, labels
+        assert moved(after, before, name, **labels) == expected, (name, labels)
