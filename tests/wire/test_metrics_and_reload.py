@@ -328,16 +328,29 @@ def test_non_streamed_completion_through_the_proxy(proxied_gateway, proxy):
     assert proxy.saw("/v1/chat/completions")
 
 
-def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simulator):
+# (request body extras, how the client hangs up)
+HANG_UPS = {
+    "mid-stream": (
+        {}, {"stop_when": lambda t: stream_probe.separate_reads(t) >= HANG_UP_AFTER_READS}
+    ),
+    "before-first-token": ({"model": "sim-fault-stall-first"}, {"stop_after_s": 0.4}),
+}
+
+
+@pytest.mark.parametrize("when", list(HANG_UPS))
+def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simulator, when):
+    body, hang_up = HANG_UPS[when]
     request_id = f"wire-proxy-hangup-{uuid.uuid4().hex[:12]}"
     trace = stream_probe.request(
-        "127.0.0.1", proxied_gateway.port, chat.ROUTES[chat.SSE], chat.body(chat.SSE),
-        headers={"X-Request-ID": request_id}, timeout_s=10,
-        stop_when=lambda t: stream_probe.separate_reads(t) >= HANG_UP_AFTER_READS,
+        "127.0.0.1", proxied_gateway.port, chat.ROUTES[chat.SSE], chat.body(chat.SSE, **body),
+        headers={"X-Request-ID": request_id}, timeout_s=10, **hang_up,
     )
-    assert trace.status == 200 and trace.client_closed, (trace.status, trace.error)
+    assert trace.client_closed and not trace.error, (trace.status, trace.error)
     cancel = cancel_record(simulator, request_id)
-    assert 0 < cancel["tokens_sent"] < simulator.tokens, cancel
+    if when == "mid-stream":
+        assert 0 < cancel["tokens_sent"] < simulator.tokens, cancel
+    else:
+        assert cancel["tokens_sent"] == 0, cancel
     assert cancel["at"] - trace.client_closed_wall <= CANCEL_WITHIN_S, cancel
 
 
