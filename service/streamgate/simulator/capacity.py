@@ -166,10 +166,14 @@ class _StreamClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, request: bytes) -> None:
+    def send(self, request: bytes, hold_reads_s: float = 0.0) -> None:
         assert self.transport is not None
         self.sent_at = time.perf_counter()
         self.transport.write(request)
+        if hold_reads_s > 0:
+            # A reader that looks away, as a buffering hop does: the kernel merges what arrives.
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(hold_reads_s, self.transport.resume_reading)
 
     def data_received(self, data: bytes) -> None:
         self.reads.append((time.perf_counter(), data))
@@ -295,6 +299,7 @@ async def _send_and_wait(
     request: bytes,
     ramp_s: float,
     timeout_s: float,
+    hold_reads_s: float = 0.0,
 ) -> list[BaseException | None]:
     """Send every request, spread over `ramp_s` in 1 ms slots; wait for every response."""
     # Streams in steady state run at random phases; a ramp of 0 sends all at once (harshest).
@@ -305,7 +310,7 @@ async def _send_and_wait(
     for slot, offset in enumerate(range(0, len(connected), per_slot)):
         await asyncio.sleep(max(0.0, first_slot_at + slot / 1000 - loop.time()))
         for client, _ in connected[offset : offset + per_slot]:
-            client.send(request)
+            client.send(request, hold_reads_s)
     waits = [done for _, done in connected]
     try:
         return await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout_s)
@@ -333,8 +338,13 @@ def run_capacity_check(
     timeout_s: float = 40.0,
     connect_concurrency: int = 256,
     ramp_s: float | None = None,
+    hold_reads_s: float = 0.0,
 ) -> CapacityResult:
-    """Start a simulator, run `streams` concurrent streams through it once, measure."""
+    """Start a simulator, run `streams` concurrent streams through it once, measure.
+
+    `hold_reads_s` > 0 makes every client stop reading that long after its request (the negative
+    control: tokens then coalesce whatever the simulator does).
+    """
     raise_fd_limit()
     ramp_s = gap_ms / 1000 if ramp_s is None else ramp_s
     result = CapacityResult(streams=streams, tokens=tokens, gap_ms=gap_ms, ramp_s=ramp_s)
@@ -354,7 +364,9 @@ def run_capacity_check(
         started = time.perf_counter()
         gc.disable()  # the reads lists grow by the thousand: no collector pauses while measuring
         try:
-            outcomes = runner.run(_send_and_wait(connected, request, ramp_s, timeout_s))
+            outcomes = runner.run(
+                _send_and_wait(connected, request, ramp_s, timeout_s, hold_reads_s)
+            )
         finally:
             gc.enable()
         result.wall_s = time.perf_counter() - started
