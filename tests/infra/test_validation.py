@@ -67,6 +67,8 @@ def test_good_inventory_passes(tmp_path):
         ({"streamgate_keepalive_s": 30}, "streamgate_keepalive_s (30) must be greater than nginx_upstream_keepalive_timeout"),
         ({"streamgate_graceful_timeout_s": 60}, "streamgate_graceful_timeout_s (60) must be at least streamgate_total_timeout_s"),
         ({"streamgate_log_level": "loud"}, "value of streamgate_log_level must be one of"),
+        ({"streamgate_upstream_transport": "fast"}, "value of streamgate_upstream_transport must be one of"),
+        ({"streamgate_proxy_env": "http://proxy:3128"}, "argument 'streamgate_proxy_env' is of type str"),
         ({"nginx_listen": "everywhere"}, 'nginx_listen must be "PORT" or "ADDRESS:PORT"'),
         ({"nginx_upstream_servers": ["app1"]}, 'each nginx_upstream_servers item must be "HOST:PORT"'),
         ({"nginx_worker_connections": "many"}, "argument 'nginx_worker_connections' is of type str"),
