@@ -170,7 +170,6 @@ class LocalNginx:
                 f"{self.base_url}/healthz", timeout_s=timeout_s, ok=tuple(range(100, 600))
             )
         except ProcessFailed as exc:
-            self.process.stop()
             raise ProcessFailed(f"{exc}\n{self.logs()}") from None  # bind errors are logged there
         return self
 

@@ -124,7 +124,11 @@ class ManagedProcess:
         return f"{self.name} ({state}): {' '.join(self.argv)}\n--- log tail ---\n{self.logs()}"
 
     def wait_http(self, url: str, *, timeout_s: float = 20.0, ok=(200,)) -> None:
-        """Wait until GET url answers with a status in `ok`; fail early if the process dies."""
+        """Wait until GET url answers with a status in `ok`; fail early if the process dies.
+
+        On any failure (or interrupt) the process is stopped first: no caller keeps a process
+        that never came up, and none leaks one.
+        """
 
         def answered() -> bool:
             if not self.is_running():
@@ -134,7 +138,12 @@ class ManagedProcess:
         try:
             wait_until(answered, timeout_s=timeout_s, interval_s=0.05, what=f"{self.name} at {url}")
         except TimeoutError as exc:
-            raise ProcessFailed(f"{exc}\n{self.describe()}") from None
+            message = f"{exc}\n{self.describe()}"  # its state before we stop it
+            self.stop()
+            raise ProcessFailed(message) from None
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, *, term_timeout_s: float = 5.0) -> int | None:
         """SIGTERM the process group, SIGKILL it if still alive after term_timeout_s."""

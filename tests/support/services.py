@@ -82,11 +82,7 @@ def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
         gap_ms=settings["gap_ms"],
         tokens=settings["tokens"],
     )
-    try:
-        process.wait_http(f"{simulator.base_url}/healthz", timeout_s=20)
-    except BaseException:
-        process.stop()
-        raise
+    process.wait_http(f"{simulator.base_url}/healthz", timeout_s=20)
     return simulator
 
 
@@ -116,9 +112,5 @@ def _start_gateway(
     process = ManagedProcess(f"gateway-{port}", argv, log_dir=log_dir, env=env, cwd=REPO)
     process.start()
     gateway = Service(name="gateway", process=process, port=port)
-    try:
-        process.wait_http(f"{gateway.base_url}/readyz", timeout_s=30)
-    except BaseException:
-        process.stop()
-        raise
+    process.wait_http(f"{gateway.base_url}/readyz", timeout_s=30)
     return gateway
