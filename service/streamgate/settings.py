@@ -36,8 +36,10 @@ class Settings(BaseSettings):
     total_timeout_s: float = Field(600.0, gt=0)
     upstream_retries: int = Field(1, ge=0, le=5)
     # lean: the kit's own HTTP/1.1 transport (fast, no proxies); sdk: the SDK's httpx2 transport
-    # (honours HTTP(S)_PROXY, ALL_PROXY, NO_PROXY); auto: sdk only when a proxy applies.
-    upstream_transport: Literal["auto", "lean", "sdk"] = "auto"
+    # (honours HTTP(S)_PROXY, ALL_PROXY, NO_PROXY); auto: sdk only when a proxy applies;
+    # aiohttp: the SDK's aiohttp client (needs the `aiohttp` extra; the role does not install
+    # it: it is there to be measured side by side in bench/).
+    upstream_transport: Literal["auto", "lean", "sdk", "aiohttp"] = "auto"
     # Ask for stream_options.include_usage upstream; off for servers that reject it (the
     # usage is then unknown: logs and `event: done` carry null).
     upstream_include_usage: bool = True

@@ -27,6 +27,13 @@ _HIGH_WATER_BYTES = 256 * 1024
 _IDLE_REUSE_S = 4.0
 
 
+def upstream_ssl_context() -> ssl.SSLContext:
+    """The one CA policy for every upstream client: the system's trust store, or the file and
+    directory named by SSL_CERT_FILE / SSL_CERT_DIR (OpenSSL's own variables), in dev and on
+    hosts alike. Not certifi's bundle: a platform team's private CA goes in the system store."""
+    return ssl.create_default_context()
+
+
 class UpstreamReadTimeout(httpx2.ReadTimeout):
     """No body bytes arrived before the caller's deadline."""
 
@@ -276,12 +283,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
 
     def _ssl(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            try:
-                import certifi
-
-                self._ssl_context = ssl.create_default_context(cafile=certifi.where())
-            except ImportError:  # pragma: no cover
-                self._ssl_context = ssl.create_default_context()
+            self._ssl_context = upstream_ssl_context()
         return self._ssl_context
 
     def put_idle(self, key: tuple, connection: _Connection) -> None:

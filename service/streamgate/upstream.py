@@ -21,7 +21,12 @@ import orjson
 from httpx2._utils import URLPattern, get_environment_proxies
 
 from .settings import Settings
-from .transport import LeanResponseStream, LeanTransport, UpstreamReadTimeout
+from .transport import (
+    LeanResponseStream,
+    LeanTransport,
+    UpstreamReadTimeout,
+    upstream_ssl_context,
+)
 
 T = TypeVar("T")
 
@@ -90,7 +95,8 @@ def choose_transport(settings: Settings) -> TransportChoice:
 
 def make_client(settings: Settings, transport: str | None = None) -> openai.AsyncOpenAI:
     """One client per worker (made in the lifespan): one connection pool, deliberate timeouts."""
-    lean = (transport or choose_transport(settings).name) == "lean"
+    name = transport or choose_transport(settings).name
+    lean = name == "lean"
     timeout = httpx2.Timeout(
         connect=settings.connect_timeout_s,
         # Lean: until the response headers (the relay times the body). The SDK's transport
@@ -100,13 +106,18 @@ def make_client(settings: Settings, transport: str | None = None) -> openai.Asyn
         write=settings.connect_timeout_s,
         pool=settings.connect_timeout_s,
     )
+    trusted = upstream_ssl_context()
     if lean:
         http_client = httpx2.AsyncClient(
-            transport=LeanTransport(), timeout=timeout, follow_redirects=False
+            transport=LeanTransport(trusted), timeout=timeout, follow_redirects=False
         )
+    elif name == "aiohttp":
+        http_client = openai.DefaultAioHttpClient(
+            timeout=timeout, follow_redirects=False, verify=trusted)
     else:
-        # The SDK's default client: its pool limits, and proxies and CAs from the environment.
-        http_client = openai.DefaultAsyncHttpxClient(timeout=timeout, follow_redirects=False)
+        # The SDK's default client: its pool limits, and proxies from the environment.
+        http_client = openai.DefaultAsyncHttpxClient(
+            timeout=timeout, follow_redirects=False, verify=trusted)
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else ""
     return openai.AsyncOpenAI(
         base_url=settings.upstream_base_url,

@@ -12,13 +12,20 @@ import asyncio
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from .. import framing, metrics
-from ..logs import log_request
+from ..chat_request import (
+    OPENAI,
+    SSE,
+    TEXT,
+    ChatRequest,
+    InvalidRequest,
+    parse_chat_request,
+)
+from ..logs import LOGGER, log_request
 from ..settings import Settings
 from ..upstream import (
     ChatStream,
@@ -28,7 +35,6 @@ from ..upstream import (
     open_chat_stream,
 )
 
-TEXT, SSE, OPENAI = "text", "sse", "openai"
 ROUTES = {
     "/v1/chat/stream": TEXT,
     "/v1/chat/stream-sse": SSE,
@@ -39,127 +45,7 @@ MEDIA_TYPES = {
     SSE: b"text/event-stream; charset=utf-8",
     OPENAI: b"text/event-stream; charset=utf-8",
 }
-GRANULARITIES = ("token", "word")
-# Body keys the gateway itself understands; the OpenAI route passes any other key upstream.
-_OWN_KEYS = {"prompt", "messages", "model", "max_tokens", "temperature", "granularity",
-             "stream", "stream_options"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
-
-class InvalidRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
-
-
-@dataclass(slots=True)
-class ChatRequest:
-    messages: list[dict[str, Any]]
-    model: str
-    granularity: str = "token"
-    stream: bool = True
-    include_usage: bool = False
-    upstream_extra: dict[str, Any] = field(default_factory=dict)
-
-    def upstream_payload(self, ask_usage: bool) -> dict[str, Any]:
-        """ask_usage: STREAMGATE_UPSTREAM_INCLUDE_USAGE (off for servers that reject it)."""
-        payload = {**self.upstream_extra, "model": self.model, "messages": self.messages}
-        if self.stream and ask_usage:  # servers reject stream_options on a non-streaming request
-            payload["stream_options"] = {"include_usage": True}  # usage feeds logs and metrics
-        return payload
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _content_chars(content: Any, where: str) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):  # OpenAI content parts
-        return sum(len(part.get("text", "")) for part in content if isinstance(part, dict))
-    if content is None:
-        return 0
-    raise InvalidRequest(f"{where}.content must be a string or a list of content parts", where)
-
-
-def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatRequest:
-    """Validate a chat body; InvalidRequest says exactly what is wrong."""
-    if not body.strip():
-        raise InvalidRequest("request body is empty: send a JSON object with a prompt")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
-
-    prompt, messages = data.get("prompt"), data.get("messages")
-    if prompt is not None and messages is not None:
-        raise InvalidRequest("give either prompt or messages, not both", "prompt")
-    if messages is not None:
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("messages must be a non-empty list", "messages")
-        chars = 0
-        for index, message in enumerate(messages):
-            where = f"messages[{index}]"
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise InvalidRequest(f"{where} must be an object with a string role", where)
-            chars += _content_chars(message.get("content"), where)
-        if chars == 0:
-            raise InvalidRequest("messages hold no text", "messages")
-    elif prompt is None:
-        raise InvalidRequest("prompt is required (or messages)", "prompt")
-    elif not isinstance(prompt, str):
-        raise InvalidRequest("prompt must be a string", "prompt")
-    elif not prompt.strip():
-        raise InvalidRequest("prompt is empty", "prompt")
-    else:
-        chars = len(prompt)
-        messages = [{"role": "user", "content": prompt}]
-    if chars > settings.max_prompt_chars:
-        raise InvalidRequest(
-            f"prompt too long: {chars} characters, the maximum is {settings.max_prompt_chars}",
-            "prompt" if prompt is not None else "messages",
-            status=413,
-        )
-
-    model = data.get("model", settings.default_model)
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model must be a non-empty string", "model")
-    granularity = data.get("granularity", "token")
-    if granularity not in GRANULARITIES:
-        raise InvalidRequest(
-            f"unknown granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}",
-            "granularity",
-        )
-    extra: dict[str, Any] = {}
-    max_tokens = data.get("max_tokens")
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise InvalidRequest("max_tokens must be a positive integer", "max_tokens")
-        extra["max_tokens"] = max_tokens
-    temperature = data.get("temperature")
-    if temperature is not None:
-        if not _is_number(temperature) or not 0 <= temperature <= 2:
-            raise InvalidRequest("temperature must be a number from 0 to 2", "temperature")
-        extra["temperature"] = temperature
-
-    stream, include_usage = True, route != OPENAI
-    if route == OPENAI:
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
-            raise InvalidRequest("stream must be true or false", "stream")
-        options = data.get("stream_options")
-        if options is not None:
-            if not isinstance(options, dict) or not isinstance(
-                options.get("include_usage", False), bool
-            ):
-                raise InvalidRequest("stream_options must be {\"include_usage\": bool}",
-                                     "stream_options")
-            include_usage = options.get("include_usage", False)
-        extra.update((key, value) for key, value in data.items() if key not in _OWN_KEYS)
-    return ChatRequest(messages, model, granularity, stream, include_usage, extra)
 
 
 async def _read_body(receive, limit: int) -> bytes | None:
@@ -228,6 +114,7 @@ class ChatEndpoint:
         started_at, started_perf = loop.time(), time.perf_counter()
         request_id = _request_id(scope)
         outcome = Outcome()
+        relay: _Relay | None = None
         try:
             body = await _read_body(receive, settings.max_prompt_chars * 6 + 65536)
             try:
@@ -241,20 +128,28 @@ class ChatEndpoint:
                 return
             relay = _Relay(self, state, settings, request, request_id, send, outcome, started_at,
                            started_perf)
-            if self.route == OPENAI and not request.stream:
-                await relay.run_non_stream()
-            else:
-                await _until_disconnect(relay, receive, outcome, self.route_label)
+            run = relay.run_non_stream if self.route == OPENAI and not request.stream else relay.run
+            await _until_disconnect(relay, run, receive, outcome, self.route_label)
         except _ClientGone:
             outcome.outcome = "client_disconnect"
+        except Exception as exc:
+            # A bug of ours, never the client's: a JSON 500 if nothing was sent yet, and the log
+            # and the metrics record what the client really got.
+            outcome.outcome, outcome.error = "internal_error", f"{type(exc).__name__}: {exc}"
+            LOGGER.exception("request %s failed", request_id.decode())
+            if relay is None or not relay.response_started:
+                outcome.status = 500
+                await _send_json(send, 500, framing.error_body(
+                    "internal error in the gateway", "server_error"), request_id)
         finally:
             outcome.duration_s = time.perf_counter() - started_perf
             metrics.REQUESTS.labels(self.route_label, str(outcome.status)).inc()
             log_request(scope, request_id, self.route_label, outcome)
 
 
-async def _until_disconnect(relay: _Relay, receive, outcome: Outcome, route_label: str) -> None:
-    """Run the relay; if the client leaves first, cancel it (closing the upstream) at once."""
+async def _until_disconnect(relay: _Relay, run, receive, outcome: Outcome,
+                            route_label: str) -> None:
+    """await run(); if the client leaves first, cancel it (closing the upstream) at once."""
     task = asyncio.current_task()
     assert task is not None
 
@@ -267,7 +162,7 @@ async def _until_disconnect(relay: _Relay, receive, outcome: Outcome, route_labe
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await relay.run()
+        await run()
     except asyncio.CancelledError:
         # Our own cancellation (the client left) ends here; any other one goes on up.
         if not relay.client_gone or task.uncancel() > 0:
@@ -348,6 +243,7 @@ class _Relay:
             await self._fail(error)
             return
         self.outcome.status = status
+        self.finished = self.response_started = True  # a hang-up from here on is no cancellation
         await self.send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", content_type.encode()),
             (b"content-length", str(len(body)).encode()),
