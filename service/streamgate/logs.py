@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 import orjson
 
 ACCESS_LOGGER = logging.getLogger("streamgate.access")
+# user:password@ in any URL an error message quotes (an upstream or proxy URL with credentials).
+_URL_CREDENTIALS = re.compile(r"//[^/\s@]+@")
+MAX_ERROR_CHARS = 1000
 LOGGER = logging.getLogger("streamgate")
 
 
@@ -45,5 +49,5 @@ def log_request(scope, request_id: bytes, route: str, outcome) -> None:
         "duration_ms": round(outcome.duration_s * 1000, 2),
     }
     if outcome.error:
-        record["error"] = outcome.error
+        record["error"] = _URL_CREDENTIALS.sub("//***@", outcome.error[:MAX_ERROR_CHARS])
     ACCESS_LOGGER.info(orjson.dumps(record).decode())

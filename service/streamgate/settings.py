@@ -95,7 +95,19 @@ class Settings(BaseSettings):
         """What may be logged: everything except secrets."""
         shown = self.model_dump(exclude={"upstream_api_key"})
         shown["upstream_api_key_set"] = self.upstream_api_key is not None
+        shown["upstream_base_url"] = url_without_secrets(self.upstream_base_url or "")
         return shown
+
+
+def url_without_secrets(url: str) -> str:
+    """The URL to log: no user:password@, no query string (tokens travel in both)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.split("?", 1)[0]
+    authority, slash, path = rest.partition("/")
+    host = authority.rpartition("@")[2]
+    shown = f"{scheme}://{'***@' if '@' in authority else ''}{host}{slash}{path}"
+    return shown.split("?", 1)[0] + ("?***" if "?" in path else "")
 
 
 def load_settings() -> Settings:

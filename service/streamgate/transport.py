@@ -25,6 +25,13 @@ _HIGH_WATER_BYTES = 256 * 1024
 # Idle connections older than this are not reused: servers close idle keep-alive connections
 # (uvicorn after 5 s), and a request written into a closing socket is wasted.
 _IDLE_REUSE_S = 4.0
+# At most this many idle connections are kept per upstream; the rest are closed when released.
+MAX_IDLE_PER_ORIGIN = 256
+# A response head (status line, headers, and any 1xx interim heads before it) larger than this
+# is refused: real LLM servers send a few hundred bytes, and an unbounded head is unbounded memory.
+MAX_HEAD_BYTES = 64 * 1024
+# 1xx interim responses (100 Continue, 103 Early Hints) skipped before the final one, at most.
+MAX_INTERIM_RESPONSES = 8
 
 
 def upstream_ssl_context() -> ssl.SSLContext:
@@ -38,8 +45,21 @@ class UpstreamReadTimeout(httpx2.ReadTimeout):
     """No body bytes arrived before the caller's deadline."""
 
 
+class UpstreamHeadTooLarge(httpx2.RemoteProtocolError):
+    """The upstream's response head went over MAX_HEAD_BYTES."""
+
+
+class _UnsolicitedResponse(Exception):
+    """Bytes of a further response arrived on a connection whose response had ended."""
+
+
 class _Connection(asyncio.Protocol):
-    """One upstream TCP (or TLS) connection carrying one response at a time."""
+    """One upstream TCP (or TLS) connection carrying one response at a time.
+
+    Bytes belong to the request that is waiting for them, or to nobody: 1xx interim responses
+    are skipped, and any byte that arrives while no request is waiting (idle in the pool, or
+    after the response ended) makes the connection unusable, so it is closed instead of reused.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -47,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.error: Exception | None = None
         self.idle_since = 0.0
+        self.idle = False  # in the pool: no request owns it, so no byte may arrive
         self.reused = False
         self._start_response()
 
@@ -54,6 +75,9 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.head_bytes = 0  # received before the final head was complete (MAX_HEAD_BYTES)
+        self.interim_responses = 0
         self.headers_future: asyncio.Future[None] = self.loop.create_future()
         self.body: deque[bytes] = deque()
         self.buffered = 0
@@ -73,13 +97,30 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.idle or self.complete:
+            # Nobody asked for these bytes: reusing the connection would hand them (another
+            # request's answer, or junk) to the next request. Close it instead.
+            self.keep_alive = False
+            self.abort()
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # pragma: no cover - we never ask for upgrades
             self._fail(httpx2.RemoteProtocolError("unexpected upgrade"))
+            return
         except httptools.HttpParserError as exc:
-            self._fail(httpx2.RemoteProtocolError(f"bad HTTP from upstream: {exc}"))
+            if isinstance(exc.__context__, _UnsolicitedResponse) or self.complete:
+                self.keep_alive = False  # our response is whole; the rest was unsolicited
+                self.abort()
+            else:
+                self._fail(httpx2.RemoteProtocolError(f"bad HTTP from upstream: {exc}"))
+            return
+        if not self.headers_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamHeadTooLarge(
+                    f"upstream response head over {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -107,11 +148,25 @@ class _Connection(asyncio.Protocol):
         pass
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _UnsolicitedResponse  # stops the parser: see data_received
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.raw_headers.append((name, value))
+        if not self.headers_done:  # after the head, these are chunked trailers: not headers
+            self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim response (100 Continue, 103 Early Hints): the final one follows.
+            self.interim_responses += 1
+            self.raw_headers = []
+            if status == 101 or self.interim_responses > MAX_INTERIM_RESPONSES:
+                raise httptools.HttpParserError(f"unexpected interim response {status}")
+            return
+        self.status = status
+        self.headers_done = True
         if not self.headers_future.done():
             self.headers_future.set_result(None)
 
@@ -134,6 +189,8 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def on_message_complete(self) -> None:
+        if not self.headers_done:
+            return  # the end of an interim response
         self.complete = True
         self.keep_alive = not self.closed and self.parser.should_keep_alive()
         waiter = self.waiter
@@ -287,13 +344,15 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         return self._ssl_context
 
     def put_idle(self, key: tuple, connection: _Connection) -> None:
-        if self._closed:
+        idle = self._idle.setdefault(key, [])
+        if self._closed or len(idle) >= MAX_IDLE_PER_ORIGIN:
             connection.abort()
             return
         connection.idle_since = time.monotonic()
         connection.cancel_timer()
         connection._start_response()
-        self._idle.setdefault(key, []).append(connection)
+        connection.idle = True
+        idle.append(connection)
 
     def _take_idle(self, key: tuple) -> _Connection | None:
         idle = self._idle.get(key)
@@ -302,6 +361,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             connection = idle.pop()
             if not connection.closed and now - connection.idle_since < _IDLE_REUSE_S:
                 connection.reused = True
+                connection.idle = False
                 return connection
             connection.abort()
         return None

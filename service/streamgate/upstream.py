@@ -46,20 +46,34 @@ _PASSED_ON_STATUSES = {400: "bad_request", 401: "unauthorized", 403: "unauthoriz
                        404: "not_found", 413: "bad_request", 422: "bad_request",
                        429: "rate_limited"}
 _RETRYABLE_STATUSES = {500, 502, 503}
+# One SSE event from the upstream larger than this is refused (502), not buffered: a chunk of
+# a chat completion is a few hundred bytes.
+MAX_EVENT_BYTES = 1024 * 1024
+# A whole non-streamed completion, and an error body, at most (then 502).
+MAX_COMPLETION_BYTES = 16 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# An upstream's own error message, passed on to the client for a 4xx about its request, is cut.
+MAX_PASSED_ON_MESSAGE_CHARS = 500
 
 
 @dataclass(slots=True)
 class UpstreamError(Exception):
-    """A failure talking to the LLM server, with the status the client should see."""
+    """A failure talking to the LLM server, with the status the client should see.
+
+    `message` is for the client, in its terms ("upstream unreachable"); `detail` is for the log
+    only (addresses, the transport's own words), next to the request id.
+    """
 
     kind: str  # metrics label: connect, timeout, status_<n>, rate_limited, midstream, protocol...
     status: int
     message: str
     retryable: bool = False
     retry_after: str | None = None
+    detail: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.kind}: {self.message}"
+        text = f"{self.kind}: {self.message}"
+        return f"{text} ({self.detail})" if self.detail else text
 
     def to_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": "upstream_error", "code": self.kind}}
@@ -129,26 +143,36 @@ def make_client(settings: Settings, transport: str | None = None) -> openai.Asyn
 
 
 def _error_from_status(status: int, body: Any, retry_after: str | None) -> UpstreamError:
-    detail = _upstream_message(body) or f"upstream answered HTTP {status}"
+    upstream_says = _upstream_message(body)
+    detail = f"upstream answered HTTP {status}: {upstream_says or 'no message'}"[:1000]
     if status in _PASSED_ON_STATUSES:
+        # About the client's own request (bad model, rate limit): the upstream's words help it.
         client_status = {429: 429, 401: 401, 403: 401, 404: 404}.get(status, 400)
-        return UpstreamError(_PASSED_ON_STATUSES[status], client_status, detail,
-                             retry_after=retry_after)
+        message = upstream_says or f"upstream refused the request (HTTP {status})"
+        return UpstreamError(_PASSED_ON_STATUSES[status], client_status,
+                             message[:MAX_PASSED_ON_MESSAGE_CHARS], retry_after=retry_after,
+                             detail=detail)
     if status in (408, 504):
-        return UpstreamError("timeout", 504, detail)
-    return UpstreamError(f"status_{status}", 502, detail, retryable=status in _RETRYABLE_STATUSES)
+        return UpstreamError("timeout", 504, "upstream timed out", detail=detail)
+    return UpstreamError(f"status_{status}", 502, f"upstream failed (HTTP {status})",
+                         retryable=status in _RETRYABLE_STATUSES, detail=detail)
 
 
 def _error_from_sdk(exc: Exception) -> UpstreamError:
     if isinstance(exc, openai.APIStatusError):
         return _error_from_status(exc.status_code, exc.body,
                                   exc.response.headers.get("retry-after"))
-    if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
-        return UpstreamError("timeout", 504, "upstream did not answer in time")
+    cause = exc.__cause__ if isinstance(exc, openai.APIConnectionError) and exc.__cause__ else exc
+    detail = f"{type(cause).__name__}: {cause}"[:1000]
+    if isinstance(exc, openai.APITimeoutError) or isinstance(cause, httpx2.TimeoutException):
+        return UpstreamError("timeout", 504, "upstream timed out", detail=detail)
+    if isinstance(cause, httpx2.RemoteProtocolError):
+        # The upstream answered, wrongly (bad HTTP, an oversized head): retrying won't mend it.
+        return UpstreamError("protocol", 502, "upstream sent an invalid response", detail=detail)
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
-        return UpstreamError("connect", 502, f"upstream unreachable: {exc.__cause__ or exc}",
-                             retryable=True)
-    return UpstreamError("protocol", 502, f"upstream failure: {exc}")
+        return UpstreamError("connect", 502, "upstream unreachable", retryable=True,
+                             detail=detail)
+    return UpstreamError("protocol", 502, "upstream sent an invalid response", detail=detail)
 
 
 def _upstream_message(body: Any) -> str | None:
@@ -229,10 +253,11 @@ async def _post_learned(
     status, raw_headers = connection.status, connection.raw_headers  # reset when pooled
     if status >= 300:
         deadline = asyncio.get_running_loop().time() + settings.connect_timeout_s
-        parts = []
+        parts, size = [], 0
         try:
-            while chunk := await stream.read(deadline):
+            while (chunk := await stream.read(deadline)) and size < MAX_ERROR_BODY_BYTES:
                 parts.append(chunk)
+                size += len(chunk)
         except httpx2.HTTPError:
             pass
         finally:
@@ -314,12 +339,14 @@ class ChatStream:
         except UpstreamReadTimeout:
             raise
         except httpx2.HTTPError as exc:
-            raise UpstreamError("midstream", 502, f"upstream stream broke: {exc}") from exc
+            raise UpstreamError("midstream", 502, "upstream stream broke",
+                                detail=f"{type(exc).__name__}: {exc}") from exc
         if chunk is None:
             return []
         if not chunk:
             if self._buffer.strip():
-                raise UpstreamError("protocol", 502, "upstream stream ended mid-event")
+                raise UpstreamError("protocol", 502, "upstream sent an invalid response",
+                                    detail="stream ended mid-event")
             return None
         return self.parse(chunk)
 
@@ -329,9 +356,13 @@ class ChatStream:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\n\n" not in buffer:
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise _event_too_large()
             self._buffer = buffer
             return []
         *complete, self._buffer = buffer.split(b"\n\n")
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            raise _event_too_large()
         events: list[dict[str, Any]] = []
         for block in complete:
             payload, event_name = _data_of(block)
@@ -344,9 +375,11 @@ class ChatStream:
             try:
                 event = orjson.loads(payload)
             except orjson.JSONDecodeError as exc:
-                raise UpstreamError("protocol", 502, "upstream sent an unparsable chunk") from exc
+                raise UpstreamError("protocol", 502, "upstream sent an invalid response",
+                                    detail="an unparsable chunk") from exc
             if event_name == b"error" or (isinstance(event, dict) and "error" in event):
-                raise UpstreamError("midstream", 502, _midstream_message(event))
+                raise UpstreamError("midstream", 502, "upstream error mid-stream",
+                                    detail=_midstream_message(event))
             events.append(event)
         return events
 
@@ -381,14 +414,20 @@ def _data_of(block: bytes) -> tuple[bytes | None, bytes | None]:
     return b"\n".join(data_lines), event_name
 
 
+def _event_too_large() -> UpstreamError:
+    return UpstreamError("protocol", 502, "upstream sent an invalid response",
+                         detail=f"one event over {MAX_EVENT_BYTES} bytes")
+
+
 def _midstream_message(event: Any) -> str:
+    """What the upstream's error event says, for the log."""
     if isinstance(event, dict):
         inner = event.get("error", event)
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return "upstream error mid-stream: " + inner["message"]
+            return inner["message"][:1000]
         if isinstance(inner, str):
-            return "upstream error mid-stream: " + inner
-    return "upstream error mid-stream"
+            return inner[:1000]
+    return "an error event without a message"
 
 
 async def open_chat_stream(
@@ -417,16 +456,23 @@ async def complete_chat(
     response = await _post(client, settings, {**payload, "stream": False}, request_id)
     stream = ChatStream(response)
     parts: list[bytes] = []
+    size = 0
     try:
         while True:
             chunk = await stream._read(deadline)
             if not chunk:
                 break
             parts.append(chunk)
+            size += len(chunk)
+            if size > MAX_COMPLETION_BYTES:
+                raise UpstreamError("protocol", 502, "upstream sent an invalid response",
+                                    detail=f"completion over {MAX_COMPLETION_BYTES} bytes")
     except UpstreamReadTimeout as exc:
-        raise UpstreamError("timeout", 504, "upstream did not finish in time") from exc
+        raise UpstreamError("timeout", 504, "upstream timed out",
+                            detail="completion not finished in time") from exc
     except httpx2.HTTPError as exc:
-        raise UpstreamError("midstream", 502, f"upstream response broke: {exc}") from exc
+        raise UpstreamError("midstream", 502, "upstream stream broke",
+                            detail=f"{type(exc).__name__}: {exc}") from exc
     finally:
         await stream.aclose()
     content_type = response.headers.get("content-type", "application/json")

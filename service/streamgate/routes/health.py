@@ -29,7 +29,8 @@ async def readyz(request: Request) -> JSONResponse:
         problems.append("upstream client not started")
     if problems:
         return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-    return JSONResponse({"status": "ready", "upstream": settings.upstream_base_url})
+    # Not the upstream's URL: internal addresses are nobody's business (the log has it).
+    return JSONResponse({"status": "ready"})
 
 
 @router.get("/metrics")
