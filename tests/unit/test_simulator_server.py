@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -670,3 +672,312 @@ def test_jitter_varies_timing_not_text():
     assert "".join(
         contents_of(chunks_of(b"".join(p for _, p in reads)))
     ) == expected_text(30)
+
+
+# -- bounds: what a client can make one connection hold ------------------------------------
+# Real sockets against the in-process simulator; every read and write is bounded in time.
+
+BOUND_WAIT_S = 2.0
+
+
+def _connect(sim: SimulatorThread, timeout_s: float = BOUND_WAIT_S) -> socket.socket:
+    host, port = sim.url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=timeout_s)
+
+
+def _read_to_close(
+    sock: socket.socket, limit_s: float = BOUND_WAIT_S
+) -> tuple[bytes, bool]:
+    """Everything the simulator sends until it closes, or until limit_s: (bytes, closed)."""
+    deadline = time.monotonic() + limit_s
+    received = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            piece = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return received, True
+        if not piece:
+            return received, True
+        received += piece
+    return received, False
+
+
+def _send_until_answered(sock: socket.socket, pieces: Iterator[bytes]) -> int:
+    """Send pieces until the simulator answers (or stops reading); returns the bytes sent."""
+    sent = 0
+    for piece in pieces:
+        if select.select([sock], [], [], 0.005)[0]:
+            break
+        try:
+            sock.sendall(piece)
+        except OSError:  # reset, or blocked: the simulator stopped taking more
+            break
+        sent += len(piece)
+    return sent
+
+
+def _error_answer(raw: bytes, status: int) -> dict:
+    """A closing OpenAI-style error answer, alone: returns its `error` object."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.1 %d " % status), raw[:200]
+    headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
+    assert headers[b"connection"] == b"close"
+    assert headers[b"content-type"] == b"application/json"
+    assert len(body) == int(headers[b"content-length"]), (
+        "answer cut off or followed by more"
+    )
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def _request_line_pieces(total: int) -> Iterator[bytes]:
+    yield b"GET /"
+    for _ in range(total // 8192):
+        yield b"a" * 8192
+
+
+def _header_value_pieces(total: int) -> Iterator[bytes]:
+    yield b"GET /healthz HTTP/1.1\r\nhost: sim\r\nx-pad: "
+    for _ in range(total // 8192):
+        yield b"v" * 8192
+
+
+@pytest.mark.parametrize(
+    ("pieces", "status", "code"),
+    [
+        (_request_line_pieces, 414, "uri_too_long"),
+        (_header_value_pieces, 431, "request_header_fields_too_large"),
+    ],
+    ids=["request-line", "header-value"],
+)
+def test_an_endless_head_is_refused_early_and_closed(sim, pieces, status, code):
+    """No end of the head ever comes: the answer must come after a bounded read, not never."""
+    with _connect(sim) as sock:
+        sent = _send_until_answered(sock, pieces(1024 * 1024))
+        raw, closed = _read_to_close(sock)
+    assert raw, f"no answer after {sent} bytes of an unfinished head"
+    assert sent < 256 * 1024, (
+        f"the simulator kept reading: {sent} bytes before it answered"
+    )
+    assert _error_answer(raw, status)["code"] == code
+    assert closed
+
+
+def test_a_huge_request_line_is_414(sim):
+    with _connect(sim) as sock:
+        sock.sendall(
+            b"GET /healthz?" + b"a" * 64 * 1024 + b" HTTP/1.1\r\nhost: sim\r\n\r\n"
+        )
+        raw, closed = _read_to_close(sock)
+    assert _error_answer(raw, 414)["code"] == "uri_too_long"
+    assert closed
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"x-big: " + b"v" * 64 * 1024 + b"\r\n",
+        b"".join(
+            b"x-pad-%d: value\r\n" % n for n in range(4000)
+        ),  # ~80 KiB of small ones
+        b"".join(b"x-%d: v\r\n" % n for n in range(150)),  # few bytes, many lines
+    ],
+    ids=["one-huge-header", "many-headers", "many-header-lines"],
+)
+def test_huge_headers_are_431(sim, headers):
+    with _connect(sim) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: sim\r\n" + headers + b"\r\n")
+        raw, closed = _read_to_close(sock)
+    assert _error_answer(raw, 431)["code"] == "request_header_fields_too_large"
+    assert closed
+
+
+def test_a_huge_content_length_is_413_before_the_body_is_sent(sim):
+    with _connect(sim) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n{"
+            % (10 * 1024**3)
+        )
+        raw, closed = _read_to_close(sock)
+    assert _error_answer(raw, 413)["code"] == "request_too_large"
+    assert closed
+
+
+def test_a_huge_chunked_body_is_413_once_it_is_over_the_cap(sim):
+    chunk = b"%x\r\n%b\r\n" % (64 * 1024, b" " * 64 * 1024)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\n"
+        b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    with _connect(sim) as sock:
+        # 1 KiB of JSON, then whitespace: valid JSON if it were ever complete (2 MiB)
+        pieces = itertools.chain(
+            [head, b"400\r\n" + b"[" + b" " * 1022 + b"]" + b"\r\n"],
+            itertools.repeat(chunk, 32),
+            [b"0\r\n\r\n"],
+        )
+        sent = _send_until_answered(sock, pieces)
+        raw, closed = _read_to_close(sock)
+    assert raw, f"no answer after {sent} bytes"
+    assert _error_answer(raw, 413)["code"] == "request_too_large"
+    assert sent < 2 * 1024 * 1024
+    assert closed
+
+
+def test_a_body_under_the_cap_is_accepted(instant_sim):
+    """Negative control for the body cap: a large but allowed request is answered."""
+    padding = "x" * (1024 * 1024 - 200)
+    response = chat(
+        instant_sim,
+        {"max_tokens": 2, "messages": [{"role": "user", "content": padding}]},
+    )
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] == 1
+
+
+def _stream_then_rest(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    """Split a raw exchange that starts with a chunked answer: (head, decoded body, what
+    follows its last chunk). Fails when anything else is found inside the chunked body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK"), raw[:200]
+    assert b"transfer-encoding: chunked" in head
+    decoded = []
+    position = 0
+    while True:
+        line_end = body.find(b"\r\n", position)
+        assert line_end != -1, (
+            f"chunked body cut off: ...{body[position - 80 : position + 80]!r}"
+        )
+        size_field = body[position:line_end]
+        assert re.fullmatch(rb"[0-9a-f]+", size_field), (
+            f"not a chunk inside the stream: {body[position : position + 80]!r}"
+        )
+        size = int(size_field, 16)
+        if size == 0:
+            assert body[line_end : line_end + 4] == b"\r\n\r\n"
+            return head, b"".join(decoded), body[line_end + 4 :]
+        start = line_end + 2
+        decoded.append(body[start : start + size])
+        assert body[start + size : start + size + 2] == b"\r\n", (
+            "chunk of the wrong size"
+        )
+        position = start + size + 2
+
+
+MALFORMED = {
+    "garbage": (b"GARBAGE\r\n\r\n", 400),
+    "huge-head": (
+        b"GET /healthz HTTP/1.1\r\nx-big: " + b"v" * 32 * 1024 + b"\r\n\r\n",
+        431,
+    ),
+    "huge-body": (
+        b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 9999999999\r\n\r\n",
+        413,
+    ),
+}
+
+
+@pytest.mark.parametrize("when", ["same-write", "mid-stream"])
+@pytest.mark.parametrize("malformed", list(MALFORMED))
+def test_a_bad_request_after_a_stream_is_answered_after_its_last_chunk(
+    sim, malformed, when
+):
+    bad, status = MALFORMED[malformed]
+    good = _post(b'{"stream": true, "max_tokens": 60}')
+    with _connect(sim) as sock:
+        if when == "same-write":
+            sock.sendall(good + bad)
+            raw = b""
+        else:
+            sock.sendall(good)
+            raw = b""
+            while (
+                b'"content":"Stream"' not in raw
+            ):  # the first token: the stream is under way
+                piece = sock.recv(65536)
+                assert piece, "closed before the first token"
+                raw += piece
+            sock.sendall(bad)
+        rest_of_exchange, closed = _read_to_close(sock)
+        raw += rest_of_exchange
+    _, body, after = _stream_then_rest(raw)
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert "".join(contents_of(chunks_of(body))) == expected_text(60)
+    assert _error_answer(after, status)  # after the last chunk, alone
+    assert closed
+
+
+def test_expect_100_continue_behind_a_stream_waits_for_its_end(sim):
+    body = b'{"max_tokens": 3}'
+    with _connect(sim) as sock:
+        sock.sendall(
+            _post(b'{"stream": true, "max_tokens": 40}')
+            + b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\nexpect: 100-continue\r\n"
+            b"content-length: %d\r\n\r\n" % len(body)
+        )
+        raw = b""
+        while not raw.endswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
+            piece = sock.recv(65536)
+            assert piece, "closed"
+            raw += piece
+        _, streamed, after = _stream_then_rest(raw)
+        assert streamed.endswith(b"data: [DONE]\n\n")
+        assert after == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = b""
+        while b"total_tokens" not in answer:
+            piece = sock.recv(65536)
+            assert piece, "closed"
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_long_pipeline_is_answered_completely_and_in_order(instant_sim):
+    """Back-pressure on the read-ahead must lose and reorder nothing: 200 requests in one
+    write (far over the read-ahead bound), streams and plain answers mixed."""
+    requests = []
+    for n in range(200):
+        rid = b"x-request-id: p%d\r\n" % n
+        body = (
+            b'{"stream": true, "max_tokens": 2}' if n % 3 == 0 else b'{"max_tokens": 2}'
+        )
+        requests.append(_post(body, rid))
+    with _connect(instant_sim, timeout_s=5) as sock:
+        sock.sendall(b"".join(requests))
+        raw = b""
+        deadline = time.monotonic() + 5
+        while raw.count(b"HTTP/1.1 200 OK") < 200 or not raw.endswith(
+            (b"0\r\n\r\n", b"}")
+        ):
+            assert time.monotonic() < deadline, "answers missing"
+            piece = sock.recv(65536)
+            assert piece, "closed"
+            raw += piece
+    ids = re.findall(rb"x-request-id: (p\d+)", raw)
+    assert ids == [b"p%d" % n for n in range(200)]
+
+
+def test_a_hang_up_behind_a_refused_request_is_still_heard_at_once(stalling_sim):
+    """The error waits for the stalled stream, but the client's hang-up must not wait."""
+    sim = stalling_sim
+    sim.call(sim.stats.reset)
+    with _connect(sim) as sock:
+        sock.sendall(
+            _post(b'{"stream": true, "model": "sim-fault-stall-first"}')
+            + b"GARBAGE\r\n\r\n"
+        )
+        received = b""
+        while b"200 OK" not in received:
+            piece = sock.recv(65536)
+            assert piece, "closed"
+            received += piece
+        time.sleep(0.05)
+        assert sim.stats.active == 1
+    took = _wait_for(lambda: sim.stats.cancelled == 1, timeout_s=2)
+    assert took < 0.1

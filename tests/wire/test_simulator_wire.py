@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from streamgate.simulator.capacity import SimulatorProcess, run_capacity_check
+from streamgate.simulator.capacity import (
+    SimulatorProcess,
+    decode_chunked,
+    run_capacity_check,
+)
 from streamgate.simulator.script import expected_text
 
 pytestmark = pytest.mark.timeout(60)
@@ -176,3 +182,101 @@ def test_sigterm_stops_the_process_promptly_even_with_streams_open():
         assert process.popen.wait(timeout=5) == 0
         assert time.monotonic() - started < 5
         sock.close()
+
+
+# -- bounds: a client that writes without reading --------------------------------------------
+
+PIPELINE_BYTES = 4 * 1024 * 1024
+PIPELINES = {
+    # each answered over ~1 s: the requests behind the first one wait in the simulator
+    "streams": b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\ncontent-type: "
+    b'application/json\r\ncontent-length: 16\r\n\r\n{"stream": true}',
+    # answered at once: the answers pile up, unread, in the simulator's write buffer
+    "health-checks": b"GET /healthz HTTP/1.1\r\nhost: sim\r\n\r\n",
+}
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _write_without_reading(
+    port: int, data: bytes, limit_s: float
+) -> tuple[socket.socket, int]:
+    """Write data without ever reading; stops when a write blocks for a while (back-pressure)
+    or after limit_s. Returns the open socket and how much was written."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=0.3)
+    view = memoryview(data)
+    sent = 0
+    deadline = time.monotonic() + limit_s
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(view[sent : sent + 65536])
+        except TimeoutError:
+            break
+    return sock, sent
+
+
+@pytest.mark.parametrize("kind", list(PIPELINES))
+def test_a_pipeline_written_without_reading_keeps_the_simulator_small(kind):
+    request = PIPELINES[kind]
+    with SimulatorProcess(["--stall-s", "600"]) as process:
+        # warm up the paths the pipeline takes, so that what grows afterwards is the pipeline
+        assert httpx.get(process.url + "/healthz").status_code == 200
+        streamed = httpx.post(
+            process.url + "/v1/chat/completions", json={"stream": True, "max_tokens": 2}
+        )
+        assert streamed.content.endswith(b"data: [DONE]\n\n")
+        before_kib = _memory_kib(process.pid, "VmRSS")
+        data = request * (PIPELINE_BYTES // len(request))
+        sock, sent = _write_without_reading(process.port, data, limit_s=1.5)
+        try:
+            time.sleep(0.3)  # let the simulator take in whatever it is going to take in
+            grew_kib = _memory_kib(process.pid, "VmHWM") - before_kib
+            # still serving other clients meanwhile
+            assert httpx.get(process.url + "/healthz").json() == {"status": "ok"}
+        finally:
+            sock.close()
+    assert grew_kib < 3 * 1024, (
+        f"{kind}: the simulator grew by {grew_kib} KiB while a client wrote {sent} bytes "
+        "of pipelined requests without reading"
+    )
+
+
+def test_a_bad_request_pipelined_behind_a_stream_waits_for_its_end(sim_process):
+    """The console script's loop (uvloop when installed) as well: the 400 follows the stream."""
+    good = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\ncontent-type: application/json"
+        b'\r\ncontent-length: 33\r\n\r\n{"stream": true, "max_tokens": 5}'
+    )
+    with socket.create_connection(("127.0.0.1", sim_process.port), timeout=3) as sock:
+        sock.sendall(good + b"GARBAGE\r\n\r\n")
+        raw = b""
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            raw += piece
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    stream_end = body.find(b"0\r\n\r\n")
+    error_at = body.find(b"HTTP/1.1 400 Bad Request")
+    assert -1 < stream_end < error_at, raw
+    decoded = decode_chunked(body[: stream_end + 5])
+    assert decoded.endswith(b"data: [DONE]\n\n")
+    assert (
+        b"".join(
+            json.loads(event.removeprefix(b"data: "))["choices"][0]["delta"]
+            .get("content", "")
+            .encode()
+            for event in decoded.split(b"\n\n")
+            if event.startswith(b"data: {")
+            and json.loads(event.removeprefix(b"data: "))["choices"]
+        )
+        == expected_text(5).encode()
+    )
+    assert b"connection: close" in body[error_at:]

@@ -38,8 +38,29 @@ FAULT_MODEL_PREFIX = "sim-fault-"
 FAULT_HEADER = b"x-sim-fault"
 REQUEST_ID_HEADER = b"x-request-id"
 SYSTEM_FINGERPRINT = "fp_streamgate_sim"
-MAX_BODY_BYTES = 8 * 1024 * 1024
 RECENT_LIMIT = 256
+
+# -- bounds: what one connection can make the simulator hold, whatever a client sends ----------
+# Request line + headers of one request. Clients send about 1 KiB; nginx and Node stop at 8-16
+# KiB. Over it: 414 (the request line alone) or 431, then the connection is closed.
+MAX_HEAD_BYTES = 16 * 1024
+# Header lines per request (as gunicorn's default): many tiny headers cost more than their bytes.
+MAX_HEADERS = 100
+# One request body. A chat request with a long conversation is tens of KiB. Over it: 413 as soon
+# as Content-Length (or the chunked body so far) says so, without reading the rest; then closed.
+MAX_BODY_BYTES = 1024 * 1024
+# Pipelining: requests read ahead of the one being answered, by count and by size. At either
+# bound the simulator stops reading the socket until answers catch up: TCP back-pressure, not an
+# error, so a client that writes without reading blocks instead of filling the simulator.
+MAX_PIPELINED = 8
+MAX_PIPELINED_BYTES = 256 * 1024
+# The parser is fed at most this much at once, so reading can stop between requests; requests
+# fit in one slice, so the usual request costs one parser call, as before.
+FEED_SLICE = 8 * 1024
+# After an error that ends a connection: the answer and a half-close are sent, and whatever the
+# client still sends is read and dropped for this long, so that closing with unread input (which
+# resets the connection) cannot destroy the answer before the client has read it.
+LINGER_S = 1.0
 
 FAULT_KINDS = (
     "429",
@@ -58,7 +79,9 @@ _REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     413: b"Payload Too Large",
+    414: b"URI Too Long",
     429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
 }
 _TOKENS: tuple[str, ...] = tuple(expected_tokens(MAX_TOKENS))
@@ -211,7 +234,7 @@ class Request:
     body: bytes
     keep_alive: bool
     http11: bool
-    too_large: bool = False
+    size: int  # head + body bytes: what it costs while queued behind another answer
 
 
 class Simulator:
@@ -560,7 +583,15 @@ def _token_count(body: dict[str, Any], default: int) -> int:
 
 
 class SimProtocol(asyncio.Protocol):
-    """One client connection: parses HTTP/1.1 requests, answers them one at a time."""
+    """One client connection: parses HTTP/1.1 requests, answers them one at a time, in order.
+
+    Bounded whatever the client sends (the MAX_* constants): a request that breaks a bound or
+    cannot be parsed is answered with an error in its turn, after every answer before it has
+    ended (never inside one), and the connection then ends. Requests pipelined behind the one
+    being answered are read ahead up to MAX_PIPELINED / MAX_PIPELINED_BYTES; beyond that, and
+    while the transport's write buffer is full (a client that does not read), reading stops
+    until the answers catch up.
+    """
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
@@ -568,12 +599,28 @@ class SimProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.keep_alive = True
         self.response: ChatResponse | None = None
-        self.pending: deque[Request] = deque()
+        # Parsed requests waiting for their turn. A RequestError stands for a request that broke
+        # the parser or a bound: answered in its turn, and the connection ends with it.
+        self.pending: deque[Request | RequestError] = deque()
+        self._pending_bytes = 0
+        self._held: bytes | None = None  # received but not parsed while the read-ahead is full
+        self._reading_paused = False
+        self._writing_paused = False
+        self._broken = False  # the parser has stopped for good: an error is queued or sent
+        self._closing = False  # the connection's last answer is written: no more are
+        self._advancing = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._error: RequestError | None = None  # what a parser callback refused
+        self._messages = 0
+        self._in_head = False
+        self._head_size = 0
+        self._head_fed = 0
+        self._header_lines = 0
+        self._continue_wanted = False
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._body: list[bytes] = []
         self._body_size = 0
-        self._too_large = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -587,12 +634,12 @@ class SimProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._send_error_and_close(RequestError(400, "protocol upgrade not supported"))
-        except httptools.HttpParserError as error:
-            self._send_error_and_close(RequestError(400, f"malformed HTTP request: {error}"))
+        if self._broken or self._closing:
+            return  # dropped: nothing after an error or a closing answer is ever parsed
+        if self._held is not None:  # read before reading paused: parsed with the rest
+            self._held += data
+            return
+        self._feed(data)
 
     def eof_received(self) -> bool | None:
         return None  # close: a client that half-closes has gone away
@@ -602,51 +649,216 @@ class SimProtocol(asyncio.Protocol):
         self.sim.stats.connections_open -= 1
         self.sim.connections.discard(self)
         self.pending.clear()
+        self._held = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self.response is not None:
             self.response.cancel()
             self.response = None
 
+    def pause_writing(self) -> None:
+        self._writing_paused = True  # the client is not reading: answer nothing more for now
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._advance()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        """Parse data a slice at a time; once the read-ahead is full, hold the rest unparsed
+        and stop reading (resumed by _advance)."""
+        size = len(data)
+        if size <= FEED_SLICE and not self._queue_full():
+            self._parse(data)
+            return
+        view = memoryview(data)
+        offset = 0
+        while offset < size and not (self._broken or self._closing):
+            if self._queue_full():
+                self._held = bytes(view[offset:])
+                self._pause_reading()
+                return
+            self._parse(view[offset : offset + FEED_SLICE])
+            offset += FEED_SLICE
+
+    def _parse(self, piece: bytes | memoryview) -> None:
+        messages = self._messages
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserUpgrade:
+            self._fail(RequestError(400, "protocol upgrade not supported"))
+        except httptools.HttpParserError as error:
+            self._fail(self._error or RequestError(400, f"malformed HTTP request: {error}"))
+        else:
+            if self._in_head and self._messages == messages:
+                # The whole piece belongs to one unfinished head. Counted here because the
+                # parser keeps a header line to itself until the line is complete.
+                self._head_fed += len(piece)
+                if self._head_fed > MAX_HEAD_BYTES:
+                    self._fail(self._head_too_large())
+
+    def _queue_full(self) -> bool:
+        return len(self.pending) >= MAX_PIPELINED or self._pending_bytes >= MAX_PIPELINED_BYTES
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _fail(self, error: RequestError) -> None:
+        """The parser cannot go on: `error` is answered in its turn. What the client sends
+        meanwhile is read and dropped, so that its hang-up is still heard at once."""
+        self._broken = True
+        self._error = None
+        self._held = None
+        self._resume_reading()
+        self._enqueue(error)
+
+    def _refuse(self, status: int, message: str, code: str) -> RequestError:
+        """For parser callbacks: the error to raise (the parser reports it as its own)."""
+        self._error = RequestError(status, message, code=code)
+        return self._error
+
+    def _head_too_large(self) -> RequestError:
+        return self._refuse(
+            431,
+            f"request head over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} header lines",
+            "request_header_fields_too_large",
+        )
+
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._messages += 1
+        self._in_head = True
+        self._head_size = 0
+        self._head_fed = 0
+        self._header_lines = 0
         self._url = b""
         self._headers = {}
         self._body = []
         self._body_size = 0
-        self._too_large = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
+        if self._head_size > MAX_HEAD_BYTES:
+            raise self._refuse(414, f"request line over {MAX_HEAD_BYTES} bytes", "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        self._header_lines += 1
+        if self._head_size > MAX_HEAD_BYTES or self._header_lines > MAX_HEADERS:
+            raise self._head_too_large()
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
-        # curl sends "Expect: 100-continue" with bodies over 1 KiB and waits a second for this.
+        self._in_head = False
+        length = self._headers.get(b"content-length", b"").strip()
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:  # refused before it is sent
+            raise self._refuse(
+                413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large"
+            )
+        # curl sends "Expect: 100-continue" with bodies over 1 KiB and waits a second for this;
+        # behind another answer it is sent when that answer has ended (_advance).
         if self._headers.get(b"expect", b"").lower() == b"100-continue":
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self._idle():
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self._continue_wanted = True
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        if self._body_size > MAX_BODY_BYTES:
-            self._too_large = True
-        else:
-            self._body.append(body)
+        if self._body_size > MAX_BODY_BYTES:  # a chunked body has no length up front
+            raise self._refuse(
+                413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large"
+            )
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
-        request = Request(
-            method=self.parser.get_method(),
-            path=self._url.split(b"?", 1)[0].decode("latin-1"),
-            headers=self._headers,
-            body=b"".join(self._body),
-            keep_alive=self.parser.should_keep_alive(),
-            http11=self.parser.get_http_version() == "1.1",
-            too_large=self._too_large,
+        self._continue_wanted = False
+        body = b"".join(self._body)
+        self._enqueue(
+            Request(
+                method=self.parser.get_method(),
+                path=self._url.split(b"?", 1)[0].decode("latin-1"),
+                headers=self._headers,
+                body=body,
+                keep_alive=self.parser.should_keep_alive(),
+                http11=self.parser.get_http_version() == "1.1",
+                size=self._head_size + len(body),
+            )
         )
-        if self.response is not None or self.pending:
-            self.pending.append(request)  # pipelined: answered in order
+
+    # -- turns ---------------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        """Nothing being answered or waiting: the next request may be answered at once."""
+        return (
+            self.response is None
+            and not self.pending
+            and not self._writing_paused
+            and not self._closing
+        )
+
+    def _enqueue(self, item: Request | RequestError) -> None:
+        if self._closing:
+            return  # behind a closing answer: never answered
+        if self._idle():
+            self._answer(item)
+            return
+        self.pending.append(item)  # pipelined: answered in order
+        if isinstance(item, Request):
+            self._pending_bytes += item.size
+
+    def _answer(self, item: Request | RequestError) -> None:
+        if isinstance(item, RequestError):
+            self._send_error_and_close(item)
         else:
-            self._dispatch(request)
+            self._dispatch(item)
+
+    def _advance(self) -> None:
+        """Answer what waits, in order, while nothing else is being answered; parse what was
+        held while the read-ahead has room; read again once nothing is held."""
+        if self._advancing:  # re-entered from a write: the running loop carries on
+            return
+        self._advancing = True
+        try:
+            while self.transport is not None and not self._closing:
+                if self.pending and self.response is None and not self._writing_paused:
+                    item = self.pending.popleft()
+                    if isinstance(item, Request):
+                        self._pending_bytes -= item.size
+                    self._answer(item)
+                elif self._held is not None and not self._queue_full():
+                    held, self._held = self._held, None
+                    self._feed(held)
+                else:
+                    break
+            if self.transport is None or self._closing:
+                return
+            if self._held is None and not self._queue_full():
+                self._resume_reading()
+            if self._continue_wanted and self._idle():
+                self._continue_wanted = False
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        finally:
+            self._advancing = False
+
+    def response_done(self, response: ChatResponse, close: bool) -> None:
+        if self.response is response:
+            self.response = None
+        if close or not self.keep_alive:
+            self._close()
+            return
+        self._advance()
 
     # -- writing -------------------------------------------------------------------------
 
@@ -675,21 +887,38 @@ class SimProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _send_error_and_close(self, error: RequestError) -> None:
-        self.keep_alive = False
-        self.send_json(error.status, error.body())
+    def _close(self) -> None:
+        """The last answer is written: close once it is sent; nothing more is answered."""
+        self._closing = True
+        self.pending.clear()
+        self._pending_bytes = 0
+        self._held = None
         if self.transport is not None:
             self.transport.close()
 
-    def response_done(self, response: ChatResponse, close: bool) -> None:
-        if self.response is response:
-            self.response = None
-        if close or not self.keep_alive:
-            if self.transport is not None:
-                self.transport.close()
+    def _send_error_and_close(self, error: RequestError) -> None:
+        """Answer `error` with `connection: close` and end the connection: half-close at once,
+        drop what the client still sends (it may be mid-body) for LINGER_S, then close."""
+        self.keep_alive = False
+        self.send_json(error.status, error.body())
+        self._closing = True
+        self.pending.clear()
+        self._pending_bytes = 0
+        self._held = None
+        transport = self.transport
+        if transport is None:
             return
-        while self.pending and self.response is None and self.transport is not None:
-            self._dispatch(self.pending.popleft())
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._resume_reading()  # read to drop: unread input would reset the connection
+        self._linger = self.sim.loop.call_later(LINGER_S, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger = None
+        if self.transport is not None:
+            self.transport.close()
 
     # -- routing -------------------------------------------------------------------------
 
@@ -702,8 +931,8 @@ class SimProtocol(asyncio.Protocol):
             self._after_plain_response()
 
     def _after_plain_response(self) -> None:
-        if not self.keep_alive and self.transport is not None:
-            self.transport.close()
+        if not self.keep_alive:
+            self._close()
 
     def _route(self, request: Request) -> None:
         routes = {
@@ -713,8 +942,6 @@ class SimProtocol(asyncio.Protocol):
             "/stats": (b"GET", self._stats),
             "/stats/reset": (b"POST", self._stats_reset),
         }
-        if request.too_large:
-            raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
         route = routes.get(request.path)
         if route is None:
             raise RequestError(404, f"no route {request.path}", code="not_found")
