@@ -12,9 +12,10 @@ from streamgate.settings import load_settings
 
 _settings = load_settings()
 
-# uvicorn-worker (uvicorn.workers is deprecated). Its "auto" loop and http pick uvloop and
-# httptools when installed (uvicorn[standard]); on_starting refuses to run without them.
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn-worker (uvicorn.workers is deprecated) with the client deadlines of streamgate.worker.
+# Its "auto" loop picks uvloop when installed (uvicorn[standard]); on_starting refuses to run
+# without uvloop and httptools.
+worker_class = "streamgate.worker.StreamgateWorker"
 workers = _settings.effective_workers()
 bind = [_settings.bind]
 # Each worker gets its own SO_REUSEPORT listener and the kernel spreads connections evenly.

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     # usage is then unknown: logs and `event: done` carry null).
     upstream_include_usage: bool = True
 
+    # Client-side deadlines (worker.py, routes/chat.py): a request head, then its body, must
+    # arrive within these; a client that accepts no bytes of its answer for send_timeout_s is
+    # cut and its upstream request released.
+    request_head_timeout_s: float = Field(15.0, gt=0)
+    request_body_timeout_s: float = Field(15.0, gt=0)
+    send_timeout_s: float = Field(30.0, gt=0)
+
     max_prompt_chars: int = Field(32_000, gt=0)
     word_flush_ms: int = Field(150, ge=0)
     heartbeat_s: float = Field(15.0, gt=0)

@@ -21,7 +21,7 @@ import httptools
 import httpx2
 
 # Pause reading from the upstream when this much body is buffered and not yet consumed.
-_HIGH_WATER_BYTES = 256 * 1024
+_HIGH_WATER_BYTES = 64 * 1024
 # Idle connections older than this are not reused: servers close idle keep-alive connections
 # (uvicorn after 5 s), and a request written into a closing socket is wasted.
 _IDLE_REUSE_S = 4.0

@@ -43,6 +43,15 @@ class Service:
     def describe(self) -> str:
         return self.process.describe()
 
+    def access_record(self, request_id: str) -> dict | None:
+        """The gateway's access-log record of the request with this X-Request-ID, once written."""
+        for line in self.process.log_path.read_text(errors="replace").splitlines():
+            if line.startswith('{"event":"request"') and request_id in line:
+                record = json.loads(line)
+                if record.get("request_id") == request_id:
+                    return record
+        return None
+
     def stop(self) -> None:
         self.process.stop()
 

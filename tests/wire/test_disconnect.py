@@ -92,3 +92,25 @@ def test_negative_control_a_client_that_stays_sees_no_cancel(gateway, simulator)
     assert request_id in simulator.stats()["recent_request_ids"]
     with pytest.raises(pytest.fail.Exception, match="never saw request"):
         cancel_record(simulator, request_id, timeout_s=0.5)
+
+
+def test_hanging_up_on_a_non_streamed_request_cancels_the_upstream(target, simulator, gateway):
+    """Non-streamed answers are produced the same way upstream: a hang-up stops them too, and
+    the log says the client left (not 200 ok)."""
+    request_id = f"wire-hangup-whole-{uuid.uuid4().hex[:12]}"
+    trace = stream_probe.request(
+        "127.0.0.1",
+        target.port,
+        chat.ROUTES[chat.OPENAI],
+        chat.body(chat.OPENAI, stream=False),
+        headers={"X-Request-ID": request_id},
+        timeout_s=10,
+        stop_after_s=WAIT_BEFORE_HANGING_UP_S,  # the whole answer takes about 1 s upstream
+    )
+    assert trace.client_closed and trace.status == 0, (trace.status, trace.error)
+
+    cancel = cancel_record(simulator, request_id)
+    assert cancel["at"] - trace.client_closed_wall <= CANCEL_WITHIN_S, cancel
+    record = wait_until(lambda: gateway.access_record(request_id), timeout_s=5,
+                        what="the access-log line")
+    assert record["outcome"] == "client_disconnect", record

@@ -34,6 +34,7 @@ from ..upstream import (
     complete_chat,
     open_chat_stream,
 )
+from ..worker import SEND_TIMED_OUT
 
 ROUTES = {
     "/v1/chat/stream": TEXT,
@@ -46,6 +47,7 @@ MEDIA_TYPES = {
     OPENAI: b"text/event-stream; charset=utf-8",
 }
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+TOTAL_TIMEOUT_GRACE_S = 1.0
 
 
 async def _read_body(receive, limit: int) -> bytes | None:
@@ -66,6 +68,9 @@ async def _read_body(receive, limit: int) -> bytes | None:
             return None
         parts.append(chunk)
     return b"".join(parts)
+
+
+_BODY_TIMED_OUT = b"<body timed out>"
 
 
 class _ClientGone(Exception):
@@ -116,15 +121,23 @@ class ChatEndpoint:
         outcome = Outcome()
         relay: _Relay | None = None
         try:
-            body = await _read_body(receive, settings.max_prompt_chars * 6 + 65536)
             try:
+                async with asyncio.timeout(settings.request_body_timeout_s):
+                    body = await _read_body(receive, settings.max_prompt_chars * 6 + 65536)
+            except TimeoutError:
+                body = _BODY_TIMED_OUT
+            try:
+                if body is _BODY_TIMED_OUT:
+                    raise InvalidRequest("request body not received in time", status=408)
                 if body is None:
                     raise InvalidRequest("request body too large", status=413)
                 request = parse_chat_request(body, settings, self.route)
             except InvalidRequest as exc:
                 outcome.status, outcome.outcome, outcome.error = exc.status, "invalid", exc.message
+                # The rest of a body that timed out may still come: not on this connection.
+                close = [(b"connection", b"close")] if body is _BODY_TIMED_OUT else None
                 await _send_json(send, exc.status, framing.error_body(exc.message, param=exc.param),
-                                 request_id)
+                                 request_id, close)
                 return
             relay = _Relay(self, state, settings, request, request_id, send, outcome, started_at,
                            started_perf)
@@ -142,6 +155,8 @@ class ChatEndpoint:
                 await _send_json(send, 500, framing.error_body(
                     "internal error in the gateway", "server_error"), request_id)
         finally:
+            if scope.get("extensions", {}).get(SEND_TIMED_OUT):
+                outcome.outcome = "send_timeout"  # the worker cut a client that read nothing
             outcome.duration_s = time.perf_counter() - started_perf
             metrics.REQUESTS.labels(self.route_label, str(outcome.status)).inc()
             log_request(scope, request_id, self.route_label, outcome)
@@ -162,7 +177,18 @@ async def _until_disconnect(relay: _Relay, run, receive, outcome: Outcome,
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await run()
+        # The relay times its reads itself; this bounds the rest (sends to a client that reads
+        # slowly), a moment later so that the relay's own timeout, with its error, comes first.
+        async with asyncio.timeout_at(relay.started_at + relay.settings.total_timeout_s
+                                      + TOTAL_TIMEOUT_GRACE_S):
+            await run()
+    except TimeoutError:
+        outcome.outcome, outcome.error = "timeout", "total time, sending to the client"
+        if not relay.response_started:
+            outcome.status = 504
+            await _send_json(relay.send, 504, framing.error_body(
+                "upstream timeout: total time", "upstream_error", code="timeout"),
+                relay.request_id)
     except asyncio.CancelledError:
         # Our own cancellation (the client left) ends here; any other one goes on up.
         if not relay.client_gone or task.uncancel() > 0:
