@@ -14,7 +14,7 @@ import openai
 import pytest
 from streamgate.settings import Settings
 from streamgate.transport import LeanTransport, UpstreamReadTimeout
-from streamgate.upstream import ChatStream, choose_transport
+from streamgate.upstream import ChatStream, choose_transport, make_client
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +142,36 @@ def test_explicit_transport_wins_and_proxy_credentials_stay_out_of_the_log(monke
     assert "s3cret" not in auto.reason and "user" not in auto.reason
     pinned = Settings(upstream_transport="lean", _env_file=None)  # type: ignore[call-arg]
     assert choose_transport(pinned).name == "lean"
+
+
+@pytest.mark.parametrize("transport", ["lean", "sdk"])
+async def test_one_ca_policy_for_every_transport_system_store_or_ssl_cert_file(
+        certificate, monkeypatch, transport):
+    """A private CA named by SSL_CERT_FILE is trusted by both clients; without it, neither
+    trusts the certificate (no bundled CA list of their own decides instead)."""
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n"))
+
+    async def one_request() -> httpx2.Response:
+        settings = Settings(upstream_base_url=f"https://localhost:{port}/v1",
+                            upstream_api_key="k", _env_file=None)  # type: ignore[call-arg]
+        client = make_client(settings, transport)
+        try:
+            answer = await client.post("/chat/completions", body={"model": "m", "messages": []},
+                                       cast_to=httpx2.Response, stream=True)
+            await answer.aread()
+            return answer
+        finally:
+            await client.close()
+
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    server, port = await serve(response, ssl_context=server_context)
+    async with server:
+        with pytest.raises(openai.APIConnectionError):
+            await one_request()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert (await one_request()).status_code == 200

@@ -77,10 +77,13 @@ Any other model name streams normally. Fault requests are counted under ``faults
 
 HTTP
 ----
-HTTP/1.1 keep-alive (pipelined requests are answered in order), ``Expect: 100-continue``;
-HTTP/1.0 clients get the stream without chunked framing, ended by closing the connection.
-Bad requests (invalid JSON, wrong types, ``max_tokens`` < 1, an unknown fault) get a 400 with
-an OpenAI error body, as do 404 (route), 405 (method) and 413 (body over 8 MiB).
+HTTP/1.1 keep-alive (pipelined requests are answered in order, each only after the one before
+has ended; at most 8 requests or 256 KiB are read ahead, then reading waits),
+``Expect: 100-continue``; HTTP/1.0 clients get the stream without chunked framing, ended by
+closing the connection. Bad requests (invalid JSON, wrong types, ``max_tokens`` < 1, an unknown
+fault) get a 400 with an OpenAI error body, as do 404 (route), 405 (method), 413 (body over
+1 MiB), 414 (request line) and 431 (headers over 16 KiB or 100 lines); the caps are the
+constants at the top of server.py.
 
 For Python
 ----------
