@@ -9,6 +9,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from support.procs import ManagedProcess, on_a_free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,11 +45,21 @@ class Service:
     def describe(self) -> str:
         return self.process.describe()
 
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        """Every sample of /metrics, keyed by (name, labels), parsed by prometheus_client itself."""
+        with urllib.request.urlopen(f"{self.base_url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
     def access_record(self, request_id: str) -> dict | None:
         """The gateway's access-log record of the request with this X-Request-ID, once written."""
         for line in self.process.log_path.read_text(errors="replace").splitlines():
             if line.startswith('{"event":"request"') and request_id in line:
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # being written right now: the next poll sees it
+                    return None
                 if record.get("request_id") == request_id:
                     return record
         return None

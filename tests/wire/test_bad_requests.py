@@ -5,11 +5,9 @@ streamgate_requests_total record the status the client really got."""
 from __future__ import annotations
 
 import json
-import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from support import chat, stream_probe
 from support.procs import wait_until
 
@@ -98,12 +96,6 @@ MALFORMED = [
 ]
 
 
-def scrape(service) -> dict[tuple[str, frozenset], float]:
-    """Every sample of /metrics, keyed by (name, labels)."""
-    with urllib.request.urlopen(f"{service.base_url}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def requests_counted(scraped: dict, route: str, status: int) -> float:
@@ -111,14 +103,6 @@ def requests_counted(scraped: dict, route: str, status: int) -> float:
     return scraped.get(("streamgate_requests_total", labels), 0.0)
 
 
-def access_log_line(service, request_id: str) -> dict | None:
-    """The gateway's access-log record of the request with this X-Request-ID, if written yet."""
-    for line in service.process.log_path.read_text(errors="replace").splitlines():
-        if line.startswith('{"event":"request"') and request_id in line:
-            record = json.loads(line)
-            if record.get("request_id") == request_id:
-                return record
-    return None
 
 
 @pytest.mark.parametrize(
@@ -129,7 +113,7 @@ def access_log_line(service, request_id: str) -> dict | None:
 def test_malformed_body_is_a_4xx_that_the_log_and_metrics_record(gateway, simulator, route, raw,
                                                                  status):
     started_before = simulator.stats()["started"]
-    counted_before = requests_counted(scrape(gateway), route, status)
+    counted_before = requests_counted(gateway.metrics(), route, status)
     request_id = f"bad-{uuid.uuid4().hex}"
     trace = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[route], raw,
                                  headers={"X-Request-ID": request_id}, timeout_s=20)
@@ -144,11 +128,11 @@ def test_malformed_body_is_a_4xx_that_the_log_and_metrics_record(gateway, simula
     assert error["type"] == "invalid_request_error", error
     assert error["param"] is None or len(error["param"]) < 80, error
 
-    record = wait_until(lambda: access_log_line(gateway, request_id), timeout_s=5,
+    record = wait_until(lambda: gateway.access_record(request_id), timeout_s=5,
                         what=f"the access-log line of {request_id}")
     assert record["status"] == trace.status, record
     assert record["outcome"] == "invalid", record
     assert len(json.dumps(record)) < 1000, "the log echoed the client's value"
-    wait_until(lambda: requests_counted(scrape(gateway), route, status) == counted_before + 1,
+    wait_until(lambda: requests_counted(gateway.metrics(), route, status) == counted_before + 1,
                timeout_s=5, what=f"streamgate_requests_total{{status={status}}} to count it")
     assert simulator.stats()["started"] == started_before, "an invalid request reached upstream"

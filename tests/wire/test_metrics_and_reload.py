@@ -17,7 +17,6 @@ import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from streamgate.simulator.script import expected_text, expected_tokens
 from support import chat, services, stream_probe
 from support.procs import wait_until
@@ -40,15 +39,6 @@ def stream(service, route: str, **body) -> tuple[stream_probe.Trace, chat.Relay]
 # --- /metrics ------------------------------------------------------------------------------
 
 
-def scrape(service) -> dict[tuple[str, frozenset], float]:
-    """Every sample of /metrics, keyed by (name, labels), parsed by prometheus_client itself."""
-    with urllib.request.urlopen(f"{service.base_url}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(scraped: dict, name: str, **labels: str) -> float:
@@ -69,7 +59,7 @@ def metrics_gateway(gateway_factory, simulator):
 
 def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gateway):
     gateway = metrics_gateway
-    before = scrape(gateway)
+    before = gateway.metrics()
     for route, tokens in TOKENS_BY_ROUTE.items():
         trace, relay = stream(gateway, route, max_tokens=tokens)
         assert relay.ended_properly and relay.content == expected_text(tokens), trace.error
@@ -78,7 +68,7 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
     assert invalid.status == 400
     fault, _ = stream(gateway, chat.SSE, model="sim-fault-500")
     assert fault.status == 502
-    streamed = scrape(gateway)
+    streamed = gateway.metrics()
 
     for route, tokens in TOKENS_BY_ROUTE.items():
         label = ROUTE_LABELS[route]
@@ -107,7 +97,7 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
     def hang_up(trace):
         if stream_probe.separate_reads(trace) < HANG_UP_AFTER_READS:
             return False
-        active_while_streaming.append(value(scrape(gateway), "streamgate_active_streams"))
+        active_while_streaming.append(value(gateway.metrics(), "streamgate_active_streams"))
         return True
 
     hung_up = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[chat.TEXT],
@@ -116,7 +106,7 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
     assert active_while_streaming == [1]
 
     def hang_up_counted():
-        scraped = scrape(gateway)
+        scraped = gateway.metrics()
         counted = moved(scraped, streamed, "streamgate_client_disconnects_total",
                         route="stream", phase="streaming")
         return scraped if counted and value(scraped, "streamgate_active_streams") == 0 else None
@@ -355,7 +345,7 @@ def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simu
 
 
 def test_timeouts_through_the_proxy(proxied_gateway):
-    before = scrape(proxied_gateway)
+    before = proxied_gateway.metrics()
     stalled_first, _ = stream(proxied_gateway, chat.SSE, model="sim-fault-stall-first")
     assert stalled_first.status == 504, (stalled_first.status, stalled_first.body[:200])
     assert (FIRST_TOKEN_TIMEOUT_S - 0.05 <= stalled_first.headers_at_s
@@ -369,7 +359,7 @@ def test_timeouts_through_the_proxy(proxied_gateway):
     silence_s = stalled_mid.ended_at_s - relay.deltas[-1].at_s
     assert TOKEN_GAP_TIMEOUT_S - 0.05 <= silence_s <= TOKEN_GAP_TIMEOUT_S + 1.5, silence_s
 
-    after = scrape(proxied_gateway)
+    after = proxied_gateway.metrics()
     for name, labels, expected in [
         ("streamgate_upstream_errors_total", {"kind": "timeout"}, 2),
         # The clients stayed to the end: neither answer may count as a hang-up.
