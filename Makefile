@@ -77,5 +77,9 @@ lint: venv ## ruff
 bench: venv deps ## benchmark: simulator alone vs gateway direct, via nginx, the article's design (BENCH_ARGS=...)
 	$(PY) bench/stream_bench.py $(BENCH_ARGS)
 
+.PHONY: bench-transports
+bench-transports: venv deps ## benchmark the gateway's upstream clients via nginx: lean vs the SDK's httpx2 and aiohttp (~3 min)
+	$(PY) bench/stream_bench.py --targets sim,nginx,nginx-sdk,nginx-aiohttp --levels 10,500 $(BENCH_ARGS)
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -74,6 +74,34 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system) / CLOCK_TICKS
 
 
+TCP_STATES = {"01": "established", "06": "time_wait"}
+
+
+def tcp_connections(port: int) -> dict[str, set[int]]:
+    """Loopback TCP connections with one end on `port`, by state (ESTABLISHED, TIME_WAIT), each
+    as the other end's port (on loopback both ends are listed; this counts the connection once),
+    from /proc/net/tcp. A connection closed in a window shows as a TIME_WAIT that was not there
+    before (it stays 60 s): how often a client's pool opened a new connection instead of
+    reusing one."""
+    found: dict[str, set[int]] = {state: set() for state in TCP_STATES.values()}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            state = TCP_STATES.get(fields[3])
+            if state is None:
+                continue
+            local, remote = (int(end.rsplit(":", 1)[1], 16) for end in fields[1:3])
+            if local == port:
+                found[state].add(remote)
+            elif remote == port:
+                found[state].add(local)
+    return found
+
+
 def http_status(port: int, path: str) -> int:
     """Status of a GET on loopback, 0 when nothing answers."""
     try:
@@ -161,15 +189,17 @@ def render_nginx(
     *,
     buffering_fault: bool = False,
     worker_processes: str | None = None,
+    name: str | None = None,
 ) -> Path:
     """Render nginx/*.j2 with the role defaults, the same way the wire tests do (their helper),
     overriding only root-only paths and the loopback addresses. Worker count stays the role's
-    default ("auto"), as deployed. `buffering_fault` applies the wire tests' negative control
+    default ("auto"), as deployed. `name` is its directory under `run_dir` (one per nginx in a
+    run). `buffering_fault` applies the wire tests' negative control
     (buffering on, X-Accel-Buffering ignored) so the reads-per-response figure is seen to fail."""
     sys.path.insert(0, str(REPO / "tests"))
     from support.nginx import break_buffering, render, role_variables
 
-    nginx_dir = run_dir / ("nginx-buffered" if buffering_fault else "nginx")
+    nginx_dir = run_dir / (name or ("nginx-buffered" if buffering_fault else "nginx"))
     (nginx_dir / "temp").mkdir(parents=True, exist_ok=True)
     for path in (run_dir, nginx_dir, nginx_dir / "temp"):
         path.chmod(0o755)  # nginx workers run as nobody when started by root

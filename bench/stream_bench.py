@@ -3,6 +3,11 @@ seed article's design, side by side in one run on loopback (what `make bench` ru
 
     .venv/bin/python bench/stream_bench.py [--quick] [--levels 10,200] [--targets sim,nginx]
 
+The gateway's upstream HTTP client (STREAMGATE_UPSTREAM_TRANSPORT) is the lean transport in the
+`gateway`/`nginx` targets; `gateway-sdk`/`nginx-sdk` and `gateway-aiohttp`/`nginx-aiohttp` run
+one more gunicorn each with the SDK's httpx2 client and its aiohttp client, and the run ends
+with their CPU per chunk as multiples of the lean one's (what `make bench-transports` runs).
+
 Closed loop: at each level N, N virtual clients each stream one answer after another (50 tokens,
 20 ms apart, 50 ms to the first) for --duration seconds after a warm-up. Every figure that the
 shared, noisy machine moves is also given as a ratio to the simulator alone at the same level,
@@ -12,10 +17,12 @@ measured minutes apart in the same run. Prints a Markdown table, writes JSON to 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -39,6 +46,7 @@ from stack import (
     cpu_seconds,
     free_port,
     render_nginx,
+    tcp_connections,
 )
 
 TOKENS = 50
@@ -84,6 +92,17 @@ class Target:
     also_costs: tuple[str, ...] = ()
 
 
+# One gunicorn per upstream HTTP client measured (STREAMGATE_UPSTREAM_TRANSPORT), by service.
+GATEWAY_TRANSPORTS = {"gateway": "lean", "gateway-sdk": "sdk", "gateway-aiohttp": "aiohttp"}
+# The gateway each nginx proxies to.
+NGINX_UPSTREAMS = {
+    "nginx": "gateway",
+    "nginx-buffered": "gateway",
+    "nginx-sdk": "gateway-sdk",
+    "nginx-aiohttp": "gateway-aiohttp",
+}
+COMPARED_TRANSPORTS = ("sdk", "aiohttp")  # each as a multiple of "lean"
+
 TARGETS = {
     "sim": Target("sim", "(a) simulator alone", "sim", "/v1/chat/completions", True, None),
     "gateway": Target(
@@ -92,6 +111,22 @@ TARGETS = {
     "nginx": Target(
         "nginx", "(c) nginx -> gateway", "nginx", "/v1/chat/stream", False, "gateway", ("nginx",)
     ),
+    # The same gateway with the SDK's own HTTP clients instead of the lean transport.
+    **{
+        f"{path}-{transport}": Target(
+            f"{path}-{transport}",
+            f"({letter}) {title} [{transport}]",
+            f"{path}-{transport}",
+            "/v1/chat/stream",
+            False,
+            f"gateway-{transport}",
+            () if path == "gateway" else (f"nginx-{transport}",),
+        )
+        for transport in COMPARED_TRANSPORTS
+        for path, letter, title in (
+            ("gateway", "b", "gateway direct"), ("nginx", "c", "nginx -> gateway")
+        )
+    },
     # Negative control, not run by default: the wire tests' broken nginx (buffering on, the
     # app's X-Accel-Buffering ignored, gzip on): reads per response must collapse.
     "nginx-buffered": Target(
@@ -111,6 +146,18 @@ def expected_text() -> bytes | None:
     except ImportError:
         return None
     return "".join(expected_tokens(TOKENS)).encode()
+
+
+def needed_services(targets: list[str]) -> list[str]:
+    """The services the chosen targets reach or cost (always the simulator), in start order:
+    simulator, gateways, the nginx in front of them, the article's app."""
+    wanted = {"sim"}
+    for name in targets:
+        target = TARGETS[name]
+        wanted.update(n for n in (target.service, target.relay, *target.also_costs) if n)
+    wanted.update(NGINX_UPSTREAMS[name] for name in list(wanted) if name in NGINX_UPSTREAMS)
+    order = ["sim", *GATEWAY_TRANSPORTS, *NGINX_UPSTREAMS, "article"]
+    return [name for name in order if name in wanted]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,13 +204,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
     if "sim" not in args.targets:
         args.targets.insert(0, "sim")  # every ratio is against it
-    if shutil.which("nginx") is None and {"nginx", "nginx-buffered"} & set(args.targets):
+    if shutil.which("nginx") is None and set(NGINX_UPSTREAMS) & set(args.targets):
         print("note: no nginx binary (Debian: apt-get install nginx-light): nginx rows skipped")
         args.targets = [name for name in args.targets if not name.startswith("nginx")]
+    if "gateway-aiohttp" in needed_services(args.targets) and (
+        importlib.util.find_spec("aiohttp") is None
+    ):
+        parser.error(
+            "the aiohttp targets need the SDK's aiohttp client: make venv, or "
+            "pip install -e 'service[aiohttp]'"
+        )
     return args
 
 
 def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service]:
+    """Only the services the chosen targets need (see needed_services), not started yet."""
+    needed = needed_services(args.targets)
     sim_port = free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
     services = {
@@ -174,10 +230,12 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
             log_dir=run_dir,
         )
     }
-    if {"gateway", "nginx", "nginx-buffered"} & set(args.targets):
+    for name, transport in GATEWAY_TRANSPORTS.items():
+        if name not in needed:
+            continue
         port = free_port()
-        services["gateway"] = Service(
-            "gateway", port,
+        services[name] = Service(
+            name, port,
             [str(VENV_BIN / "gunicorn"), "-c", "service/gunicorn.conf.py",
              "streamgate.app:create_app()"],
             env={
@@ -185,17 +243,20 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
                 "STREAMGATE_WORKERS": str(args.gateway_workers),
                 "STREAMGATE_UPSTREAM_BASE_URL": upstream,
                 "STREAMGATE_UPSTREAM_API_KEY": "sk-bench-not-secret",
+                # Explicit, so a proxy variable in the environment cannot turn "auto" into sdk
+                # and mislabel the rows; every other setting is the product's default.
+                "STREAMGATE_UPSTREAM_TRANSPORT": transport,
             },
             ready_path="/readyz",
             log_dir=run_dir,
         )
-    for name in ("nginx", "nginx-buffered"):
-        if name not in args.targets:
+    for name, gateway in NGINX_UPSTREAMS.items():
+        if name not in needed:
             continue
         port = free_port()
         conf = render_nginx(
-            run_dir, port, services["gateway"].port, buffering_fault=name == "nginx-buffered",
-            worker_processes=args.nginx_workers,
+            run_dir, port, services[gateway].port, buffering_fault=name == "nginx-buffered",
+            worker_processes=args.nginx_workers, name=name,
         )
         services[name] = Service(
             name, port,
@@ -203,7 +264,7 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
             ready_path="/healthz",
             log_dir=run_dir,
         )
-    if "article" in args.targets:
+    if "article" in needed:
         port = free_port()
         services["article"] = Service(
             "article", port,
@@ -280,12 +341,14 @@ def measure(
     wait_before = {name: services[name].runqueue_wait() for name in costed}
     busy_before = busy_cpu_seconds()
     clients_before = sum(cpu_seconds(process.pid) for process, _ in workers)
+    sim_conns_before = tcp_connections(services["sim"].port)
     profilers = start_profilers(args, services[target.relay], profile_dir) if profile_dir else []
     sleep_until(schedule.end)
     cpu_after = {name: services[name].cpu_by_pid() for name in costed}
     wait = {name: services[name].runqueue_wait() - wait_before[name] for name in costed}
     busy = busy_cpu_seconds() - busy_before
     clients_cpu = sum(cpu_seconds(process.pid) for process, _ in workers) - clients_before
+    sim_conns_after = tcp_connections(services["sim"].port)
     for profiler in profilers:
         try:
             profiler.wait(PROFILER_EXIT_S)
@@ -318,6 +381,15 @@ def measure(
     # The machine is shared: how much CPU others used, and how long ours waited for a core.
     row["other_processes_cores"] = round(max(0.0, busy - ours) / window, 2)
     row["runqueue_wait_s"] = {name: round(seconds, 2) for name, seconds in wait.items()}
+    # Connections into the simulator (from the relay, or the load generator for `sim`): open at
+    # the end of the window, and closed during it (new TIME_WAIT pairs): a pool that keeps too
+    # few idle connections opens a new one for many streams.
+    closed = len(sim_conns_after["time_wait"] - sim_conns_before["time_wait"])
+    row["upstream_connections"] = {
+        "open_at_end": len(sim_conns_after["established"]),
+        "closed_in_window": closed,
+        "closed_per_stream": round(closed / outcome.completed, 2) if outcome.completed else None,
+    }
     return row
 
 
@@ -417,20 +489,31 @@ def verdicts(rows: list[dict]) -> list[dict]:
     def at_most(value, limit) -> bool:
         return value <= limit
 
-    at = row_of("nginx", TARGET_LEVEL)
-    for target in ("gateway", "nginx"):
+    # The lean gateway's checks are always listed ("not measured" when absent); the SDK clients'
+    # only when the run measured them.
+    measured = {row["target"] for row in rows}
+    relays = [
+        name
+        for suffix in ("", *(f"-{t}" for t in COMPARED_TRANSPORTS))
+        for name in (f"gateway{suffix}", f"nginx{suffix}")
+        if not suffix or name in measured
+    ]
+    for target in relays:
         check(f"gateway CPU per chunk, {target} @{TARGET_LEVEL} (us)",
               row_of(target, TARGET_LEVEL), relay_cpu, TARGET_CPU_US_PER_CHUNK, at_most)
-    check(f"nginx @{TARGET_LEVEL}: streams/s vs simulator alone", at,
-          lambda r: r.get("throughput_vs_sim"), TARGET_THROUGHPUT_RATIO,
-          lambda v, lim: v >= lim)
-    check(f"nginx @{TARGET_LEVEL}: p99 inter-chunk gap (ms)", at,
-          lambda r: r["gap_p99_ms"], TARGET_GAP_P99_MS, at_most)
-    check(f"nginx @{TARGET_LEVEL}: p99 TTFT (ms)", at,
-          lambda r: r["ttft_p99_ms"], TARGET_TTFT_P99_MS, at_most)
-    check(f"nginx @{TARGET_LEVEL}: errors", at, lambda r: r["error_count"], 0, at_most)
-    check(f"nginx @{TARGET_LEVEL}: fewest reads per response (every token its own read)", at,
-          lambda r: r["reads_min"], TOKENS, lambda v, lim: v >= lim)
+    nginxes = [name for name in relays if name.startswith("nginx")]
+    for nginx in nginxes:
+        at = row_of(nginx, TARGET_LEVEL)
+        check(f"{nginx} @{TARGET_LEVEL}: streams/s vs simulator alone", at,
+              lambda r: r.get("throughput_vs_sim"), TARGET_THROUGHPUT_RATIO,
+              lambda v, lim: v >= lim)
+        check(f"{nginx} @{TARGET_LEVEL}: p99 inter-chunk gap (ms)", at,
+              lambda r: r["gap_p99_ms"], TARGET_GAP_P99_MS, at_most)
+        check(f"{nginx} @{TARGET_LEVEL}: p99 TTFT (ms)", at,
+              lambda r: r["ttft_p99_ms"], TARGET_TTFT_P99_MS, at_most)
+        check(f"{nginx} @{TARGET_LEVEL}: errors", at, lambda r: r["error_count"], 0, at_most)
+        check(f"{nginx} @{TARGET_LEVEL}: fewest reads per response (every token its own read)",
+              at, lambda r: r["reads_min"], TOKENS, lambda v, lim: v >= lim)
     for target in ("gateway", "nginx"):
         check(f"{target} @{TARGET_ADDED_TTFT_LEVEL}: added TTFT p50 (ms)",
               row_of(target, TARGET_ADDED_TTFT_LEVEL), lambda r: r.get("added_ttft_p50_ms"),
@@ -438,11 +521,87 @@ def verdicts(rows: list[dict]) -> list[dict]:
     return checks
 
 
+def transport_comparison(rows: list[dict]) -> list[dict]:
+    """The gateway's CPU per chunk with each SDK client as a multiple of the lean transport's,
+    per path (direct, via nginx) and level, from rows of the same run. Only where both the lean
+    row and at least one SDK-client row were measured."""
+    by_key = {(row["target"], row["level"]): row for row in rows}
+    entries = []
+    for path in ("gateway", "nginx"):
+        for level in sorted({row["level"] for row in rows}):
+            found = {
+                transport: by_key.get((path if transport == "lean" else f"{path}-{transport}",
+                                       level))
+                for transport in ("lean", *COMPARED_TRANSPORTS)
+            }
+            cpu = {t: relay_cpu(row) if row else None for t, row in found.items()}
+            lean = cpu["lean"]
+            if lean is None or all(cpu[t] is None for t in COMPARED_TRANSPORTS):
+                continue
+            entry = {"path": "direct" if path == "gateway" else "nginx", "level": level,
+                     "lean_us": lean}
+            for transport in COMPARED_TRANSPORTS:
+                value = cpu[transport]
+                entry[f"{transport}_us"] = value
+                entry[f"{transport}_x_lean"] = round(value / lean, 2) if value is not None else None
+            entry["vs_sim"] = {
+                t: row.get("throughput_vs_sim") if row else None for t, row in found.items()
+            }
+            entry["upstream_connections"] = {
+                t: row.get("upstream_connections") if row else None for t, row in found.items()
+            }
+            entries.append(entry)
+    return entries
+
+
+def comparison_markdown(entries: list[dict]) -> list[str]:
+    def cell(entry: dict, transport: str) -> str:
+        value, ratio = entry[f"{transport}_us"], entry[f"{transport}_x_lean"]
+        return "-" if value is None else f"{value} ({ratio}x)"
+
+    def conns(entry: dict) -> str:
+        shown = []
+        for transport in ("lean", *COMPARED_TRANSPORTS):
+            conn = entry["upstream_connections"].get(transport)
+            shown.append("-" if not conn else
+                         f"{conn['open_at_end']} / {fmt(conn['closed_per_stream'])}")
+        return " ; ".join(shown)
+
+    lines = [
+        "",
+        (
+            "| gateway upstream client | streams | lean us/chunk | sdk us/chunk (x lean) "
+            "| aiohttp us/chunk (x lean) | vs sim: lean / sdk / aiohttp "
+            "| upstream conns open / closed per stream: lean ; sdk ; aiohttp |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in entries:
+        ratios = " / ".join(fmt(entry["vs_sim"].get(t)) for t in ("lean", *COMPARED_TRANSPORTS))
+        lines.append(
+            f"| {entry['path']} | {entry['level']} | {entry['lean_us']} | {cell(entry, 'sdk')} "
+            f"| {cell(entry, 'aiohttp')} | {ratios} | {conns(entry)} |"
+        )
+    return lines + ["", *comparison_lines(entries)]
+
+
+def comparison_lines(entries: list[dict]) -> list[str]:
+    """One line per measured client and row pair: "sdk/lean CPU per chunk = 3.1x (...)"."""
+    return [
+        f"{transport}/lean gateway CPU per chunk = {entry[f'{transport}_x_lean']}x "
+        f"({entry['path']} @{entry['level']}: {entry[f'{transport}_us']} vs "
+        f"{entry['lean_us']} us)"
+        for entry in entries
+        for transport in COMPARED_TRANSPORTS
+        if entry.get(f"{transport}_x_lean") is not None
+    ]
+
+
 def fmt(value, suffix: str = "") -> str:
     return "-" if value is None else f"{value}{suffix}"
 
 
-def markdown(rows: list[dict], checks: list[dict]) -> str:
+def markdown(rows: list[dict], checks: list[dict], comparison: list[dict] | None = None) -> str:
     lines = [
         (
             "| target | streams | done/s | vs sim | TTFT p50 / p99 ms | added p50 / p99 ms "
@@ -486,7 +645,24 @@ def markdown(rows: list[dict], checks: list[dict]) -> str:
             f"| {item['check']} | {fmt(item['value'])} | {item['limit']} | {verdict} "
             f"| {fmt(item['others_cores'])} |"
         )
+    if comparison:
+        lines += comparison_markdown(comparison)
     return "\n".join(lines)
+
+
+LOGGED_TRANSPORT = re.compile(rb'"event":\s*"worker_started".*?"upstream_transport":\s*"(\w+)"')
+
+
+def logged_transports(services: dict[str, Service]) -> dict[str, list[str]]:
+    """The upstream client each gateway worker said it uses at start (its log), so a row is
+    never labelled with a client the gateway did not run."""
+    found = {}
+    for name in GATEWAY_TRANSPORTS:
+        if name in services:
+            log = services[name].log_dir / f"{name}.log"
+            text = log.read_bytes() if log.exists() else b""
+            found[name] = [m.group(1).decode() for m in LOGGED_TRANSPORT.finditer(text)]
+    return found
 
 
 def machine() -> dict:
@@ -523,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure(TARGETS[name], level, args, services, expected)
                 rows.append(row)
                 print(
-                    f"{name:8} @{level:5}: {row['streams_per_s']:7} streams/s, "
+                    f"{name:15} @{level:5}: {row['streams_per_s']:7} streams/s, "
                     f"TTFT p99 {row['ttft_p99_ms']} ms, gap p99 {row['gap_p99_ms']} ms, "
                     f"reads min {row['reads_min']}, errors {row['error_count']}, "
                     f"CPU us/chunk {row['cpu_us_per_chunk']}, client {row['client_cpu_cores']}",
@@ -541,12 +717,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nprofile of {target.relay} workers, {target.name} @{args.profile_level} "
                   f"(under py-spy: {row['streams_per_s']} streams/s, "
                   f"{row['cpu_us_per_chunk']} us/chunk)\n{profile}", flush=True)
+        transports = logged_transports(services)
     finally:
         for service in reversed(services.values()):
             service.stop()
     add_ratios(rows)
     checks = verdicts(rows)
-    table = markdown(rows, checks)
+    comparison = transport_comparison(rows)
+    table = markdown(rows, checks, comparison)
+    wrong = {name: seen for name, seen in transports.items()
+             if not seen or set(seen) != {GATEWAY_TRANSPORTS[name]}}
+    if wrong:
+        table += (f"\n\nWARNING: gateway workers logged other upstream clients than asked: "
+                  f"{wrong} (asked {GATEWAY_TRANSPORTS}): their rows are mislabelled.")
     print()
     print(table)
     report = {
@@ -558,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         "content_checked": expected is not None,
         "rows": rows,
         "checks": checks,
+        "gateway_transports_logged": transports,
+        "transport_comparison": comparison,
     }
     out = RESULTS_DIR / f"stream-bench-{stamp}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -1,0 +1,110 @@
+"""The benchmark's own logic, without starting anything: which services a target list needs, the
+transport comparison and its lines, the TCP connection count. Run with `pytest bench`."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from stack import tcp_connections
+from stream_bench import (
+    GATEWAY_TRANSPORTS,
+    TARGETS,
+    comparison_lines,
+    needed_services,
+    parse_args,
+    transport_comparison,
+    verdicts,
+)
+
+
+def test_default_targets_start_no_sdk_gateway():
+    assert not any("sdk" in name or "aiohttp" in name for name in parse_args([]).targets)
+    assert needed_services(["sim", "gateway", "nginx", "article"]) == [
+        "sim", "gateway", "nginx", "article",
+    ]
+
+
+def test_an_nginx_target_brings_its_own_gateway_only():
+    assert needed_services(["sim", "nginx-sdk"]) == ["sim", "gateway-sdk", "nginx-sdk"]
+    assert needed_services(["gateway-aiohttp"]) == ["sim", "gateway-aiohttp"]
+    assert needed_services(["nginx", "nginx-buffered", "nginx-aiohttp"]) == [
+        "sim", "gateway", "gateway-aiohttp", "nginx", "nginx-buffered", "nginx-aiohttp",
+    ]
+
+
+def test_every_gateway_target_is_costed_on_the_gateway_of_its_transport():
+    for name, target in TARGETS.items():
+        if name.startswith(("gateway", "nginx")):
+            assert target.relay in GATEWAY_TRANSPORTS
+            suffix = name.partition("-")[2]
+            expected = "lean" if suffix in ("", "buffered") else suffix
+            assert GATEWAY_TRANSPORTS[target.relay] == expected
+
+
+def test_unknown_target_is_refused():
+    with pytest.raises(SystemExit):
+        parse_args(["--targets", "sim,nginx-httpx"])
+
+
+def row(target: str, level: int, relay_us: float | None, vs_sim: float = 1.0) -> dict:
+    relay = TARGETS[target].relay
+    return {
+        "target": target,
+        "level": level,
+        "cpu_us_per_chunk": {"sim": 9.0, **({relay: relay_us} if relay else {})},
+        "throughput_vs_sim": vs_sim,
+        "upstream_connections": {"open_at_end": level, "closed_in_window": 0,
+                                 "closed_per_stream": 0.0},
+        "gap_p99_ms": 30.0, "ttft_p99_ms": 80.0, "error_count": 0, "reads_min": 50,
+        "other_processes_cores": 0.1,
+    }
+
+
+def test_comparison_gives_each_client_as_a_multiple_of_lean_at_the_same_level():
+    rows = [
+        row("sim", 500, None),
+        row("nginx", 500, 25.0),
+        row("nginx-sdk", 500, 77.5, vs_sim=0.43),
+        row("nginx-aiohttp", 500, 50.0),
+        row("nginx", 10, 60.0),  # no SDK row at 10: no comparison there
+    ]
+    entries = transport_comparison(rows)
+    assert len(entries) == 1
+    entry = entries[0]
+    assert (entry["path"], entry["level"], entry["lean_us"]) == ("nginx", 500, 25.0)
+    assert entry["sdk_x_lean"] == 3.1 and entry["aiohttp_x_lean"] == 2.0
+    assert entry["vs_sim"]["sdk"] == 0.43
+    assert comparison_lines(entries) == [
+        "sdk/lean gateway CPU per chunk = 3.1x (nginx @500: 77.5 vs 25.0 us)",
+        "aiohttp/lean gateway CPU per chunk = 2.0x (nginx @500: 50.0 vs 25.0 us)",
+    ]
+
+
+def test_comparison_needs_the_lean_row_and_skips_an_unmeasured_client():
+    assert transport_comparison([row("gateway-sdk", 10, 90.0)]) == []
+    entries = transport_comparison([row("gateway", 10, 30.0), row("gateway-aiohttp", 10, 45.0)])
+    assert entries[0]["path"] == "direct" and entries[0]["sdk_x_lean"] is None
+    assert comparison_lines(entries) == [
+        "aiohttp/lean gateway CPU per chunk = 1.5x (direct @10: 45.0 vs 30.0 us)"
+    ]
+
+
+def test_sdk_checks_appear_only_when_measured():
+    names = [check["check"] for check in verdicts([row("nginx", 500, 25.0)])]
+    assert not any("sdk" in name or "aiohttp" in name for name in names)
+    rows = [row("nginx", 500, 25.0), row("nginx-sdk", 500, 80.0)]
+    checks = {check["check"]: check for check in verdicts(rows)}
+    assert checks["gateway CPU per chunk, nginx-sdk @500 (us)"]["pass"] is False
+    assert checks["nginx-sdk @500: streams/s vs simulator alone"]["pass"] is True
+
+
+def test_tcp_connections_counts_a_loopback_connection_once():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                assert tcp_connections(port)["established"] == {client.getsockname()[1]}
