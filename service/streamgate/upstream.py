@@ -52,6 +52,8 @@ MAX_EVENT_BYTES = 1024 * 1024
 # A whole non-streamed completion, and an error body, at most (then 502).
 MAX_COMPLETION_BYTES = 16 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
+# How long a finished stream waits for its body's end so that the connection can be reused.
+END_AFTER_DONE_S = 0.5
 # An upstream's own error message, passed on to the client for a 4xx about its request, is cut.
 MAX_PASSED_ON_MESSAGE_CHARS = 500
 
@@ -384,13 +386,31 @@ class ChatStream:
         return events
 
     async def aclose(self) -> None:
-        """Closing before the end closes the upstream connection: the LLM server stops."""
-        if self._fallback_next is not None:
-            self._fallback_next.cancel()
-        if self.response is not None:
-            await self.response.aclose()
-        elif self._lean is not None:
-            await self._lean.aclose()
+        """Closing before the end closes the upstream connection: the LLM server stops.
+
+        After `data: [DONE]` only the body's end (a last empty chunk) is left, often in a later
+        read: waiting a moment for it lets the connection be pooled instead of closed, which
+        saves a connection (and a TLS handshake) per stream. The client has its answer by then.
+        """
+        try:
+            if self.finished:
+                await self._read_to_the_end()
+        finally:
+            if self._fallback_next is not None:
+                self._fallback_next.cancel()
+            if self.response is not None:
+                await self.response.aclose()
+            elif self._lean is not None:
+                await self._lean.aclose()
+
+    async def _read_to_the_end(self) -> None:
+        deadline = self._loop.time() + END_AFTER_DONE_S
+        try:
+            for _ in range(4):  # the end, or a few stray bytes: then the connection is closed
+                if not await self._read(deadline):
+                    return
+        except (UpstreamReadTimeout, httpx2.HTTPError):
+            pass
 
 
 def _data_of(block: bytes) -> tuple[bytes | None, bytes | None]:

@@ -36,6 +36,7 @@ BEHAVIOURS = (
     "huge-event",  # one 2 MiB SSE event
     "slow-head",  # no response head for SLOW_HEAD_S
     "head-then-close",  # the head, then the connection closes: must not be retried
+    "late-end",  # the body's last empty chunk 50 ms after `data: [DONE]`, as real servers may
 )
 
 
@@ -74,6 +75,7 @@ class HostileUpstream:
     host: str = "127.0.0.1"
     port: int = 0
     prompts_seen: Counter = field(default_factory=Counter)
+    connections: int = 0  # accepted so far
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
     _thread: threading.Thread | None = None
@@ -134,6 +136,7 @@ class HostileUpstream:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         drop_next = False
+        self.connections += 1
         handler = asyncio.current_task()
         self._handlers.add(handler)
         try:
@@ -191,6 +194,12 @@ class HostileUpstream:
             writer.write(interim + head)
             await writer.drain()
             return False
+        elif model == "late-end":
+            last_chunk = b"0\r\n\r\n"
+            writer.write(head + body[:-len(last_chunk)])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(last_chunk)
         elif model == "trailing-junk":
             stale_head, stale_body = response(STALE_TEXT, "stale")
             writer.write(interim + head + body + stale_head + stale_body)

@@ -61,7 +61,7 @@ def assert_error(trace: stream_probe.Trace, status: int) -> dict:
 
 USABLE = ["plain", "interim-100", "interim-103", "interim-several", "idle-bytes",
           "trailing-junk", "close-when-idle", "drop-next", "connection-close",
-          "chunk-ext-trailers", "split-head"]
+          "chunk-ext-trailers", "split-head", "late-end"]
 
 
 @pytest.mark.parametrize("behaviour", USABLE)
@@ -82,6 +82,16 @@ def test_non_streamed_requests_get_their_own_answer_too(hostile_gateway, behavio
     time.sleep(0.15)
     after, trace = ask(hostile_gateway, "plain")
     assert_own_answer(after, trace)
+
+
+def test_a_body_that_ends_after_done_leaves_its_connection_reusable(hostile_gateway, hostile):
+    ask(hostile_gateway, "plain")  # one connection in the pool
+    opened = hostile.connections
+    for _ in range(3):
+        prompt, trace = ask(hostile_gateway, "late-end")
+        assert_own_answer(prompt, trace)
+        time.sleep(0.2)  # its end comes 50 ms after the client's: then it is back in the pool
+    assert hostile.connections == opened  # each waited for its end and went back to the pool
 
 
 def test_a_request_dropped_on_a_reused_connection_is_retried_once(hostile_gateway, hostile):
