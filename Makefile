@@ -47,7 +47,7 @@ test-load: venv deps ## load-test verdicts and gates, with their negative contro
 test-lab: venv deps ## (root) split lab end to end: create, deploy, idempotence, testinfra, load, teardown
 	bash tests/e2e/lab_e2e.sh
 
-test: test-service test-load ## everything CI runs (the lab part needs root; required when CI=true)
+test: lint test-service test-load ## everything CI runs: lint first (the lab part needs root; required when CI=true)
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) test-lab; \
 	elif [ "$${CI:-}" = true ]; then echo "CI needs root for the lab tests" >&2; exit 1; \
 	else echo "SKIPPED lab tests: they need root (systemd-nspawn, network namespaces)"; fi
@@ -71,8 +71,10 @@ demo: venv deps ## (root) single-host lab, deploy, then stream an answer through
 loadtest: venv ## headless Locust through nginx (lab edge by default; TARGET=http://... for any deployment)
 	$(PY) loadtest/run.py --inventory $(abspath $(INVENTORY)) $(if $(TARGET),--target $(TARGET)) $(LOADTEST_ARGS)
 
-lint: venv ## ruff
+lint: venv ## ruff, yamllint (every YAML file), ansible-lint (production profile) on ansible/
 	$(VENV)/bin/ruff check service tests loadtest lab bench
+	$(VENV)/bin/yamllint --strict .
+	cd ansible && PATH="$(abspath $(VENV))/bin:$$PATH" ../$(VENV)/bin/ansible-lint --strict --offline
 
 bench: venv deps ## benchmark: simulator alone vs gateway direct, via nginx, the article's design (BENCH_ARGS=...)
 	$(PY) bench/stream_bench.py $(BENCH_ARGS)
