@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from . import __version__
+from .auth import ClientKeys
 from .logs import configure as configure_logs
 from .logs import log_event
 from .routes import health
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = StreamGateApp(title="streamgate", version=__version__, lifespan=lifespan)
     app.chat_endpoints = {}
     app.state.settings = settings
+    app.state.client_keys = ClientKeys(settings.client_key_hashes)  # hashed once per worker
     app.state.upstream_client = None
     app.include_router(health.router)
     for path, route in ROUTES.items():

@@ -74,9 +74,10 @@ MEDIA_PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 class InvalidRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None) -> None:
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
 
 
 @dataclass(slots=True)

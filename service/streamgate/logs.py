@@ -40,6 +40,7 @@ def log_request(scope, request_id: bytes, route: str, outcome) -> None:
         "request_id": request_id.decode(),
         "route": route,
         "method": scope.get("method"),
+        "client": outcome.client,
         "status": outcome.status,
         "outcome": outcome.outcome,
         "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 2),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .auth import parse_key_hashes
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 ENV_FILE_VARIABLE = "STREAMGATE_ENV_FILE"
@@ -24,6 +26,8 @@ class Settings(BaseSettings):
         env_prefix="STREAMGATE_",
         extra="ignore",  # the env file also holds the simulator's STREAMGATE_SIM_* settings
         env_file_encoding="utf-8",
+        # A rejected value is never echoed into the error (and so the journal): it may be a key.
+        hide_input_in_errors=True,
     )
 
     upstream_base_url: str | None = None
@@ -51,6 +55,9 @@ class Settings(BaseSettings):
     request_body_timeout_s: float = Field(15.0, gt=0)
     send_timeout_s: float = Field(30.0, gt=0)
 
+    # Client keys (auth.py): "name:sha256hex,..."; empty: the chat routes ask for no key.
+    client_key_hashes: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
+                                                                   repr=False)
     max_prompt_chars: int = Field(32_000, gt=0)
     word_flush_ms: int = Field(150, ge=0)
     heartbeat_s: float = Field(15.0, gt=0)
@@ -66,6 +73,11 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(
         None, validation_alias="OPENAI_API_KEY", exclude=True, repr=False
     )
+
+    @field_validator("client_key_hashes", mode="before")
+    @classmethod
+    def _parse_key_hashes(cls, value: Any) -> Any:
+        return parse_key_hashes(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _resolve_upstream(self) -> Settings:
@@ -100,8 +112,9 @@ class Settings(BaseSettings):
 
     def public_dict(self) -> dict[str, object]:
         """What may be logged: everything except secrets."""
-        shown = self.model_dump(exclude={"upstream_api_key"})
+        shown = self.model_dump(exclude={"upstream_api_key", "client_key_hashes"})
         shown["upstream_api_key_set"] = self.upstream_api_key is not None
+        shown["client_key_names"] = list(self.client_key_hashes)  # names only: no hash
         shown["upstream_base_url"] = url_without_secrets(self.upstream_base_url or "")
         return shown
 

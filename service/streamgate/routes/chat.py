@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from .. import framing, metrics
+from ..auth import Unauthorized
 from ..chat_request import (
     OPENAI,
     SSE,
@@ -89,10 +90,11 @@ def _request_id(scope) -> bytes:
 class Outcome:
     """What happened to one request, for the access log and the request counter."""
 
-    __slots__ = ("duration_s", "error", "finish_reason", "outcome", "status", "tokens",
+    __slots__ = ("client", "duration_s", "error", "finish_reason", "outcome", "status", "tokens",
                  "ttft_s", "usage")
 
     def __init__(self) -> None:
+        self.client: str | None = None  # the client key's name, when keys are configured
         self.status = 200
         self.outcome = "ok"
         self.ttft_s: float | None = None
@@ -121,6 +123,16 @@ class ChatEndpoint:
         outcome = Outcome()
         relay: _Relay | None = None
         try:
+            if state.client_keys:  # before the body: a stranger's upload costs us nothing
+                try:
+                    outcome.client = state.client_keys.identify(scope["headers"])
+                except Unauthorized as exc:
+                    outcome.status, outcome.outcome = 401, "unauthorized"
+                    outcome.error = exc.message
+                    await _send_json(send, 401, framing.error_body(
+                        exc.message, code="invalid_api_key"), request_id,
+                        [(b"www-authenticate", exc.challenge)])
+                    return
             try:
                 async with asyncio.timeout(settings.request_body_timeout_s):
                     body = await _read_body(receive, settings.max_prompt_chars * 6 + 65536)
@@ -136,8 +148,8 @@ class ChatEndpoint:
                 outcome.status, outcome.outcome, outcome.error = exc.status, "invalid", exc.message
                 # The rest of a body that timed out may still come: not on this connection.
                 close = [(b"connection", b"close")] if body is _BODY_TIMED_OUT else None
-                await _send_json(send, exc.status, framing.error_body(exc.message, param=exc.param),
-                                 request_id, close)
+                await _send_json(send, exc.status, framing.error_body(
+                    exc.message, param=exc.param, code=exc.code), request_id, close)
                 return
             relay = _Relay(self, state, settings, request, request_id, send, outcome, started_at,
                            started_perf)
