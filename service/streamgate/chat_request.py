@@ -28,6 +28,20 @@ The rules, where OpenAI's API leaves a choice:
   know (e.g. vLLM's video_url) pass too, as long as they are objects with a string type.
 - Nesting deeper than MAX_DEPTH levels is refused: orjson reads up to 1024 levels, but encoding
   the upstream payload stops at 255, which would be our error instead of the client's.
+
+The operator's policy (`_apply_policy`), checked after the body is known to be well formed:
+
+- STREAMGATE_ALLOWED_MODELS: when set, the model (the request's, or STREAMGATE_DEFAULT_MODEL)
+  must be one of its names, else 403 `model_not_allowed` naming `model`: the request is well
+  formed, this gateway just does not serve that model to anyone. An `alias=upstream-model` entry
+  sends the upstream model in the alias's place.
+- STREAMGATE_MAX_TOKENS_LIMIT: `max_tokens` and `max_completion_tokens` above it are a 400 naming
+  the param. A request that names neither gets `max_tokens` set to the limit upstream: otherwise
+  leaving the field out would be the way around the cap (the upstream's own default is the
+  model's whole output length). `max_tokens` because every OpenAI-compatible server takes it and
+  the stream routes already send it; a client of a model that wants `max_completion_tokens`
+  (OpenAI's o-series) sends that one, and nothing is added.
+- STREAMGATE_MAX_N: `n` above it is a 400 naming `n` (the stream routes take no `n`).
 """
 
 from __future__ import annotations
@@ -49,6 +63,7 @@ STREAM_ROUTE_KEYS = ("prompt", "messages", "model", "max_tokens", "temperature",
                      "stream")
 # Fields the gateway consumes itself (never passed upstream as sent).
 _CONSUMED = {"prompt", "messages", "model", "granularity", "stream", "stream_options"}
+TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 MAX_DEPTH = 64
 MAX_MODEL_CHARS = 256
 MAX_TOKENS = 1_000_000
@@ -284,6 +299,38 @@ OPENAI_CHECKS: dict[str, Callable[[Any], None]] = {
 }
 
 
+# --- the operator's policy -----------------------------------------------------------------
+
+
+def _apply_policy(data: dict[str, Any], model: str, settings: Settings) -> str:
+    """The model to ask the upstream for; InvalidRequest for what the policy refuses."""
+    limit = settings.max_tokens_limit
+    if limit is not None:
+        for key in TOKEN_LIMIT_KEYS:
+            value = data.get(key)
+            if value is not None and value > limit:  # a number: the range checks ran first
+                raise InvalidRequest(f"{key} must be at most {limit} on this gateway", key)
+    max_n = settings.max_n
+    if max_n is not None and data.get("n") is not None and data["n"] > max_n:
+        raise InvalidRequest(f"n must be at most {max_n} on this gateway", "n")
+    allowed = settings.allowed_models
+    if not allowed:
+        return model
+    upstream = allowed.get(model)
+    if upstream is None:
+        raise InvalidRequest(f"model {_shown(model)} is not available on this gateway: use one "
+                             f"of {', '.join(allowed)}", "model", status=403,
+                             code="model_not_allowed")
+    return upstream
+
+
+def _cap_tokens(extra: dict[str, Any], settings: Settings) -> None:
+    """A request that names no token limit gets the gateway's (see the module docstring)."""
+    limit = settings.max_tokens_limit
+    if limit is not None and not any(key in extra for key in TOKEN_LIMIT_KEYS):
+        extra["max_tokens"] = limit
+
+
 # --- the whole body -------------------------------------------------------------------------
 
 
@@ -352,12 +399,15 @@ def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatReque
         if data.get(key) is not None:
             check(data[key])
 
+    model = _apply_policy(data, model, settings)
+
     if route != OPENAI:
         if stream is False:
             raise InvalidRequest("stream must be true on this route: it always streams "
                                  "(/v1/chat/completions can answer in one piece)", "stream")
         extra = {key: data[key] for key in ("max_tokens", "temperature")
                  if data.get(key) is not None}
+        _cap_tokens(extra, settings)
         return ChatRequest(messages, model, granularity, True, True, extra)
 
     include_usage = False
@@ -371,4 +421,5 @@ def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatReque
     # Every other field goes upstream as sent; a null one of ours counts as left out.
     extra = {key: value for key, value in data.items()
              if key not in _CONSUMED and not (value is None and key in OPENAI_CHECKS)}
+    _cap_tokens(extra, settings)
     return ChatRequest(messages, model, granularity, bool(stream), include_usage, extra)

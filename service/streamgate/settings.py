@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     # Client keys (auth.py): "name:sha256hex,..."; empty: the chat routes ask for no key.
     client_key_hashes: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
                                                                    repr=False)
+    # The request policy (chat_request.py). Models: "name,alias=upstream-model,..."; empty: any.
+    allowed_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # Caps on max_tokens/max_completion_tokens (also sent upstream when a request names neither)
+    # and on n; unset: only OpenAI's own ranges.
+    max_tokens_limit: int | None = Field(None, gt=0)
+    max_n: int | None = Field(None, gt=0)
+
     max_prompt_chars: int = Field(32_000, gt=0)
     word_flush_ms: int = Field(150, ge=0)
     heartbeat_s: float = Field(15.0, gt=0)
@@ -79,6 +86,16 @@ class Settings(BaseSettings):
     def _parse_key_hashes(cls, value: Any) -> Any:
         return parse_key_hashes(value) if isinstance(value, str) else value
 
+    @field_validator("allowed_models", mode="before")
+    @classmethod
+    def _parse_allowed_models(cls, value: Any) -> Any:
+        return parse_model_map(value) if isinstance(value, str) else value
+
+    @field_validator("max_tokens_limit", "max_n", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _resolve_upstream(self) -> Settings:
         if not self.upstream_base_url:
@@ -90,6 +107,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "graceful_timeout_s must cover the longest stream (>= total_timeout_s): "
                 f"{self.graceful_timeout_s} < {self.total_timeout_s}"
+            )
+        if self.allowed_models and self.default_model not in self.allowed_models:
+            raise ValueError(
+                f"STREAMGATE_DEFAULT_MODEL {self.default_model!r} must be one of the names in "
+                "STREAMGATE_ALLOWED_MODELS (requests that name no model get it)"
             )
         return self
 
@@ -128,6 +150,21 @@ def url_without_secrets(url: str) -> str:
     host = authority.rpartition("@")[2]
     shown = f"{scheme}://{'***@' if '@' in authority else ''}{host}{slash}{path}"
     return shown.split("?", 1)[0] + ("?***" if "?" in path else "")
+
+
+def parse_model_map(text: str) -> dict[str, str]:
+    """STREAMGATE_ALLOWED_MODELS: `name` or `alias=upstream-model`, comma-separated -> {name a
+    client may send: model asked of the upstream}."""
+    models: dict[str, str] = {}
+    for number, entry in enumerate((e.strip() for e in text.split(",")), start=1):
+        if not entry:
+            continue
+        alias, sep, upstream = (part.strip() for part in entry.partition("="))
+        if not alias or (sep and not upstream) or alias in models:
+            raise ValueError(f"STREAMGATE_ALLOWED_MODELS: entry {number} ({entry!r}) must be a "
+                             "model name or alias=upstream-model, each name once")
+        models[alias] = upstream if sep else alias
+    return models
 
 
 def load_settings() -> Settings:
