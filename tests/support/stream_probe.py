@@ -13,6 +13,7 @@ import base64
 import itertools
 import json
 import socket
+import ssl
 import sys
 import time
 import urllib.parse
@@ -154,8 +155,13 @@ def request(
     timeout_s: float = 30.0,
     stop_after_s: float | None = None,
     stop_when=None,
+    tls: ssl.SSLContext | None = None,
 ) -> Trace:
     """Send one HTTP/1.1 request over a fresh connection and record how the answer arrives.
+
+    With `tls`, over HTTPS (the context decides what is trusted): each read is then the
+    plaintext of at most one TLS record, so a burst of records shows as many reads close
+    together, and the arrival span tells it from a stream.
 
     `body` is JSON-encoded unless it is bytes. `timeout_s` bounds the whole exchange.
     The client hangs up on purpose when `stop_after_s` seconds have passed since sending, or
@@ -186,6 +192,8 @@ def request(
     sock = socket.create_connection((host, port), timeout=timeout_s)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
         sock.sendall(wire)
         trace.sent_at = time.monotonic()
         stop_at = trace.sent_at + stop_after_s if stop_after_s is not None else None
@@ -320,22 +328,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body", default=None, help="JSON request body (POST); none = GET")
     parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole exchange")
+    parser.add_argument("--cafile", help="https: trust this CA file (default: the system store)")
     args = parser.parse_args(argv)
     url = urllib.parse.urlsplit(args.url)
-    if url.scheme != "http":
-        parser.error("only http:// URLs (the probe speaks plain HTTP/1.1)")
+    if url.scheme not in ("http", "https"):
+        parser.error("only http:// and https:// URLs (the probe speaks HTTP/1.1)")
+    tls = ssl.create_default_context(cafile=args.cafile) if url.scheme == "https" else None
     headers = {
         name.strip(): value.strip()
         for name, _, value in (h.partition(":") for h in args.header)
     }
     trace = request(
         url.hostname or "127.0.0.1",
-        url.port or 80,
+        url.port or (443 if tls else 80),
         (url.path or "/") + (f"?{url.query}" if url.query else ""),
         json.loads(args.body) if args.body is not None else None,
         method="POST" if args.body is not None else "GET",
         headers=headers,
         timeout_s=args.timeout,
+        tls=tls,
     )
     json.dump(trace.to_json(), sys.stdout, ensure_ascii=False, indent=1)
     sys.stdout.write("\n")
