@@ -13,6 +13,7 @@ from . import __version__
 from .auth import ClientKeys
 from .logs import configure as configure_logs
 from .logs import log_event
+from .openapi import add_chat_routes
 from .routes import health
 from .routes.chat import ROUTES, ChatEndpoint
 from .settings import Settings, get_settings
@@ -37,6 +38,13 @@ class StreamGateApp(FastAPI):
                 await endpoint(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict:
+        """FastAPI's document, with the chat routes it cannot see described (openapi.py)."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            add_chat_routes(schema, self.state.settings, bool(self.state.client_keys))
+        return self.openapi_schema
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
