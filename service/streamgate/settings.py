@@ -177,3 +177,27 @@ def load_settings() -> Settings:
 def get_settings() -> Settings:
     """Settings for this process; tests call get_settings.cache_clear() or pass their own."""
     return load_settings()
+
+
+def check_env_file(argv: list[str] | None = None) -> int:
+    """`python -m streamgate.settings FILE`: 0 when FILE makes valid settings, else 1 and what is
+    wrong on stderr (values are never shown). For Ansible's `validate:` before the env file is
+    put in place: gunicorn's master exits when a reload meets settings it cannot load."""
+    import sys
+
+    from pydantic import ValidationError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m streamgate.settings ENV_FILE", file=sys.stderr)
+        return 2
+    try:
+        Settings(_env_file=args[0])  # type: ignore[call-arg]
+    except ValidationError as exc:
+        print(f"{args[0]}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(check_env_file())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import httpx
 import orjson
@@ -10,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 from streamgate import auth
 from streamgate.auth import ClientKeys, Unauthorized, hash_key, parse_key_hashes
-from streamgate.settings import Settings
+from streamgate.settings import Settings, check_env_file
+from support.services import clean_environ
 
 pytestmark = pytest.mark.anyio
 
@@ -141,3 +144,17 @@ async def test_without_keys_configured_the_routes_stay_open(make_app):
                                  base_url="http://t") as client:
         response = await client.post("/v1/chat/stream", json={"prompt": "hi"})
     assert response.status_code == 200
+
+
+def test_an_env_file_can_be_checked_before_it_is_put_in_place(tmp_path):
+    """A bad entry reaching a reload stops gunicorn's master: Ansible validates the file first."""
+    good, bad = tmp_path / "good.env", tmp_path / "bad.env"
+    good.write_text(f"STREAMGATE_CLIENT_KEY_HASHES={SETTING}\n")
+    bad.write_text(f"STREAMGATE_CLIENT_KEY_HASHES=web:{KEY_A}\n")
+    assert check_env_file([str(good)]) == 0
+    run = subprocess.run([sys.executable, "-m", "streamgate.settings", str(bad)],
+                         check=False, capture_output=True, text=True, timeout=30,
+                         env=clean_environ())
+    assert run.returncode == 1
+    assert "STREAMGATE_CLIENT_KEY_HASHES: entry 1 (web)" in run.stderr
+    assert KEY_A not in run.stderr
