@@ -83,5 +83,9 @@ bench: venv deps ## benchmark: simulator alone vs gateway direct, via nginx, the
 bench-transports: venv deps ## benchmark the gateway's upstream clients via nginx: lean vs the SDK's httpx2 and aiohttp (~3 min)
 	$(PY) bench/stream_bench.py --targets sim,nginx,nginx-sdk,nginx-aiohttp --levels 10,500 $(BENCH_ARGS)
 
+.PHONY: bench-tls
+bench-tls: venv deps ## benchmark the HTTPS edge: nginx with TLS beside plain nginx, the nginx CPU TLS adds per chunk (~2 min)
+	$(PY) bench/stream_bench.py --targets sim,nginx,nginx-tls --levels 10,500 $(BENCH_ARGS)
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+import ssl
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -217,12 +218,20 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
-def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
+def build_request(host: str, port: int, path: str, body: bytes, key: str | None = None) -> bytes:
+    authorization = f"Authorization: Bearer {key}\r\n" if key else ""
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
         # Like a browser: a compressing hop (the negative control) then shows as bursts.
-        f"Accept: */*\r\nAccept-Encoding: gzip\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"Accept: */*\r\nAccept-Encoding: gzip\r\n{authorization}"
+        f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+def client_tls(cafile: str | None) -> ssl.SSLContext | None:
+    """HTTPS to a server whose certificate this CA file signed (HTTP/1.1: no ALPN offered, so
+    the streams are timed per read exactly as over plain HTTP); None: plain HTTP."""
+    return ssl.create_default_context(cafile=cafile) if cafile else None
 
 
 async def virtual_client(
@@ -235,8 +244,10 @@ async def virtual_client(
     expected_body: bytes | None,
     schedule: Schedule,
     outcome: Outcome,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """Closed loop: one stream after another on one connection, until the window closes."""
+    """Closed loop: one stream after another on one connection, until the window closes.
+    With `tls`, the connection is HTTPS (one handshake per connection, as a browser's)."""
     loop = asyncio.get_running_loop()
     await asyncio.sleep(
         max(0.0, schedule.start + schedule.stagger_s * index / clients - time.monotonic())
@@ -250,10 +261,11 @@ async def virtual_client(
         if conn is None or conn.closed:
             try:
                 _, conn = await asyncio.wait_for(
-                    loop.create_connection(lambda: StreamConnection(sse), host, port),
+                    loop.create_connection(lambda: StreamConnection(sse), host, port, ssl=tls,
+                                           server_hostname=host if tls else None),
                     schedule.stream_timeout_s,
                 )
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError, ssl.SSLError):
                 if time.monotonic() >= schedule.warm:
                     outcome.error("connect")
                 await asyncio.sleep(CONNECT_RETRY_PAUSE_S)
@@ -309,13 +321,16 @@ async def run_clients(
     count: int,
     total_clients: int,
     schedule: Schedule,
+    key: str | None = None,
+    cafile: str | None = None,
 ) -> Outcome:
     outcome = Outcome()
-    request = build_request(host, port, path, body)
+    request = build_request(host, port, path, body, key)
+    tls = client_tls(cafile)
     tasks = [
         virtual_client(
             first_index + i, total_clients, host, port, request, sse, expected_body, schedule,
-            outcome,
+            outcome, tls,
         )
         for i in range(count)
     ]

@@ -123,6 +123,8 @@ class Service:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/healthz"
+    # Where readiness is polled (plain HTTP), when clients use another port (nginx's HTTPS).
+    ready_port: int | None = None
     log_dir: Path = Path(".")
     process: subprocess.Popen | None = None
     pids: list[int] = field(default_factory=list)
@@ -142,7 +144,7 @@ class Service:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: see {self.log_dir / self.name}.log")
-            if http_status(self.port, self.ready_path) == 200:
+            if http_status(self.ready_port or self.port, self.ready_path) == 200:
                 self.pids = [self.process.pid, *child_pids(self.process.pid)]
                 return
             time.sleep(0.2)
@@ -190,37 +192,46 @@ def render_nginx(
     buffering_fault: bool = False,
     worker_processes: str | None = None,
     name: str | None = None,
+    tls_port: int | None = None,
+    pki=None,
 ) -> Path:
     """Render nginx/*.j2 with the role defaults, the same way the wire tests do (their helper),
     overriding only root-only paths and the loopback addresses. Worker count stays the role's
     default ("auto"), as deployed. `name` is its directory under `run_dir` (one per nginx in a
     run). `buffering_fault` applies the wire tests' negative control
-    (buffering on, X-Accel-Buffering ignored) so the reads-per-response figure is seen to fail."""
+    (buffering on, X-Accel-Buffering ignored) so the reads-per-response figure is seen to fail.
+    `tls_port` and `pki` (support.tls) render the HTTPS edge (nginx_tls) on `tls_port`.
+
+    The per-client limits are lifted (the wire tests' LIFTED_LIMITS): the benchmark is hundreds
+    of streams from one address with one key, which the role's limits exist to refuse. Their
+    directives stay in the config, so their cost per request is in the figures."""
     sys.path.insert(0, str(REPO / "tests"))
-    from support.nginx import break_buffering, render, role_variables
+    from support.nginx import (
+        LIFTED_LIMITS,
+        MIME_TYPES,
+        break_buffering,
+        local_variables,
+        render,
+    )
 
     nginx_dir = run_dir / (name or ("nginx-buffered" if buffering_fault else "nginx"))
     (nginx_dir / "temp").mkdir(parents=True, exist_ok=True)
     for path in (run_dir, nginx_dir, nginx_dir / "temp"):
         path.chmod(0o755)  # nginx workers run as nobody when started by root
-    site = nginx_dir / "streamgate.conf"
-    variables = role_variables() | {
-        "nginx_listen": f"127.0.0.1:{listen_port}",
-        "nginx_upstream_servers": [f"127.0.0.1:{upstream_port}"],
-        "__nginx_user": "",
-        "__nginx_pid_file": str(nginx_dir / "nginx.pid"),
-        "__nginx_error_log": str(nginx_dir / "error.log"),
-        "__nginx_access_log": str(nginx_dir / "access.log"),
-        "__nginx_modules_include": "",
-        "__nginx_temp_dir": str(nginx_dir / "temp"),
-        "__nginx_site_include": str(site),
-    }
+    (nginx_dir / "mime.types").write_text(MIME_TYPES)
+    variables = local_variables(
+        nginx_dir,
+        listen=f"127.0.0.1:{listen_port}",
+        listen_tls=f"127.0.0.1:{tls_port}" if tls_port else None,
+        upstream_servers=[f"127.0.0.1:{upstream_port}"],
+        pki=pki,
+    ) | LIFTED_LIMITS
     if worker_processes:
         variables["nginx_worker_processes"] = worker_processes
     rendered = render(variables)
     if buffering_fault:
         rendered["streamgate.conf"] = break_buffering(rendered["streamgate.conf"])
-    site.write_text(rendered["streamgate.conf"])
+    (nginx_dir / "streamgate.conf").write_text(rendered["streamgate.conf"])
     main = nginx_dir / "nginx.conf"
     main.write_text(rendered["nginx.conf"])
     return main

@@ -3,6 +3,12 @@ seed article's design, side by side in one run on loopback (what `make bench` ru
 
     .venv/bin/python bench/stream_bench.py [--quick] [--levels 10,200] [--targets sim,nginx]
 
+`nginx-tls` is the same nginx with nginx_tls on (HTTPS, a certificate from a test CA made for the
+run; the load generator speaks HTTP/1.1 over TLS to it) in front of the same gateway: the run ends
+with the nginx CPU per chunk TLS adds (nginx-tls minus nginx, same run, same level).
+When the gateway has client keys (STREAMGATE_CLIENT_KEY_HASHES), every gateway is started with
+one key and the load generator sends it to the gateway targets, so keys are on in their rows.
+
 The gateway's upstream HTTP client (STREAMGATE_UPSTREAM_TRANSPORT) is the lean transport in the
 `gateway`/`nginx` targets; `gateway-sdk`/`nginx-sdk` and `gateway-aiohttp`/`nginx-aiohttp` run
 one more gunicorn each with the SDK's httpx2 client and its aiohttp client, and the run ends
@@ -17,6 +23,7 @@ measured minutes apart in the same run. Prints a Markdown table, writes JSON to 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import multiprocessing
@@ -77,6 +84,8 @@ TARGET_TTFT_P99_MS = 150.0
 TARGET_ADDED_TTFT_P50_MS = 2.0
 TARGET_ADDED_TTFT_LEVEL = 10
 NOISY_OTHERS_CORES = 0.5
+# The one client key of the gateway targets (keys on), when the gateway has client keys.
+BENCH_CLIENT_KEY = "sk-bench-client-not-secret"
 
 
 @dataclass
@@ -97,6 +106,7 @@ GATEWAY_TRANSPORTS = {"gateway": "lean", "gateway-sdk": "sdk", "gateway-aiohttp"
 # The gateway each nginx proxies to.
 NGINX_UPSTREAMS = {
     "nginx": "gateway",
+    "nginx-tls": "gateway",
     "nginx-buffered": "gateway",
     "nginx-sdk": "gateway-sdk",
     "nginx-aiohttp": "gateway-aiohttp",
@@ -110,6 +120,11 @@ TARGETS = {
     ),
     "nginx": Target(
         "nginx", "(c) nginx -> gateway", "nginx", "/v1/chat/stream", False, "gateway", ("nginx",)
+    ),
+    # The same gateway behind the HTTPS edge (nginx_tls on; HTTP/1.1 over TLS from the client).
+    "nginx-tls": Target(
+        "nginx-tls", "(c) nginx TLS -> gateway", "nginx-tls", "/v1/chat/stream", False,
+        "gateway", ("nginx-tls",),
     ),
     # The same gateway with the SDK's own HTTP clients instead of the lean transport.
     **{
@@ -190,6 +205,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile-target", default="nginx", choices=["gateway", "nginx", "article"]
     )
     parser.add_argument("--profile-level", type=int, default=500)
+    parser.add_argument(
+        "--no-client-key", dest="client_key", action="store_false",
+        help="start the gateways without a client key and send none (keys off)",
+    )
     parser.add_argument("--quick", action="store_true", help="levels 10,200, 4 s each")
     parser.add_argument(
         "--simulator", default=str(VENV_BIN / "streamgate-sim"), help="simulator command"
@@ -199,6 +218,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.levels, args.duration, args.warmup = "10,200", 4.0, 2.0
     args.levels = [int(level) for level in args.levels.split(",")]
     args.targets = [name.strip() for name in args.targets.split(",")]
+    args.tls_cafile = None
+    if args.client_key and not gateway_has_client_keys():
+        print("note: this gateway has no client keys (STREAMGATE_CLIENT_KEY_HASHES): keys off")
+        args.client_key = False
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
@@ -217,9 +240,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def gateway_has_client_keys() -> bool:
+    try:
+        from streamgate.settings import Settings
+    except ImportError:
+        return False
+    return "client_key_hashes" in Settings.model_fields
+
+
 def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service]:
     """Only the services the chosen targets need (see needed_services), not started yet."""
     needed = needed_services(args.targets)
+    key_env = (
+        {"STREAMGATE_CLIENT_KEY_HASHES":
+         f"bench:{hashlib.sha256(BENCH_CLIENT_KEY.encode()).hexdigest()}"}
+        if args.client_key else {}
+    )
     sim_port = free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
     services = {
@@ -246,6 +282,7 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
                 # Explicit, so a proxy variable in the environment cannot turn "auto" into sdk
                 # and mislabel the rows; every other setting is the product's default.
                 "STREAMGATE_UPSTREAM_TRANSPORT": transport,
+                **key_env,
             },
             ready_path="/readyz",
             log_dir=run_dir,
@@ -254,14 +291,19 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
         if name not in needed:
             continue
         port = free_port()
+        tls_port, pki = None, None
+        if name == "nginx-tls":
+            tls_port, pki = free_port(), run_pki(run_dir)
+            args.tls_cafile = str(pki.ca_certificate)
         conf = render_nginx(
             run_dir, port, services[gateway].port, buffering_fault=name == "nginx-buffered",
-            worker_processes=args.nginx_workers, name=name,
+            worker_processes=args.nginx_workers, name=name, tls_port=tls_port, pki=pki,
         )
         services[name] = Service(
-            name, port,
+            name, tls_port or port,
             ["nginx", "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"],
             ready_path="/healthz",
+            ready_port=port,  # plain HTTP answers /healthz in both modes
             log_dir=run_dir,
         )
     if "article" in needed:
@@ -275,6 +317,14 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
             log_dir=run_dir,
         )
     return services
+
+
+def run_pki(run_dir: Path):
+    """The run's test CA and server certificate (tests/support/tls.py)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from support.tls import make_test_pki
+
+    return make_test_pki(run_dir / "pki")
 
 
 def start_profilers(
@@ -317,6 +367,8 @@ def measure(
         stream_timeout_s=STREAM_TIMEOUT_S,
     )
     service = services[target.service]
+    key = BENCH_CLIENT_KEY if args.client_key and target.relay in GATEWAY_TRANSPORTS else None
+    cafile = args.tls_cafile if target.service == "nginx-tls" else None
     body = SIM_BODY if target.sse else PROMPT_BODY
     check = None if target.sse else expected
     context = multiprocessing.get_context("fork")
@@ -328,7 +380,7 @@ def measure(
         process = context.Process(
             target=run_process,
             args=(sender, "127.0.0.1", service.port, target.path, body, target.sse, check,
-                  first, count, level, schedule),
+                  first, count, level, schedule, key, cafile),
             daemon=True,
         )
         process.start()
@@ -502,6 +554,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
         check(f"gateway CPU per chunk, {target} @{TARGET_LEVEL} (us)",
               row_of(target, TARGET_LEVEL), relay_cpu, TARGET_CPU_US_PER_CHUNK, at_most)
     nginxes = [name for name in relays if name.startswith("nginx")]
+    nginxes += [name for name in ("nginx-tls",) if name in measured]
     for nginx in nginxes:
         at = row_of(nginx, TARGET_LEVEL)
         check(f"{nginx} @{TARGET_LEVEL}: streams/s vs simulator alone", at,
@@ -519,6 +572,41 @@ def verdicts(rows: list[dict]) -> list[dict]:
               row_of(target, TARGET_ADDED_TTFT_LEVEL), lambda r: r.get("added_ttft_p50_ms"),
               TARGET_ADDED_TTFT_P50_MS, at_most)
     return checks
+
+
+def tls_cost(rows: list[dict]) -> list[dict]:
+    """What TLS adds to nginx per chunk: nginx-tls minus nginx at the same level, same run (the
+    same gateway behind both). Only where both rows were measured."""
+    by_key = {(row["target"], row["level"]): row for row in rows}
+    entries = []
+    for level in sorted({row["level"] for row in rows}):
+        plain, tls = by_key.get(("nginx", level)), by_key.get(("nginx-tls", level))
+        if plain is None or tls is None:
+            continue
+        plain_us, tls_us = proxy_cpu(plain), proxy_cpu(tls)
+        if plain_us is None or tls_us is None:
+            continue
+        entries.append({
+            "level": level,
+            "nginx_us": plain_us,
+            "nginx_tls_us": tls_us,
+            "tls_adds_us": round(tls_us - plain_us, 1),
+            "vs_sim": {"nginx": plain.get("throughput_vs_sim"),
+                       "nginx-tls": tls.get("throughput_vs_sim")},
+            "others_cores": {"nginx": plain["other_processes_cores"],
+                             "nginx-tls": tls["other_processes_cores"]},
+        })
+    return entries
+
+
+def tls_cost_lines(entries: list[dict]) -> list[str]:
+    return [
+        f"TLS adds {entry['tls_adds_us']} us of nginx CPU per chunk @{entry['level']} "
+        f"(nginx-tls {entry['nginx_tls_us']} vs nginx {entry['nginx_us']} us; vs sim "
+        f"{fmt(entry['vs_sim']['nginx-tls'])} vs {fmt(entry['vs_sim']['nginx'])}; others' cores "
+        f"{entry['others_cores']['nginx-tls']} / {entry['others_cores']['nginx']})"
+        for entry in entries
+    ]
 
 
 def transport_comparison(rows: list[dict]) -> list[dict]:
@@ -724,7 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
     checks = verdicts(rows)
     comparison = transport_comparison(rows)
+    tls = tls_cost(rows)
     table = markdown(rows, checks, comparison)
+    if tls:
+        table += "\n\n" + "\n".join(tls_cost_lines(tls))
     wrong = {name: seen for name, seen in transports.items()
              if not seen or set(seen) != {GATEWAY_TRANSPORTS[name]}}
     if wrong:
@@ -743,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "gateway_transports_logged": transports,
         "transport_comparison": comparison,
+        "tls_cost": tls,
+        "client_key": args.client_key,
     }
     out = RESULTS_DIR / f"stream-bench-{stamp}.json"
     out.write_text(json.dumps(report, indent=2))

@@ -13,6 +13,8 @@ from stream_bench import (
     comparison_lines,
     needed_services,
     parse_args,
+    tls_cost,
+    tls_cost_lines,
     transport_comparison,
     verdicts,
 )
@@ -38,7 +40,7 @@ def test_every_gateway_target_is_costed_on_the_gateway_of_its_transport():
         if name.startswith(("gateway", "nginx")):
             assert target.relay in GATEWAY_TRANSPORTS
             suffix = name.partition("-")[2]
-            expected = "lean" if suffix in ("", "buffered") else suffix
+            expected = "lean" if suffix in ("", "buffered", "tls") else suffix
             assert GATEWAY_TRANSPORTS[target.relay] == expected
 
 
@@ -108,3 +110,24 @@ def test_tcp_connections_counts_a_loopback_connection_once():
             accepted, _ = server.accept()
             with accepted:
                 assert tcp_connections(port)["established"] == {client.getsockname()[1]}
+
+
+def test_the_tls_edge_brings_the_lean_gateway_only():
+    assert needed_services(["sim", "nginx", "nginx-tls"]) == ["sim", "gateway", "nginx", "nginx-tls"]
+
+
+def test_tls_cost_is_nginx_tls_minus_nginx_at_the_same_level():
+    def nginx_row(target: str, level: int, nginx_us: float) -> dict:
+        base = row(target, level, 25.0)
+        base["cpu_us_per_chunk"][target] = nginx_us
+        return base
+
+    rows = [row("sim", 500, None), nginx_row("nginx", 500, 14.0), nginx_row("nginx-tls", 500, 19.5),
+            nginx_row("nginx", 10, 22.0)]  # no TLS row at 10: nothing there
+    entries = tls_cost(rows)
+    assert [(e["level"], e["tls_adds_us"]) for e in entries] == [(500, 5.5)]
+    assert tls_cost_lines(entries)[0].startswith(
+        "TLS adds 5.5 us of nginx CPU per chunk @500 (nginx-tls 19.5 vs nginx 14.0 us"
+    )
+    checks = {check["check"] for check in verdicts(rows)}
+    assert "nginx-tls @500: p99 TTFT (ms)" in checks
