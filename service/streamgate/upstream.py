@@ -42,9 +42,10 @@ __all__ = [
 ]
 
 # Upstream statuses the client can act on are passed on; anything else is our upstream failing.
-_PASSED_ON_STATUSES = {400: "bad_request", 401: "unauthorized", 403: "unauthorized",
-                       404: "not_found", 413: "bad_request", 422: "bad_request",
-                       429: "rate_limited"}
+# Not 401/403: the upstream's credentials are the operator's, never the client's (clients have
+# their own keys, checked by the gateway): a refusal there is a gateway fault, 502.
+_PASSED_ON_STATUSES = {400: "bad_request", 404: "not_found", 413: "bad_request",
+                       422: "bad_request", 429: "rate_limited"}
 _RETRYABLE_STATUSES = {500, 502, 503}
 # One SSE event from the upstream larger than this is refused (502), not buffered: a chunk of
 # a chat completion is a few hundred bytes.
@@ -149,13 +150,16 @@ def _error_from_status(status: int, body: Any, retry_after: str | None) -> Upstr
     detail = f"upstream answered HTTP {status}: {upstream_says or 'no message'}"[:1000]
     if status in _PASSED_ON_STATUSES:
         # About the client's own request (bad model, rate limit): the upstream's words help it.
-        client_status = {429: 429, 401: 401, 403: 401, 404: 404}.get(status, 400)
+        client_status = {429: 429, 404: 404}.get(status, 400)
         message = upstream_says or f"upstream refused the request (HTTP {status})"
         return UpstreamError(_PASSED_ON_STATUSES[status], client_status,
                              message[:MAX_PASSED_ON_MESSAGE_CHARS], retry_after=retry_after,
                              detail=detail)
     if status in (408, 504):
         return UpstreamError("timeout", 504, "upstream timed out", detail=detail)
+    if status in (401, 403):
+        return UpstreamError("upstream_auth", 502, "upstream refused the gateway's credentials",
+                             detail=detail)
     return UpstreamError(f"status_{status}", 502, f"upstream failed (HTTP {status})",
                          retryable=status in _RETRYABLE_STATUSES, detail=detail)
 

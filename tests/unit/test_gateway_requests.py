@@ -605,7 +605,8 @@ async def test_unsafe_request_id_is_replaced(make_app):
 
 
 @pytest.mark.parametrize(("upstream_status", "client_status"),
-                         [(400, 400), (401, 401), (404, 404), (429, 429), (500, 502), (503, 502)])
+                         [(400, 400), (401, 502), (403, 502), (404, 404), (429, 429), (500, 502),
+                          (503, 502)])
 async def test_upstream_status_before_first_byte_is_a_real_status(make_app, fake_upstream,
                                                                   upstream_status, client_status):
     fake_upstream.status = upstream_status
