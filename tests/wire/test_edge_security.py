@@ -19,9 +19,11 @@ the rate state one test leaves in nginx's zones never meets another's.
 from __future__ import annotations
 
 import http.client
+import http.server
 import itertools
 import json
 import ssl
+import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -493,17 +495,47 @@ def test_metrics_refused_when_the_allow_list_leaves_the_client_out(running, gate
         proxy.stop()
 
 
-def test_readyz_tells_only_ready_or_not(edge, running, pki):
+class NotReadyApp(http.server.BaseHTTPRequestHandler):
+    """An app that is up but not ready, with its reasons, as the gateway answers /readyz then."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"status": "not ready",
+                           "problems": ["no upstream: set STREAMGATE_UPSTREAM_API_KEY"]}).encode()
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def not_ready_app():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotReadyApp)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_readyz_tells_only_ready_or_not(edge, running, pki, not_ready_app):
     ready = call(edge, "/readyz", pki=pki)
     assert (ready.status, ready.json()) == (200, {"status": "ready"})
-    dead = LocalNginx(["127.0.0.1:1"], pki=pki)  # nothing listens on port 1: the app is down
-    running.callback(dead.stop)
-    dead.start(require_nginx())
-    try:
-        not_ready = call(dead, "/readyz", pki=pki)
-        assert (not_ready.status, not_ready.json()) == (503, {"status": "not ready"})
-    finally:
-        dead.stop()
+    # Not ready: the app's reasons stay behind nginx; down: the same bare answer.
+    for upstream in (not_ready_app, "127.0.0.1:1"):
+        proxy = LocalNginx([upstream], pki=pki)
+        running.callback(proxy.stop)
+        proxy.start(require_nginx())
+        try:
+            not_ready = call(proxy, "/readyz", pki=pki)
+            assert (not_ready.status, not_ready.json()) == (503, {"status": "not ready"}), upstream
+        finally:
+            proxy.stop()
 
 
 def test_the_client_key_is_in_no_nginx_log(edge, pki):
