@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -77,6 +78,13 @@ LOCK_FILE = Path("/run") / f"{NAME_PREFIX}labctl.lock"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 IP_FORWARD_BEFORE_FILE = Path("/run") / f"{NAME_PREFIX}ip_forward.before"
 INVENTORY_FILE = REPO_ROOT / "ansible" / "inventories" / "lab" / "hosts.yml"
+# Secrets of one lab, next to its inventory (mode 0600, git-ignored), read by the lab's
+# group_vars: the client key every test and load test sends, and a stand-in upstream API key
+# (the simulator ignores it) that no log may ever show. The generated CA lives there too.
+CLIENT_KEY_FILE = INVENTORY_FILE.parent / "client-key"
+UPSTREAM_KEY_FILE = INVENTORY_FILE.parent / "upstream-key"
+LAB_GENERATED_FILES = (CLIENT_KEY_FILE, UPSTREAM_KEY_FILE, INVENTORY_FILE.parent / "ca.pem",
+                       INVENTORY_FILE.parent / "ca-key.pem", INVENTORY_FILE.parent / "ca.srl")
 # Ansible's SSH multiplexing sockets, one directory per lab: a new lab reuses the old lab's
 # addresses, and a master left attached to a hard-killed host could stall the next connection.
 # Under /tmp because a socket path must stay short (108 bytes).
@@ -322,9 +330,13 @@ def lab_rules() -> list[list[str]]:
     tag = ["-m", "comment", "--comment", NAT_COMMENT]
     return [
         ["nat", "POSTROUTING", "-s", subnet, "!", "-d", subnet, *tag, "-j", "MASQUERADE"],
-        # Only matter where FORWARD drops by default (CI runners with a container engine).
-        ["filter", "FORWARD", "-s", subnet, *tag, "-j", "ACCEPT"],
-        ["filter", "FORWARD", "-d", subnet, *tag, "-j", "ACCEPT"],
+        # Only matter where FORWARD drops by default (CI runners with a container engine). What
+        # the lab needs and nothing more: its hosts reach out (apt, pip) through the bridge, and
+        # the answers come back. Nothing routed through the controller may open a connection
+        # to a lab host: only the controller itself (OUTPUT, not FORWARD) and the hosts do.
+        ["filter", "FORWARD", "-i", BRIDGE_NAME, "-s", subnet, *tag, "-j", "ACCEPT"],
+        ["filter", "FORWARD", "-o", BRIDGE_NAME, "-d", subnet, "-m", "conntrack", "--ctstate",
+         "ESTABLISHED,RELATED", *tag, "-j", "ACCEPT"],
     ]
 
 
@@ -360,6 +372,8 @@ def boot_host(host: LabHost) -> None:
         process = subprocess.Popen(
             ["systemd-nspawn", "-D", str(host.root), "-b", "-M", host.name,
              "--register=no", "--keep-unit", f"--network-namespace-path={host.netns_path}",
+             # A VM's root may change its own firewall: nftables in the host's own namespace.
+             "--capability=CAP_NET_ADMIN",
              "--console=read-only", "--resolv-conf=off", "--link-journal=no"],
             stdin=subprocess.DEVNULL, stdout=console_log, stderr=subprocess.STDOUT,
             start_new_session=True,  # setsid: the host outlives this command
@@ -461,6 +475,21 @@ def write_inventory(hosts: list[LabHost], topology: str, release: str, control_d
                 lines += [f"        {host.name}:", f"          ansible_host: {host.address}"]
     INVENTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
     INVENTORY_FILE.write_text("\n".join(lines) + "\n")
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A file only root can read, created with that mode (never readable for an instant)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as secret_file:
+        secret_file.write(text + "\n")
+
+
+def write_lab_secrets() -> None:
+    # 43 URL-safe characters (256 bits): above the role's 32-character minimum.
+    write_secret(CLIENT_KEY_FILE, secrets.token_urlsafe(32))
+    write_secret(UPSTREAM_KEY_FILE, "sk-lab-" + secrets.token_urlsafe(32))
 
 
 # ---------------------------------------------------------------- destroy
@@ -605,6 +634,8 @@ def destroy(purge_images: bool = False) -> None:
         remove_tree(IMAGES_DIR)
     STATE_FILE.unlink(missing_ok=True)
     INVENTORY_FILE.unlink(missing_ok=True)
+    for generated in LAB_GENERATED_FILES:
+        generated.unlink(missing_ok=True)
     log("lab destroyed (nothing named sglab-* left)")
 
 
@@ -642,6 +673,7 @@ def create(topology: str, release: str) -> None:
     for host in hosts:
         wait_for_ssh(host)
     control_dir = Path(tempfile.gettempdir()) / SSH_CONTROL_GLOB.replace("*", uuid.uuid4().hex[:8])
+    write_lab_secrets()
     write_inventory(hosts, topology, release, control_dir)
     done = time.monotonic()
     timings["ssh"] = done - phase_started - timings["copy"] - timings["boot"]

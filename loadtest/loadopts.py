@@ -25,6 +25,9 @@ OPTIONS = [
     ("--max-generator-lagged-ratio", float, 0.05,
      "validity: share of responses during which the generator itself stalled"),
     ("--gates-json", str, "", "also write the gate results to this JSON file"),
+    # A secret: give it through the environment (STREAMGATE_LOAD_API_KEY), not the command line.
+    ("--api-key", str, "", "client key sent as 'Authorization: Bearer <key>' (empty: none)"),
+    ("--ca-file", str, "", "https: trust only this CA file (empty: the system store); always verified"),
 ]
 
 

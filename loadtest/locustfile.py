@@ -21,6 +21,7 @@ import time
 import zlib
 
 import gevent
+import gevent.ssl
 import loadopts
 import slo
 from locust import FastHttpUser, constant, events, task
@@ -66,6 +67,11 @@ def _configure_users(environment, **_kwargs) -> None:
     # FastHttpUser reads these when a user starts: the read timeout bounds a silent stream.
     StreamUser.network_timeout = options.read_timeout_s
     StreamUser.wait_time = constant(options.think_time_s)
+    # HTTPS is always verified (Locust's default is not): against the CA file when given.
+    StreamUser.insecure = False
+    StreamUser.ssl_context_factory = staticmethod(_tls_context_factory(options.ca_file or None))
+    if options.api_key:
+        StreamUser.request_headers = {**REQUEST_HEADERS, "Authorization": f"Bearer {options.api_key}"}
     if environment.runner is not None and not isinstance(environment.runner, MasterRunner):
         # Two tokens share a read once the loop is away for a gap; the probe wakes up to
         # LAG_PROBE_S early within that, so a lag of gap - probe is already too much.
@@ -155,11 +161,20 @@ REQUEST_HEADERS = {
 }
 
 
+def _tls_context_factory(ca_file: str | None):
+    """A factory of verifying TLS contexts (trusting `ca_file` only, when given)."""
+    def make_context(*_args, **_kwargs):
+        return gevent.ssl.create_default_context(cafile=ca_file)
+    return make_context
+
+
 class StreamUser(FastHttpUser):
     """Measures and judges one streamed response per task; subclasses know one route each."""
 
     abstract = True
     path = ""
+    # REQUEST_HEADERS, plus the client key when the run has one (set at init).
+    request_headers = REQUEST_HEADERS
     decoder_class: type[TextDecoder] = TextDecoder
     wait_time = constant(0)
 
@@ -174,7 +189,7 @@ class StreamUser(FastHttpUser):
         with self.client.post(
             self.path,
             data=json.dumps(self.request_body(options)),
-            headers=REQUEST_HEADERS,
+            headers=self.request_headers,
             stream=True,
             catch_response=True,
             name=self.path,

@@ -24,6 +24,10 @@ HERE = Path(__file__).resolve().parent
 # Streams one generator process measures without distorting them (20 ms gaps; see README).
 USERS_PER_PROCESS = 100
 ROUTE_USERS = {"text": "TextStreamUser", "sse": "SSEStreamUser", "openai": "OpenAIStreamUser"}
+# Written next to the inventory: the CA that signed the edge's certificate (by the play, when
+# it made one) and the client key (by the lab).
+CA_FILE_NAME = "ca.pem"
+CLIENT_KEY_FILE_NAME = "client-key"
 
 
 def find_group(node: dict, group: str) -> dict | None:
@@ -40,7 +44,8 @@ def find_group(node: dict, group: str) -> dict | None:
 
 
 def edge_url(inventory: Path) -> str:
-    """http://<ansible_host of the first host of group edge>/"""
+    """https://<ansible_host of the first host of group edge>/ when the inventory has a CA
+    file next to it (the play's own CA: nginx serves TLS), else http://..."""
     if not inventory.is_file():
         raise SystemExit(f"no inventory at {inventory}: create the lab (make lab) or give a target")
     data = yaml.safe_load(inventory.read_text(encoding="utf-8"))
@@ -48,7 +53,14 @@ def edge_url(inventory: Path) -> str:
     if not edge or not edge.get("hosts"):
         raise SystemExit(f"no hosts in group 'edge' of {inventory}: give --target")
     name, host_vars = next(iter(edge["hosts"].items()))
-    return f"http://{(host_vars or {}).get('ansible_host', name)}/"
+    scheme = "https" if (inventory.parent / CA_FILE_NAME).is_file() else "http"
+    return f"{scheme}://{(host_vars or {}).get('ansible_host', name)}/"
+
+
+def inventory_file(inventory: Path | None, name: str) -> Path | None:
+    """A file the play or the lab wrote next to the inventory (CA, client key), if present."""
+    path = inventory.parent / name if inventory else None
+    return path if path and path.is_file() else None
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -65,6 +77,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              f"no master) or auto (one per {USERS_PER_PROCESS} users, at most "
                              "one per CPU)")
     parser.add_argument("--reports-dir", type=Path, default=HERE / "reports")
+    parser.add_argument("--api-key-file", type=Path,
+                        help="file holding the client key to send (default: client-key next to "
+                             "the inventory; STREAMGATE_LOAD_API_KEY also works)")
+    parser.add_argument("--ca-file", type=Path,
+                        help="CA file to verify HTTPS with (default: ca.pem next to the inventory, "
+                             "else the system store)")
     return parser.parse_known_args(argv)
 
 
@@ -103,9 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("give --target URL or --inventory PATH")
     report = args.reports_dir / time.strftime("%Y%m%d-%H%M%S")
     report.mkdir(parents=True, exist_ok=True)
+    ca_file = args.ca_file or inventory_file(args.inventory, CA_FILE_NAME)
+    key_file = args.api_key_file or inventory_file(args.inventory, CLIENT_KEY_FILE_NAME)
+    env = dict(os.environ)
+    if key_file:  # through the environment: a key on the command line shows in `ps`
+        env["STREAMGATE_LOAD_API_KEY"] = key_file.read_text(encoding="utf-8").strip()
+    if ca_file:
+        extra = ["--ca-file", str(ca_file), *extra]
     command = locust_command(args, target, report, extra)
-    print(f"load test: {args.users} users for {args.run_time} against {target}", flush=True)
-    exit_code = subprocess.run(command, check=False).returncode
+    print(f"load test: {args.users} users for {args.run_time} against {target}"
+          f"{' with a client key' if env.get('STREAMGATE_LOAD_API_KEY') else ''}"
+          f"{f', CA {ca_file}' if ca_file else ''}", flush=True)
+    exit_code = subprocess.run(command, check=False, env=env).returncode
 
     # Plot only after Locust has exited: matplotlib stays out of the generator's process.
     from reportplot import plot_history

@@ -82,6 +82,39 @@ def test_every_rule_the_lab_adds_carries_the_tag():
         assert labctl.tagged_rules(listing) == [[chain, *match]], (table, chain)
 
 
+def test_forward_rules_let_nothing_open_a_connection_into_the_lab():
+    """Only the lab's own hosts start forwarded connections; into the subnet, answers only.
+
+    Negative control: the rule the lab used to add (`FORWARD -d <subnet> -j ACCEPT`) is caught.
+    """
+    def opens_into_the_lab(match: list[str]) -> bool:
+        words = list(match)
+        into = "-d" in words and words[words.index("-d") + 1] == str(labctl.LAB_SUBNET)
+        answers_only = "--ctstate" in words and set(words[words.index("--ctstate") + 1].split(",")) <= {
+            "ESTABLISHED", "RELATED"}
+        return words[-2:] == ["-j", "ACCEPT"] and into and not answers_only
+
+    forward = [match for table, chain, *match in labctl.lab_rules() if (table, chain) == ("filter", "FORWARD")]
+    assert forward, "no FORWARD rules: hosts behind a FORWARD DROP policy could not reach apt"
+    assert [match for match in forward if opens_into_the_lab(match)] == []
+    for match in forward:  # each rule names the bridge: nothing else routed here is accepted
+        assert labctl.BRIDGE_NAME in match, match
+    old_rule = ["-d", str(labctl.LAB_SUBNET), "-m", "comment", "--comment", labctl.NAT_COMMENT, "-j", "ACCEPT"]
+    assert opens_into_the_lab(old_rule)
+
+
+def test_lab_secrets_are_root_only_long_and_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(labctl, "CLIENT_KEY_FILE", tmp_path / "client-key")
+    monkeypatch.setattr(labctl, "UPSTREAM_KEY_FILE", tmp_path / "upstream-key")
+    labctl.write_lab_secrets()
+    first = (tmp_path / "client-key").read_text().strip()
+    for path in (tmp_path / "client-key", tmp_path / "upstream-key"):
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert len(first) >= 32
+    labctl.write_lab_secrets()
+    assert (tmp_path / "client-key").read_text().strip() != first
+
+
 @pytest.fixture
 def resolv_files(tmp_path, monkeypatch):
     controller, upstream = tmp_path / "resolv.conf", tmp_path / "upstream.conf"

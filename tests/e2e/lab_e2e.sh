@@ -16,6 +16,8 @@ LAB_RELEASE="${LAB_RELEASE:-bookworm}"
 LOADTEST_ARGS="${LOADTEST_ARGS:---users 100 --run-time 30s}"
 LOG_DIR="$(mktemp -d -t streamgate-e2e-XXXXXX)"
 SUMMARY=()
+# Next to the lab's inventory, so the lab's group_vars apply to it too (git-ignored).
+SMALLER_INVENTORY=ansible/inventories/lab/hosts-minus-one-app.yml
 
 # Prerequisites before the trap: a failure here has made no lab, so there is nothing to
 # remove (and lab-destroy would only remove a lab that someone else made).
@@ -25,6 +27,7 @@ teardown() {
     local status=$?
     echo "== teardown (make lab-destroy)"
     make --no-print-directory lab-destroy || echo "lab_e2e: lab-destroy failed: remove the lab by hand" >&2
+    rm -f "$SMALLER_INVENTORY"
     echo "== summary (logs in $LOG_DIR)"
     printf '  %s\n' "${SUMMARY[@]}"
     exit "$status"
@@ -57,7 +60,6 @@ step lab make --no-print-directory lab LAB_TOPOLOGY="$LAB_TOPOLOGY" LAB_RELEASE=
 # Scale-out, as an operator does it: deploy without the last app host, then with the whole
 # inventory. The hosts already deployed must report changed=0 except the edge (new upstream).
 LAB_INVENTORY=ansible/inventories/lab/hosts.yml
-SMALLER_INVENTORY="$LOG_DIR/inventory-minus-one-app.yml"
 added_app_host=$(.venv/bin/python - "$LAB_INVENTORY" "$SMALLER_INVENTORY" <<'PY'
 import sys, yaml
 inventory = yaml.safe_load(open(sys.argv[1]))
@@ -70,21 +72,23 @@ if len(app_hosts) > 1:
 PY
 )
 if [ -n "$added_app_host" ]; then
-    step deploy-less make --no-print-directory deploy INVENTORY="$SMALLER_INVENTORY"
+    step deploy-less make --no-print-directory deploy INVENTORY="$SMALLER_INVENTORY" DEPLOY_ARGS=-v
 fi
-step deploy make --no-print-directory deploy
+# -v: the secrets step below proves that not even a verbose run prints a key.
+step deploy make --no-print-directory deploy DEPLOY_ARGS=-v
 if [ -n "$added_app_host" ]; then
-    edge_hosts=$(.venv/bin/python -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["all"]["children"]["edge"]["hosts"]))' "$LAB_INVENTORY")
-    # Recap lines of hosts other than the added app host and the edge: all changed=0.
+    # The edge gets a new upstream, the simulator's firewall lets the new app host in; every
+    # other host (the app hosts already there) must report changed=0.
+    edge_hosts=$(.venv/bin/python -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))["all"]["children"]; print(" ".join([*c["edge"]["hosts"], *(c.get("simulator") or {}).get("hosts", {})]))' "$LAB_INVENTORY")
     touched=$(awk -v skip=" $added_app_host $edge_hosts localhost " '/^PLAY RECAP/ {recap = 1; next}
         recap && / changed=/ && index(skip, " " $1 " ") == 0 && $0 !~ / changed=0 / {print $1}' "$LOG_DIR/deploy.log")
     if [ -n "$touched" ]; then
         SUMMARY+=("scale-out    FAILED: adding $added_app_host changed other hosts: $touched")
         exit 1
     fi
-    SUMMARY+=("scale-out    ok: adding $added_app_host changed only it and the edge")
+    SUMMARY+=("scale-out    ok: adding $added_app_host changed only it, the edge and the simulator")
 fi
-step redeploy make --no-print-directory deploy
+step redeploy make --no-print-directory deploy DEPLOY_ARGS=-v
 changed=$(recap_changed "$LOG_DIR/redeploy.log")
 if ! grep -q '^PLAY RECAP' "$LOG_DIR/redeploy.log" || [ "$changed" != 0 ]; then
     SUMMARY+=("idempotence  FAILED: the second deploy reported changed=$changed")
@@ -93,7 +97,7 @@ if ! grep -q '^PLAY RECAP' "$LOG_DIR/redeploy.log" || [ "$changed" != 0 ]; then
     exit 1
 fi
 SUMMARY+=("idempotence  ok: the second deploy reported changed=0")
-step check make --no-print-directory deploy DEPLOY_ARGS="--check --diff"
+step check make --no-print-directory deploy DEPLOY_ARGS="--check --diff -v"
 changed=$(recap_changed "$LOG_DIR/check.log")
 if [ "$changed" != 0 ]; then
     SUMMARY+=("check-diff   FAILED: --check --diff on the provisioned hosts reported changed=$changed")
@@ -106,4 +110,7 @@ if [ -f loadtest/run.py ]; then
 else
     SUMMARY+=("loadtest     skipped: loadtest/run.py does not exist")
 fi
+# Last, once every log has its share (deploys, testinfra, the load test): no key in any of them.
+step secrets env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -p no:cacheprovider \
+    tests/infra/test_secrets_in_logs.py --hosts='ansible://all' --ansible-inventory="$PWD/$LAB_INVENTORY"
 echo "lab_e2e: all steps passed"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import testinfra
 from testinfra.utils.ansible_runner import AnsibleRunner
 
 # testinfra's ansible backend runs `ansible-inventory`: take the one next to this Python
@@ -50,3 +51,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
+
+
+@pytest.fixture(scope="session")
+def inventory_host(request):
+    """Another host of the inventory by name (to look at a host from its neighbours)."""
+    inventory = request.config.option.ansible_inventory
+    cache: dict[str, testinfra.host.Host] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hostvars(host) -> dict:
+    """The inventory variables of the host under test (groups, ansible_host, ...)."""
+    return host.ansible.get_variables()
+
+
+@pytest.fixture(scope="session")
+def client_key(request) -> str | None:
+    """The client key the tests send: STREAMGATE_CLIENT_KEY, else the `client-key` file next to
+    the inventory (the lab writes one); None when neither exists (a gateway without keys)."""
+    if os.environ.get("STREAMGATE_CLIENT_KEY"):
+        return os.environ["STREAMGATE_CLIENT_KEY"]
+    inventory = request.config.option.ansible_inventory
+    key_file = Path(inventory).parent / "client-key" if inventory else None
+    return key_file.read_text().strip() if key_file and key_file.is_file() else None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 
 
 def check_output_as_root(host, command: str) -> str:
@@ -22,3 +25,42 @@ def parse_systemd_timespan(text: str) -> float:
     parts = re.findall(r"([0-9.]+)\s*(us|ms|min|s|h)\b", text)
     assert parts, f"cannot parse timespan {text!r}"
     return sum(float(number) * units[unit] for number, unit in parts)
+
+
+# Run by python3 on a host (or here): one TCP connect, its outcome as one word.
+CONNECT_PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as error:
+    print("unreachable", error)
+"""
+
+
+def connect_from(host, address: str, port: int) -> str:
+    """'open', 'refused' or 'unreachable ...': a TCP connect from `host` to address:port."""
+    result = host.run(f"python3 -c {shlex.quote(CONNECT_PROBE)} {shlex.quote(address)} {port}")
+    assert result.rc == 0, result.stderr
+    return result.stdout.strip()
+
+
+def connect_from_controller(address: str, port: int) -> str:
+    """The same probe from the machine that runs the tests (the lab's controller)."""
+    result = subprocess.run([sys.executable, "-c", CONNECT_PROBE, address, str(port)],
+                            capture_output=True, text=True, timeout=30, check=True)
+    return result.stdout.strip()
+
+
+def private_address(hostvars: dict) -> str:
+    """A host's address on the stack's shared network, as the roles derive it."""
+    return hostvars.get("streamgate_private_address") or hostvars.get("ansible_host") or hostvars["inventory_hostname"]
+
+
+def other_hosts(hostvars: dict, excluded_groups: tuple[str, ...]) -> list[str]:
+    """Inventory hosts in none of `excluded_groups`."""
+    groups = hostvars["groups"]
+    excluded = {name for group in excluded_groups for name in groups.get(group, [])}
+    return sorted({name for name in groups.get("all", []) if name not in excluded})

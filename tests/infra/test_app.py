@@ -6,13 +6,29 @@ import re
 
 import pytest
 
-from infra.helpers import check_output_as_root, parse_systemd_timespan
+from infra.helpers import (
+    check_output_as_root,
+    connect_from,
+    connect_from_controller,
+    other_hosts,
+    parse_systemd_timespan,
+    private_address,
+)
 
 testinfra_hosts = ["ansible://app"]
 
 GATEWAY_PORT = 8000
 MAX_EXPOSURE = 2.0
 EXPOSURE_LINE = re.compile(r"Overall exposure level for streamgate\.service:\s*([0-9.]+)")
+PROXY_ENV_FILE = "/etc/streamgate/proxy.env"
+
+
+@pytest.fixture(scope="module")
+def bind_address(hostvars) -> str:
+    """The only address the gateway may listen on: loopback when this host is the only edge."""
+    if hostvars["groups"]["edge"] == [hostvars["inventory_hostname"]]:
+        return "127.0.0.1"
+    return private_address(hostvars)
 
 
 def test_service_user_has_no_login_shell(host):
@@ -43,6 +59,9 @@ def test_venv_is_not_writable_by_the_service(host):
         ("/etc/streamgate/streamgate.env", "streamgate", "streamgate", 0o600),
         ("/etc/streamgate/gunicorn.conf.py", "root", "streamgate", 0o640),
         ("/etc/systemd/system/streamgate.service", "root", "root", 0o644),
+        (PROXY_ENV_FILE, "root", "root", 0o600),
+        ("/etc/streamgate-firewall", "root", "root", 0o700),
+        ("/etc/streamgate-firewall/gateway.nft", "root", "root", 0o600),
     ],
 )
 def test_file_owner_and_mode(host, path, user, group, mode):
@@ -52,10 +71,10 @@ def test_file_owner_and_mode(host, path, user, group, mode):
         assert (managed.user, managed.group, managed.mode) == (user, group, mode)
 
 
-def test_env_file_points_the_app_at_an_upstream(host):
+def test_env_file_points_the_app_at_an_upstream(host, bind_address):
     env = check_output_as_root(host, "cat /etc/streamgate/streamgate.env")
     assert re.search(r'^STREAMGATE_UPSTREAM_BASE_URL="https?://\S+"$', env, re.MULTILINE), env
-    assert f'STREAMGATE_BIND="0.0.0.0:{GATEWAY_PORT}"' in env
+    assert f'STREAMGATE_BIND="{bind_address}:{GATEWAY_PORT}"' in env
 
 
 def test_gateway_is_running_and_enabled(host):
@@ -64,8 +83,28 @@ def test_gateway_is_running_and_enabled(host):
     assert service.is_enabled
 
 
-def test_gateway_listens_on_its_port(host):
-    assert host.socket(f"tcp://0.0.0.0:{GATEWAY_PORT}").is_listening
+def test_gateway_listens_on_its_private_address_only(host, bind_address):
+    assert host.socket(f"tcp://{bind_address}:{GATEWAY_PORT}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{GATEWAY_PORT}").is_listening
+    assert not host.socket(f"tcp://:::{GATEWAY_PORT}").is_listening
+
+
+def test_firewall_table_guards_the_gateway_port(host):
+    ruleset = check_output_as_root(host, "nft list table inet streamgate_gateway")
+    assert re.search(rf"tcp dport {GATEWAY_PORT} .*reject with tcp reset", ruleset), ruleset
+    assert host.service("streamgate-firewall@gateway").is_enabled
+
+
+def test_only_the_edge_reaches_the_gateway(host, hostvars, bind_address, inventory_host):
+    """Every edge host connects; every other host of the inventory and the controller are refused."""
+    if bind_address == "127.0.0.1":
+        pytest.skip("single host: the gateway listens on loopback only")
+    for edge in hostvars["groups"]["edge"]:
+        assert connect_from(inventory_host(edge), bind_address, GATEWAY_PORT) == "open", edge
+    outsiders = [name for name in other_hosts(hostvars, ("edge",)) if name != hostvars["inventory_hostname"]]
+    for outsider in outsiders:
+        assert connect_from(inventory_host(outsider), bind_address, GATEWAY_PORT) == "refused", outsider
+    assert connect_from_controller(bind_address, GATEWAY_PORT) == "refused"
 
 
 def test_gateway_runs_as_the_service_user(host):
@@ -106,7 +145,32 @@ def test_reload_is_a_hup_to_the_master(host):
 def test_unit_reads_the_env_file_through_the_app(host):
     environment = host.check_output("systemctl show -p Environment --value streamgate")
     assert "STREAMGATE_ENV_FILE=/etc/streamgate/streamgate.env" in environment
-    assert host.check_output("systemctl show -p EnvironmentFiles --value streamgate") == ""
+    assert "PROXY" not in environment.upper(), environment
+    env_files = host.check_output("systemctl show -p EnvironmentFiles --value streamgate")
+    assert env_files.split() == [PROXY_ENV_FILE, "(ignore_errors=no)"], env_files
+
+
+def test_proxy_variables_reach_the_process_intact(host, hostvars):
+    """What the inventory sets arrives byte for byte (a `%` or `$` used to break the unit)."""
+    wanted = hostvars.get("streamgate_proxy_env") or {}
+    if not wanted:
+        pytest.skip("the inventory sets no streamgate_proxy_env")
+    main_pid = host.check_output("systemctl show -p MainPID --value streamgate")
+    environ = check_output_as_root(host, f"cat /proc/{main_pid}/environ | tr '\\0' '\\n'")
+    seen = dict(line.split("=", 1) for line in environ.splitlines() if "=" in line)
+    for name, value in wanted.items():
+        assert seen.get(name) == str(value), name
+    unit_text = host.file("/etc/systemd/system/streamgate.service").content_string
+    assert not any(str(value) in unit_text for value in wanted.values())
+
+
+@pytest.mark.parametrize(
+    ("unit_property", "pattern"),
+    [("MemoryMax", r"^[0-9]+$"), ("TasksMax", r"^[0-9]+$"), ("Wants", r"streamgate-firewall@gateway\.service")],
+)
+def test_unit_resource_bounds_and_firewall(host, unit_property, pattern):
+    value = host.check_output(f"systemctl show -p {unit_property} --value streamgate")
+    assert re.search(pattern, value), (unit_property, value)
 
 
 def test_systemd_security_exposure_is_at_most_two(host):
@@ -117,9 +181,9 @@ def test_systemd_security_exposure_is_at_most_two(host):
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_gateway_answers_health_checks_on_the_host(host, path):
+def test_gateway_answers_health_checks_on_the_host(host, bind_address, path):
     status = host.check_output(
-        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://127.0.0.1:{GATEWAY_PORT}{path}"
+        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{bind_address}:{GATEWAY_PORT}{path}"
     )
     assert status == "200"
 
@@ -131,14 +195,14 @@ def test_timespan_parser(text, seconds):
     assert parse_systemd_timespan(text) == seconds
 
 
-def test_reload_keeps_the_master_and_stays_ready(host):
+def test_reload_keeps_the_master_and_stays_ready(host, bind_address):
     """`systemctl reload` (HUP) replaces the workers under the same master, still ready after."""
     main_pid_before = host.check_output("systemctl show -p MainPID --value streamgate")
     check_output_as_root(host, "systemctl reload streamgate")
     # Bounded: 20 tries, 1 s apart; curl fails fast when nothing answers.
     status = host.check_output(
         "for try in $(seq 20); do "
-        f"code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 2 http://127.0.0.1:{GATEWAY_PORT}/readyz); "
+        f"code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 2 http://{bind_address}:{GATEWAY_PORT}/readyz); "
         '[ "$code" = 200 ] && break; sleep 1; done; echo "$code"'
     )
     assert status == "200"

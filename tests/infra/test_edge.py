@@ -128,14 +128,17 @@ def test_upstream_lists_every_app_host(host, effective_config):
 
 # ---------------------------------------------------------------- streaming through nginx
 
-def probe_on_host(host, path: str, body: dict) -> stream_probe.Trace:
-    """Run the stdlib probe on the edge host against nginx; the trace it saw, rebuilt."""
+def probe_on_host(host, path: str, body: dict, key: str | None) -> stream_probe.Trace:
+    """Run the stdlib probe on the edge host against nginx; the trace it saw, rebuilt.
+
+    `key`: sent as `Authorization: Bearer <key>` (None: no Authorization header)."""
+    auth = ["--header", f"Authorization: Bearer {key}"] if key is not None else []
     command = " ".join(
         shlex.quote(part)
         for part in [
             "python3", "-c", PROBE_SOURCE,
             "--url", f"{EDGE_URL}{path}", "--body", json.dumps(body), "--timeout", "30",
-            "--header", "Accept-Encoding: gzip",
+            "--header", "Accept-Encoding: gzip", *auth,
         ]
     )
     result = host.run(command)
@@ -164,8 +167,8 @@ def verdict(trace: stream_probe.Trace) -> str:
 
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
-def test_tokens_arrive_through_nginx_one_by_one(host, route):
-    trace = probe_on_host(host, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS))
+def test_tokens_arrive_through_nginx_one_by_one(host, route, client_key):
+    trace = probe_on_host(host, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), client_key)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
     assert verdict(trace) == stream_probe.STREAMED, describe(trace)
@@ -174,12 +177,27 @@ def test_tokens_arrive_through_nginx_one_by_one(host, route):
     assert chat.decode(route, whole).content == expected_text(STREAM_TOKENS)
 
 
-def test_negative_control_a_whole_answer_is_judged_buffered(host):
+def test_negative_control_a_whole_answer_is_judged_buffered(host, client_key):
     """The same detector on the non-streamed completion (one JSON body) must say BUFFERED."""
     body = chat.body(chat.OPENAI, max_tokens=STREAM_TOKENS, stream=False)
-    trace = probe_on_host(host, chat.ROUTES[chat.OPENAI], body)
+    trace = probe_on_host(host, chat.ROUTES[chat.OPENAI], body, client_key)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
     answer = json.loads(trace.body)
     assert answer["choices"][0]["message"]["content"] == expected_text(STREAM_TOKENS)
     assert verdict(trace) == stream_probe.BUFFERED, describe(trace)
+
+
+# ---------------------------------------------------------------- client keys
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+@pytest.mark.parametrize("sent", ["no key", "wrong key"])
+def test_chat_routes_refuse_a_request_without_a_valid_key(host, route, sent, client_key):
+    """With keys configured, no key or a wrong one is a 401 in OpenAI's shape, through nginx.
+    (The streaming tests above, with the lab's key, are the control: the key is what differs.)"""
+    if client_key is None:
+        pytest.skip("no client key known: STREAMGATE_CLIENT_KEY or a client-key file next to the inventory")
+    key = None if sent == "no key" else "not-the-key-" + "x" * 32
+    trace = probe_on_host(host, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), key)
+    assert trace.status == 401, (trace.status, trace.body[:300])
+    assert json.loads(trace.body)["error"]["code"], trace.body[:300]

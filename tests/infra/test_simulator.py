@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import re
 
-from infra.helpers import check_output_as_root
+import pytest
+
+from infra.helpers import (
+    check_output_as_root,
+    connect_from,
+    connect_from_controller,
+    other_hosts,
+    private_address,
+)
 
 testinfra_hosts = ["ansible://simulator"]
 
 SIMULATOR_PORT = 8100
 MAX_EXPOSURE = 2.0
+
+
+@pytest.fixture(scope="module")
+def sim_address(hostvars) -> str:
+    """The only address the simulator may listen on: loopback when every app host is this host."""
+    if hostvars["groups"]["app"] == [hostvars["inventory_hostname"]]:
+        return "127.0.0.1"
+    return private_address(hostvars)
 
 
 def test_simulator_is_running_and_enabled(host):
@@ -18,15 +34,42 @@ def test_simulator_is_running_and_enabled(host):
     assert service.is_enabled
 
 
-def test_simulator_listens_on_all_interfaces(host):
-    assert host.socket(f"tcp://0.0.0.0:{SIMULATOR_PORT}").is_listening
+def test_simulator_listens_on_its_private_address_only(host, sim_address):
+    assert host.socket(f"tcp://{sim_address}:{SIMULATOR_PORT}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{SIMULATOR_PORT}").is_listening
 
 
-def test_simulator_answers_health_check(host):
+def test_simulator_answers_health_check(host, sim_address):
     status = host.check_output(
-        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://127.0.0.1:{SIMULATOR_PORT}/healthz"
+        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{sim_address}:{SIMULATOR_PORT}/healthz"
     )
     assert status == "200"
+
+
+def test_firewall_table_guards_the_simulator_port(host):
+    ruleset = check_output_as_root(host, "nft list table inet streamgate_simulator")
+    assert re.search(rf"tcp dport {SIMULATOR_PORT} .*reject with tcp reset", ruleset), ruleset
+
+
+def test_only_the_app_hosts_reach_the_simulator(host, hostvars, sim_address, inventory_host):
+    """Every app host connects; the edge, other hosts and the controller are refused."""
+    if sim_address == "127.0.0.1":
+        pytest.skip("the simulator serves only this host, on loopback")
+    for app in hostvars["groups"]["app"]:
+        assert connect_from(inventory_host(app), sim_address, SIMULATOR_PORT) == "open", app
+    outsiders = [name for name in other_hosts(hostvars, ("app",)) if name != hostvars["inventory_hostname"]]
+    for outsider in outsiders:
+        assert connect_from(inventory_host(outsider), sim_address, SIMULATOR_PORT) == "refused", outsider
+    assert connect_from_controller(sim_address, SIMULATOR_PORT) == "refused"
+
+
+@pytest.mark.parametrize(
+    ("unit_property", "pattern"),
+    [("MemoryMax", r"^[0-9]+$"), ("TasksMax", r"^[0-9]+$"), ("Wants", r"streamgate-firewall@simulator\.service")],
+)
+def test_unit_resource_bounds_and_firewall(host, unit_property, pattern):
+    value = host.check_output(f"systemctl show -p {unit_property} --value streamgate-sim")
+    assert re.search(pattern, value), (unit_property, value)
 
 
 def test_simulator_runs_as_a_dynamic_user(host):

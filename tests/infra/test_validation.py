@@ -18,8 +18,14 @@ import pytest
 ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
 
+# Two client keys of 32+ characters: a good inventory has keys (auth is on by default).
+GOOD_KEYS = [
+    {"name": "web", "key": "k" * 32},
+    {"name": "batch-jobs.v2", "key": "a-second-key-that-is-long-enough-0123"},
+]
 SPLIT_INVENTORY = {
     "all": {
+        "vars": {"streamgate_client_keys": GOOD_KEYS},
         "children": {
             "edge": {"hosts": {"edge1": {"ansible_host": "192.0.2.10"}}},
             "app": {
@@ -34,10 +40,10 @@ SPLIT_INVENTORY = {
 }
 
 
-def run_validation(tmp_path: Path, inventory: dict, extra_vars: dict | None = None):
+def run_validation(tmp_path: Path, inventory: dict, extra_vars: dict | None = None, verbose: bool = False):
     inventory_file = tmp_path / "hosts.json"
     inventory_file.write_text(json.dumps(inventory))
-    command = [str(PLAYBOOK_BIN), "-i", str(inventory_file), "validate.yml"]
+    command = [str(PLAYBOOK_BIN), "-i", str(inventory_file), "validate.yml", *(["-vv"] if verbose else [])]
     if extra_vars:
         command += ["--extra-vars", json.dumps(extra_vars)]
     return subprocess.run(
@@ -69,10 +75,27 @@ def test_good_inventory_passes(tmp_path):
         ({"streamgate_log_level": "loud"}, "value of streamgate_log_level must be one of"),
         ({"streamgate_upstream_transport": "fast"}, "value of streamgate_upstream_transport must be one of"),
         ({"streamgate_proxy_env": "http://proxy:3128"}, "argument 'streamgate_proxy_env' is of type str"),
+        ({"streamgate_proxy_env": {"HTTPS PROXY": "http://proxy:3128"}}, 'streamgate_proxy_env: each name must be an environment variable name'),
+        ({"streamgate_proxy_env": {"HTTPS_PROXY": "http://a\nb"}}, 'streamgate_proxy_env: each name must be'),
+        ({"streamgate_firewall_sources": ["edge.example.org"]}, "streamgate_firewall_sources must list IP addresses or CIDR networks"),
+        ({"streamgate_sim_firewall_sources": "10.0.0.0/8"}, "streamgate_sim_firewall_sources must list IP addresses or CIDR networks"),
         ({"nginx_listen": "everywhere"}, 'nginx_listen must be "PORT" or "ADDRESS:PORT"'),
         ({"nginx_upstream_servers": ["app1"]}, 'each nginx_upstream_servers item must be "HOST:PORT"'),
         ({"nginx_worker_connections": "many"}, "argument 'nginx_worker_connections' is of type str"),
         ({"common_extra_ca_certificates": {"a": 1}}, "argument 'common_extra_ca_certificates' is of type dict"),
+        ({"streamgate_client_keys": []}, "streamgate_client_auth is on (the default) and streamgate_client_keys is empty"),
+        ({"streamgate_client_keys": [{"name": "web", "key": "short-key-31-characters-long-xx"}]},
+         'streamgate_client_keys item 0 ("web"): each item needs a name'),
+        ({"streamgate_client_keys": [{"name": "has space", "key": "k" * 40}]}, "streamgate_client_keys item 0"),
+        ({"streamgate_client_keys": [{"name": "web", "key": "k" * 40}, {"name": "web", "key": "j" * 40}]},
+         "streamgate_client_keys: each name and each key may appear once"),
+        ({"streamgate_client_keys": [{"name": "web", "key": "k" * 40}, {"name": "other", "key": "k" * 40}]},
+         "streamgate_client_keys: each name and each key may appear once"),
+        ({"streamgate_client_keys": [{"name": "web"}]}, "streamgate_client_keys"),
+        ({"streamgate_allowed_models": ["sim"]}, "must list each name once and include streamgate_default_model"),
+        ({"streamgate_max_tokens_limit": 0}, "streamgate_max_tokens_limit (0) and"),
+        ({"streamgate_max_n": -1}, "streamgate_max_n (-1) must be null or a whole"),
+        ({"nginx_worker_connections": 0}, "nginx_worker_connections must be a whole number above 0"),
     ],
 )
 def test_bad_variable_fails_with_a_message_naming_it(tmp_path, extra_vars, expected_message):
@@ -80,6 +103,50 @@ def test_bad_variable_fails_with_a_message_naming_it(tmp_path, extra_vars, expec
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert expected_message in output, output[-3000:]
+
+
+def test_edge_given_by_name_is_refused_for_the_firewall(tmp_path):
+    """The gateway's firewall default is built from the edge hosts' addresses: names cannot go in."""
+    inventory = json.loads(json.dumps(SPLIT_INVENTORY))
+    inventory["all"]["children"]["edge"]["hosts"]["edge1"] = {"ansible_host": "edge1.example.org"}
+    result = run_validation(tmp_path, inventory)
+    assert result.returncode != 0
+    assert "streamgate_firewall_sources must list IP addresses" in result.stdout + result.stderr
+    # ... and its private address (or the firewall's own list) is enough.
+    inventory["all"]["children"]["edge"]["hosts"]["edge1"]["streamgate_private_address"] = "10.0.0.10"
+    assert run_validation(tmp_path, inventory).returncode == 0
+
+
+def test_client_auth_off_needs_no_keys(tmp_path):
+    assert run_validation(tmp_path, SPLIT_INVENTORY,
+                          {"streamgate_client_auth": False, "streamgate_client_keys": []}).returncode == 0
+
+
+def test_policy_that_lists_the_default_model_passes(tmp_path):
+    extra = {"streamgate_allowed_models": ["gpt-4o-mini", "fast=gpt-4o-mini"], "streamgate_max_tokens_limit": 4096,
+             "streamgate_max_n": 2}
+    result = run_validation(tmp_path, SPLIT_INVENTORY, extra)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_client_keys_never_reach_the_output(tmp_path):
+    """Neither a good key (verbose run) nor a refused one is ever printed."""
+    short = "s3cret-but-short"
+    result = run_validation(tmp_path, SPLIT_INVENTORY,
+                            {"streamgate_client_keys": [*GOOD_KEYS, {"name": "x", "key": short}]}, verbose=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for secret in [short, *(client["key"] for client in GOOD_KEYS)]:
+        assert secret not in output
+    # Negative control: the same output does carry what is not secret (the names).
+    assert '"x"' in output
+
+
+def test_proxy_values_never_reach_the_output(tmp_path):
+    secret = "http://user:s3cret-proxy-password@proxy:3128"
+    result = run_validation(tmp_path, SPLIT_INVENTORY, {"streamgate_proxy_env": {"BAD NAME": secret}})
+    assert result.returncode != 0
+    assert "s3cret-proxy-password" not in result.stdout + result.stderr
 
 
 def test_inventory_without_app_hosts_is_refused(tmp_path):

@@ -58,3 +58,31 @@ def test_worker_processes(setting, users, expected, monkeypatch):
 def test_auto_processes_never_exceed_the_cpus(monkeypatch):
     monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
     assert run.worker_processes("auto", 1000) == 2
+
+
+def test_target_is_https_when_the_play_left_its_ca_next_to_the_inventory(tmp_path):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(LAB_INVENTORY)
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    assert run.edge_url(inventory) == "https://10.231.0.10/"
+
+
+def test_client_key_goes_to_locust_through_the_environment_only(tmp_path, monkeypatch):
+    """The key file next to the inventory reaches Locust as STREAMGATE_LOAD_API_KEY, never argv."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(LAB_INVENTORY)
+    (tmp_path / "client-key").write_text("a-lab-client-key-of-more-than-32-chars\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    seen = {}
+
+    def fake_run(command, check, env):
+        seen.update(command=command, env=env)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    monkeypatch.setattr(run, "time", type("T", (), {"strftime": staticmethod(lambda _: "r")}))
+    assert run.main(["--inventory", str(inventory), "--reports-dir", str(tmp_path / "reports")]) == 0
+    assert seen["env"]["STREAMGATE_LOAD_API_KEY"] == "a-lab-client-key-of-more-than-32-chars"
+    assert not any("a-lab-client-key" in part for part in seen["command"])
+    assert ["--ca-file", str(tmp_path / "ca.pem")] == seen["command"][seen["command"].index("--ca-file"):][:2]
+    assert "--host" in seen["command"] and "https://10.231.0.10" in seen["command"]
