@@ -34,19 +34,27 @@ step "Deploying the stack with site.yml"
 make --no-print-directory deploy
 
 EDGE=$("$PY" "${LABCTL[@]}" address edge)
-URL="http://${EDGE}/v1/chat/stream"
+URL="https://${EDGE}/v1/chat/stream"
+# What the lab and the play left next to the inventory: the CA of the edge's certificate and the
+# lab's client key (read by curl from a file, so the key shows in no command line).
+CA=ansible/inventories/lab/ca.pem
+AUTH_HEADER=$(mktemp)
+trap 'rm -f "$AUTH_HEADER"' EXIT
+printf 'Authorization: Bearer %s\n' "$(cat ansible/inventories/lab/client-key)" > "$AUTH_HEADER"
 BODY=$("$PY" -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1], "max_tokens": int(sys.argv[2]), "granularity": "word"}))' \
   "$PROMPT" "$MAX_TOKENS")
 
 step "Streaming an answer through nginx on ${EDGE} (words appear as they arrive)"
 # -N: no curl-side buffering, so what reaches the terminal is what nginx sent, when it sent it.
-curl -sS -N --fail-with-body --max-time 120 -H 'Content-Type: application/json' -d "$BODY" "$URL"
+curl -sS -N --fail-with-body --max-time 120 --cacert "$CA" -H @"$AUTH_HEADER" \
+  -H 'Content-Type: application/json' -d "$BODY" "$URL"
 echo
 
 cat <<EOF
 
 The lab is up.
-  Stream again:  curl -N -H 'Content-Type: application/json' -d '{"prompt": "hello"}' ${URL}
+  Stream again:  curl -N --cacert ${CA} -H "Authorization: Bearer \$(cat ansible/inventories/lab/client-key)" \\
+                   -H 'Content-Type: application/json' -d '{"prompt": "hello"}' ${URL}
   Log in:        ${PY} lab/labctl.py ssh single
                  (same as: ssh -i lab/.state/ssh/id_ed25519 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null lab@${EDGE})
   Inventory:     ansible/inventories/lab/hosts.yml   (make testinfra, make loadtest use it)

@@ -636,6 +636,7 @@ def destroy(purge_images: bool = False) -> None:
     INVENTORY_FILE.unlink(missing_ok=True)
     for generated in LAB_GENERATED_FILES:
         generated.unlink(missing_ok=True)
+    shutil.rmtree(INVENTORY_FILE.parent / "tls", ignore_errors=True)  # the edge certificates
     log("lab destroyed (nothing named sglab-* left)")
 
 

@@ -24,7 +24,9 @@ from infra.helpers import check_output_as_root
 testinfra_hosts = ["ansible://edge"]
 
 PROBE_SOURCE = Path(stream_probe.__file__).read_text()
-EDGE_URL = "http://127.0.0.1:80"
+# HTTPS when the play made the certificate (its CA next to the inventory, copied to the edge for
+# the probe), else the plain HTTP of an edge without TLS.
+HOST_CA_FILE = "/tmp/streamgate-testinfra-ca.pem"
 STREAM_TOKENS = 50
 # The simulator sends a token every 20 ms: 50 tokens span about 1 s.
 MIN_SEPARATE_READS = 40
@@ -128,17 +130,30 @@ def test_upstream_lists_every_app_host(host, effective_config):
 
 # ---------------------------------------------------------------- streaming through nginx
 
-def probe_on_host(host, path: str, body: dict, key: str | None) -> stream_probe.Trace:
+@pytest.fixture(scope="module")
+def edge_url(host, request) -> tuple[str, list[str]]:
+    """(base URL on the edge host, probe options to verify it): https with the inventory's CA."""
+    inventory = request.config.option.ansible_inventory
+    ca = Path(inventory).parent / "ca.pem" if inventory else None
+    if ca is None or not ca.is_file():
+        return "http://127.0.0.1:80", []
+    result = host.run(f"printf %s {shlex.quote(ca.read_text())} > {HOST_CA_FILE}")
+    assert result.rc == 0, result.stderr
+    return "https://127.0.0.1:443", ["--cafile", HOST_CA_FILE]
+
+
+def probe_on_host(host, edge_url, path: str, body: dict, key: str | None) -> stream_probe.Trace:
     """Run the stdlib probe on the edge host against nginx; the trace it saw, rebuilt.
 
     `key`: sent as `Authorization: Bearer <key>` (None: no Authorization header)."""
+    base, tls_options = edge_url
     auth = ["--header", f"Authorization: Bearer {key}"] if key is not None else []
     command = " ".join(
         shlex.quote(part)
         for part in [
             "python3", "-c", PROBE_SOURCE,
-            "--url", f"{EDGE_URL}{path}", "--body", json.dumps(body), "--timeout", "30",
-            "--header", "Accept-Encoding: gzip", *auth,
+            "--url", f"{base}{path}", "--body", json.dumps(body), "--timeout", "30",
+            "--header", "Accept-Encoding: gzip", *auth, *tls_options,
         ]
     )
     result = host.run(command)
@@ -167,8 +182,8 @@ def verdict(trace: stream_probe.Trace) -> str:
 
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
-def test_tokens_arrive_through_nginx_one_by_one(host, route, client_key):
-    trace = probe_on_host(host, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), client_key)
+def test_tokens_arrive_through_nginx_one_by_one(host, edge_url, route, client_key):
+    trace = probe_on_host(host, edge_url, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), client_key)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
     assert verdict(trace) == stream_probe.STREAMED, describe(trace)
@@ -177,10 +192,10 @@ def test_tokens_arrive_through_nginx_one_by_one(host, route, client_key):
     assert chat.decode(route, whole).content == expected_text(STREAM_TOKENS)
 
 
-def test_negative_control_a_whole_answer_is_judged_buffered(host, client_key):
+def test_negative_control_a_whole_answer_is_judged_buffered(host, edge_url, client_key):
     """The same detector on the non-streamed completion (one JSON body) must say BUFFERED."""
     body = chat.body(chat.OPENAI, max_tokens=STREAM_TOKENS, stream=False)
-    trace = probe_on_host(host, chat.ROUTES[chat.OPENAI], body, client_key)
+    trace = probe_on_host(host, edge_url, chat.ROUTES[chat.OPENAI], body, client_key)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
     answer = json.loads(trace.body)
@@ -192,12 +207,12 @@ def test_negative_control_a_whole_answer_is_judged_buffered(host, client_key):
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 @pytest.mark.parametrize("sent", ["no key", "wrong key"])
-def test_chat_routes_refuse_a_request_without_a_valid_key(host, route, sent, client_key):
+def test_chat_routes_refuse_a_request_without_a_valid_key(host, edge_url, route, sent, client_key):
     """With keys configured, no key or a wrong one is a 401 in OpenAI's shape, through nginx.
     (The streaming tests above, with the lab's key, are the control: the key is what differs.)"""
     if client_key is None:
         pytest.skip("no client key known: STREAMGATE_CLIENT_KEY or a client-key file next to the inventory")
     key = None if sent == "no key" else "not-the-key-" + "x" * 32
-    trace = probe_on_host(host, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), key)
+    trace = probe_on_host(host, edge_url, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), key)
     assert trace.status == 401, (trace.status, trace.body[:300])
     assert json.loads(trace.body)["error"]["code"], trace.body[:300]

@@ -1,5 +1,7 @@
 """No log the stack writes shows a secret: the upstream API key or a client key.
 
+Also the private keys the play made for TLS (the CA's, each edge's), by their key material.
+
 Read: the gateway's journal and `systemctl show` on every app host, the simulator's journal,
 every nginx log on the edge hosts, and, when STREAMGATE_E2E_LOG_DIR names the end-to-end run's
 log directory, the output of its `ansible-playbook -v` runs and load test. The secrets are those
@@ -42,6 +44,13 @@ def known_secrets(request) -> dict[str, str]:
         path = Path(inventory).parent / name if inventory else None
         if path and path.is_file() and path.read_text().strip():
             found[name] = path.read_text().strip()
+    # Private keys the play made (the CA's, each edge's): their first line of key material.
+    if inventory:
+        for path in [Path(inventory).parent / "ca-key.pem", *sorted((Path(inventory).parent / "tls").glob("*.key"))]:
+            material = [line for line in path.read_text().splitlines() if line and not line.startswith("-----")] \
+                if path.is_file() else []
+            if material:
+                found[f"private key {path.name}"] = material[0]
     if os.environ.get("STREAMGATE_CLIENT_KEY"):
         found["STREAMGATE_CLIENT_KEY"] = os.environ["STREAMGATE_CLIENT_KEY"]
     if not found:

@@ -96,6 +96,18 @@ def test_good_inventory_passes(tmp_path):
         ({"streamgate_max_tokens_limit": 0}, "streamgate_max_tokens_limit (0) and"),
         ({"streamgate_max_n": -1}, "streamgate_max_n (-1) must be null or a whole"),
         ({"nginx_worker_connections": 0}, "nginx_worker_connections must be a whole number above 0"),
+        ({"nginx_limit_rate_per_key": 0}, "nginx_limit_rate_per_key must be a whole number above 0"),
+        ({"nginx_limit_streams_per_key": 0}, "nginx_limit_streams_per_key must be a whole number above 0"),
+        ({"nginx_limit_burst": 0}, "nginx_limit_burst must be a whole number above 0"),
+        ({"nginx_limit_rate_per_ip_unauthenticated": 0}, "nginx_limit_rate_per_ip_unauthenticated must be a whole number above 0"),
+        ({"nginx_tls_certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"},
+         "nginx_tls_certificate is set without nginx_tls_certificate_key"),
+        ({"nginx_tls_certificate_key_file": "/etc/hostname"},
+         "nginx_tls_certificate_file is set without nginx_tls_certificate_key_file"),
+        ({"nginx_tls_certificate_file": "/nonexistent/fullchain.pem", "nginx_tls_certificate_key_file": "/nonexistent/privkey.pem"},
+         'nginx_tls_certificate_file names "/nonexistent/fullchain.pem", which is not a file'),
+        ({"nginx_tls_certificate": "not a pem", "nginx_tls_certificate_key": "-----BEGIN PRIVATE KEY-----\nx"},
+         "nginx_tls_certificate must be PEM text"),
     ],
 )
 def test_bad_variable_fails_with_a_message_naming_it(tmp_path, extra_vars, expected_message):
@@ -115,6 +127,15 @@ def test_edge_given_by_name_is_refused_for_the_firewall(tmp_path):
     # ... and its private address (or the firewall's own list) is enough.
     inventory["all"]["children"]["edge"]["hosts"]["edge1"]["streamgate_private_address"] = "10.0.0.10"
     assert run_validation(tmp_path, inventory).returncode == 0
+
+
+def test_a_certificate_with_its_key_passes_and_the_key_is_never_printed(tmp_path):
+    key = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END PRIVATE KEY-----"
+    good = {"nginx_tls_certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+            "nginx_tls_certificate_key": key}
+    result = run_validation(tmp_path, SPLIT_INVENTORY, good, verbose=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "c2VjcmV0LWtleS1ieXRlcw" not in result.stdout + result.stderr
 
 
 def test_client_auth_off_needs_no_keys(tmp_path):

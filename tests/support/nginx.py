@@ -99,6 +99,8 @@ def local_variables(workdir: Path, *, listen: str, upstream_servers: list[str],
         __nginx_temp_dir=str(workdir / "temp"),
         __nginx_acme_challenge_root=str(workdir / "acme"),
     )
+    # The role's default is HTTPS; without a test CA these renderings serve plain HTTP.
+    variables.update(nginx_tls=False)
     if pki is not None:
         assert listen_tls, "TLS needs an address for nginx_listen_tls"
         variables.update(

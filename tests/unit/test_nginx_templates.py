@@ -88,8 +88,8 @@ def test_nginx_accepts_the_rendered_config(tmp_path, pki, mode):
     assert "warn" not in completed.stderr, completed.stderr  # e.g. rlimit below connections
 
 
-def test_tls_is_off_by_default_until_the_role_places_certificates():
-    assert nginx.role_variables()["nginx_tls"] is False
+def test_tls_is_on_by_default_now_that_the_role_places_certificates():
+    assert nginx.role_variables()["nginx_tls"] is True
 
 
 @pytest.mark.parametrize("mode", list(TLS_MODES))

@@ -1,0 +1,183 @@
+"""HTTPS at the edge, as deployed: the certificate and its key on the host, a verified handshake
+from the controller with the CA the play wrote next to the inventory, plain HTTP redirecting,
+gixy-ng on the effective config (`nginx -T`), and the per-key limits answering 429 past a burst.
+
+Negative controls: the same handshake without the CA must fail verification; gixy must report
+an `add_header` added to the streaming location of the same dump; a burst under the limit must
+see no 429 (so a limit that refuses everything cannot pass).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from infra.helpers import check_output_as_root
+
+testinfra_hosts = ["ansible://edge"]
+
+GIXY = Path(sys.executable).with_name("gixy")
+CERTIFICATE = "/etc/nginx/streamgate-tls/fullchain.pem"
+PRIVATE_KEY = "/etc/nginx/streamgate-tls/privkey.pem"
+HOST_CA_FILE = "/tmp/streamgate-testinfra-ca.pem"
+
+
+@pytest.fixture(scope="module")
+def ca_file(request) -> Path:
+    inventory = request.config.option.ansible_inventory
+    path = Path(inventory).parent / "ca.pem" if inventory else None
+    if not path or not path.is_file():
+        pytest.skip("no ca.pem next to the inventory (the play writes it when it makes the certificate)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def effective_config(host) -> str:
+    return check_output_as_root(host, "nginx -T 2>/dev/null")
+
+
+@pytest.fixture(scope="module")
+def edge_address(hostvars) -> str:
+    return hostvars.get("ansible_host") or hostvars["inventory_hostname"]
+
+
+@pytest.fixture(scope="module")
+def ca_on_host(host, ca_file) -> str:
+    """The CA, copied to the edge host for the probes that run there (public data)."""
+    result = host.run(f"printf %s {shlex.quote(ca_file.read_text())} > {HOST_CA_FILE}")
+    assert result.rc == 0, result.stderr
+    return HOST_CA_FILE
+
+
+def test_nginx_listens_on_443(host):
+    assert host.socket("tcp://0.0.0.0:443").is_listening
+
+
+@pytest.mark.parametrize(("path", "mode"), [(CERTIFICATE, 0o644), (PRIVATE_KEY, 0o600)])
+def test_certificate_and_key_files(host, path, mode):
+    with host.sudo():
+        placed = host.file(path)
+        assert placed.exists, path
+        assert (placed.user, placed.group, placed.mode) == ("root", "root", mode)
+
+
+def handshake(address: str, context: ssl.SSLContext) -> tuple[str, dict]:
+    with socket.create_connection((address, 443), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=address) as tls:
+        return tls.version(), tls.getpeercert()
+
+
+def test_handshake_from_the_controller_verifies_with_the_ca(edge_address, ca_file):
+    version, certificate = handshake(edge_address, ssl.create_default_context(cafile=str(ca_file)))
+    assert version in ("TLSv1.2", "TLSv1.3")
+    names = [value for _, value in certificate.get("subjectAltName", ())]
+    assert edge_address in names, names
+
+
+def test_negative_control_handshake_without_the_ca_fails(edge_address):
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(edge_address, ssl.create_default_context())
+
+
+def test_plain_http_redirects_to_https(host):
+    answer = host.check_output(
+        "curl -s -o /dev/null -w '%{http_code} %{redirect_url}' --max-time 5 http://127.0.0.1/v1/chat/stream")
+    status, location = answer.split(" ", 1)
+    assert status == "301" and location.startswith("https://"), answer
+
+
+def gixy_findings(dump: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "nginx-T.conf"
+        path.write_text(dump)
+        completed = subprocess.run([str(GIXY), "--format", "json", str(path)],
+                                   capture_output=True, text=True, timeout=120, check=False)
+    try:
+        return json.loads(completed.stdout)
+    except json.JSONDecodeError:
+        pytest.fail(f"gixy did not report (rc {completed.returncode}):\n{completed.stderr[-2000:]}")
+
+
+def test_gixy_finds_nothing_in_the_effective_config(effective_config):
+    assert "ssl_certificate" in effective_config
+    findings = gixy_findings(effective_config)
+    assert findings == [], json.dumps(findings, indent=1)
+
+
+def test_negative_control_gixy_reports_a_header_that_drops_hsts(effective_config):
+    marker = "    location /v1/ {\n"
+    assert marker in effective_config
+    findings = gixy_findings(effective_config.replace(marker, marker + "        add_header X-Probe 1;\n"))
+    assert "add_header_redefinition" in [finding["plugin"] for finding in findings], findings
+
+
+# Runs on the edge (python3, standard library): `count` streams with one key at once over HTTPS,
+# each connected and handshaken first, then all sent together; prints the statuses it got.
+BURST = r"""
+import http.client, json, ssl, sys, threading
+count, key, cafile, tokens = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+context = ssl.create_default_context(cafile=cafile)
+body = json.dumps({"model": "sim", "stream": True, "max_tokens": tokens,
+                   "messages": [{"role": "user", "content": "burst"}]})
+start, statuses, lock = threading.Barrier(count), [], threading.Lock()
+def one():
+    status = "error"
+    try:
+        connection = http.client.HTTPSConnection("127.0.0.1", 443, context=context, timeout=60)
+        connection.connect()
+        start.wait(timeout=60)
+        connection.request("POST", "/v1/chat/completions", body,
+                           {"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+        response = connection.getresponse()
+        status = response.status
+        response.read()
+        connection.close()
+    except Exception as error:
+        status = type(error).__name__
+    with lock:
+        statuses.append(status)
+threads = [threading.Thread(target=one) for _ in range(count)]
+for thread in threads: thread.start()
+for thread in threads: thread.join(timeout=120)
+print(json.dumps(statuses))
+"""
+
+
+def burst(host, count: int, key: str, ca: str, tokens: int = 250) -> list:
+    result = host.run(f"python3 -c {shlex.quote(BURST)} {count} {shlex.quote(key)} {ca} {tokens}")
+    assert result.rc == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def streams_per_key(effective_config) -> int:
+    match = re.search(r"limit_conn streamgate_streams (\d+);", effective_config)
+    assert match, "no limit_conn streamgate_streams in the effective config"
+    return int(match[1])
+
+
+def test_burst_over_the_stream_limit_gets_429_from_the_edge(host, client_key, ca_on_host, streams_per_key):
+    """streams_per_key + 30 streams at once with one key: about 30 answered 429, the rest 200."""
+    if client_key is None:
+        pytest.skip("no client key known")
+    over = 30
+    statuses = burst(host, streams_per_key + over, client_key, ca_on_host)
+    assert statuses.count(429) >= over // 2, sorted(set(map(str, statuses)))
+    assert statuses.count(200) >= streams_per_key - over, sorted(set(map(str, statuses)))
+    assert set(statuses) <= {200, 429}, sorted(set(map(str, statuses)))
+
+
+def test_negative_control_burst_under_the_limit_gets_no_429(host, client_key, ca_on_host, streams_per_key):
+    if client_key is None:
+        pytest.skip("no client key known")
+    statuses = burst(host, streams_per_key * 2 // 3, client_key, ca_on_host)
+    assert statuses == [200] * len(statuses), sorted(set(map(str, statuses)))
