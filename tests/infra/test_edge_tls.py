@@ -1,10 +1,12 @@
 """HTTPS at the edge, as deployed: the certificate and its key on the host, a verified handshake
 from the controller with the CA the play wrote next to the inventory, plain HTTP redirecting,
-gixy-ng on the effective config (`nginx -T`), and the per-key limits answering 429 past a burst.
+gixy-ng on the effective config (`nginx -T`), the per-key limits answering 429 past a burst, and
+a stream over HTTP/2 from the controller arriving token by token.
 
 Negative controls: the same handshake without the CA must fail verification; gixy must report
 an `add_header` added to the streaming location of the same dump; a burst under the limit must
-see no 429 (so a limit that refuses everything cannot pass).
+see no 429 (so a limit that refuses everything cannot pass); a non-streamed answer over the same
+HTTP/2 path must be judged buffered.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from streamgate.simulator.script import expected_text
+from support import chat, h2_probe, stream_probe
 
 from infra.helpers import check_output_as_root
 
@@ -181,3 +185,37 @@ def test_negative_control_burst_under_the_limit_gets_no_429(host, client_key, ca
         pytest.skip("no client key known")
     statuses = burst(host, streams_per_key * 2 // 3, client_key, ca_on_host)
     assert statuses == [200] * len(statuses), sorted(set(map(str, statuses)))
+
+
+# ---------------------------------------------------------------- HTTP/2 from the controller
+
+H2_STREAM_TOKENS = 50
+# The simulator sends a token every 20 ms: 50 tokens span about 1 s (as in test_edge.py).
+H2_MIN_SEPARATE_READS = 40
+H2_MIN_ARRIVAL_SPAN_S = 0.7
+
+
+def h2_trace(edge_address: str, ca_file: Path, client_key: str | None, body: dict):
+    headers = {"Authorization": f"Bearer {client_key}"} if client_key else {}
+    return h2_probe.request(edge_address, 443, chat.ROUTES[chat.OPENAI], body, headers=headers,
+                            tls=ssl.create_default_context(cafile=str(ca_file)), timeout_s=30)
+
+
+def test_tokens_arrive_one_by_one_over_http2(edge_address, ca_file, client_key):
+    trace = h2_trace(edge_address, ca_file, client_key,
+                     chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS))
+    assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    assert stream_probe.streaming_verdict(
+        trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
+    ) == stream_probe.STREAMED, stream_probe.summarize(trace)
+    assert chat.decode(chat.OPENAI, trace).content == expected_text(H2_STREAM_TOKENS)
+
+
+def test_negative_control_a_whole_answer_over_http2_is_judged_buffered(edge_address, ca_file,
+                                                                        client_key):
+    trace = h2_trace(edge_address, ca_file, client_key,
+                     chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS, stream=False))
+    assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    assert stream_probe.streaming_verdict(
+        trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
+    ) == stream_probe.BUFFERED, stream_probe.summarize(trace)

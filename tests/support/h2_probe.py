@@ -9,7 +9,6 @@ WINDOW_UPDATE, HEADERS) carry none and do not count.
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import time
@@ -18,7 +17,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-from support.stream_probe import RECV_SIZE, Read, Trace
+from support.stream_probe import RECV_SIZE, Read, Trace, encode_body
 
 
 class NotHTTP2(Exception):
@@ -38,12 +37,7 @@ def request(
 ) -> Trace:
     """Send one request over HTTP/2 (TLS, ALPN h2) and record how the answer arrives.
     Raises NotHTTP2 when the server does not choose h2. `timeout_s` bounds the exchange."""
-    if body is None:
-        payload = b""
-    elif isinstance(body, bytes | bytearray):
-        payload = bytes(body)
-    else:
-        payload = json.dumps(body).encode("utf-8")
+    payload = encode_body(body)
     tls.set_alpn_protocols(["h2"])
     trace = Trace()
     deadline = time.monotonic() + timeout_s

@@ -144,6 +144,15 @@ def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
     return int(parts[1]), parts[2] if len(parts) > 2 else "", headers
 
 
+def encode_body(body: object | bytes | None) -> bytes:
+    """A request body as sent: bytes as they are, anything else JSON-encoded, None empty."""
+    if body is None:
+        return b""
+    if isinstance(body, bytes | bytearray):
+        return bytes(body)
+    return json.dumps(body).encode("utf-8")
+
+
 def request(
     host: str,
     port: int,
@@ -167,12 +176,7 @@ def request(
     The client hangs up on purpose when `stop_after_s` seconds have passed since sending, or
     when `stop_when(trace)` returns true after a read (the trace's `client_closed` is then set).
     """
-    if body is None:
-        payload = b""
-    elif isinstance(body, bytes | bytearray):
-        payload = bytes(body)
-    else:
-        payload = json.dumps(body).encode("utf-8")
+    payload = encode_body(body)
     head_lines = [
         f"{method} {path} HTTP/1.1",
         f"Host: {host}:{port}",

@@ -206,14 +206,18 @@ def test_ciphers_without_ecdhe_or_with_cbc_are_refused(edge, pki, cipher):
     assert accepts(edge.port, pki, version=ssl.TLSVersion.TLSv1_2, ciphers=cipher) is None
 
 
-def test_no_session_ticket_is_issued(edge, pki):
-    context = tls_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
-    session = handshake(edge.port, context)
+def issues_a_session_ticket(port: int, pki: LocalPKI) -> bool:
+    """One TLS 1.2 request: did the server hand out a session ticket?"""
+    session = handshake(port, tls_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2))
     assert session is not None
     with session:
         session.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         session.recv(4096)
-        assert not session.session.has_ticket
+        return session.session.has_ticket
+
+
+def test_no_session_ticket_is_issued(edge, pki):
+    assert not issues_a_session_ticket(edge.port, pki)
 
 
 @pytest.fixture(scope="module")
@@ -238,13 +242,7 @@ def test_negative_control_a_wide_open_tls_server_fails_the_profile_checks(defaul
     for cipher in WEAK_TLS12:
         assert accepts(default_tls_edge.port, pki, version=ssl.TLSVersion.TLSv1_2,
                        ciphers=cipher) == cipher
-    context = tls_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
-    session = handshake(default_tls_edge.port, context)
-    assert session is not None
-    with session:
-        session.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        session.recv(4096)
-        assert session.session.has_ticket
+    assert issues_a_session_ticket(default_tls_edge.port, pki)
 
 
 # --- plain HTTP and HSTS ------------------------------------------------------------------------
