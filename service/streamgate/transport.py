@@ -110,7 +110,7 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx2.RemoteProtocolError("unexpected upgrade"))
             return
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _UnsolicitedResponse) or self.complete:
+            if self.complete:  # e.g. _UnsolicitedResponse from on_message_begin
                 self.keep_alive = False  # our response is whole; the rest was unsolicited
                 self.abort()
             else:

@@ -172,13 +172,12 @@ def _error_from_sdk(exc: Exception) -> UpstreamError:
     detail = f"{type(cause).__name__}: {cause}"[:1000]
     if isinstance(exc, openai.APITimeoutError) or isinstance(cause, httpx2.TimeoutException):
         return UpstreamError("timeout", 504, "upstream timed out", detail=detail)
-    if isinstance(cause, httpx2.RemoteProtocolError):
-        # The upstream answered, wrongly (bad HTTP, an oversized head): retrying won't mend it.
-        return UpstreamError("protocol", 502, "upstream sent an invalid response", detail=detail)
+    if isinstance(cause, httpx2.RemoteProtocolError):  # bad HTTP, an oversized head
+        return _invalid_response(detail)
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
         return UpstreamError("connect", 502, "upstream unreachable", retryable=True,
                              detail=detail)
-    return UpstreamError("protocol", 502, "upstream sent an invalid response", detail=detail)
+    return _invalid_response(detail)
 
 
 def _upstream_message(body: Any) -> str | None:
@@ -351,8 +350,7 @@ class ChatStream:
             return []
         if not chunk:
             if self._buffer.strip():
-                raise UpstreamError("protocol", 502, "upstream sent an invalid response",
-                                    detail="stream ended mid-event")
+                raise _invalid_response("stream ended mid-event")
             return None
         return self.parse(chunk)
 
@@ -363,12 +361,12 @@ class ChatStream:
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\n\n" not in buffer:
             if len(buffer) > MAX_EVENT_BYTES:
-                raise _event_too_large()
+                raise _invalid_response(f"one event over {MAX_EVENT_BYTES} bytes")
             self._buffer = buffer
             return []
         *complete, self._buffer = buffer.split(b"\n\n")
         if len(self._buffer) > MAX_EVENT_BYTES:
-            raise _event_too_large()
+            raise _invalid_response(f"one event over {MAX_EVENT_BYTES} bytes")
         events: list[dict[str, Any]] = []
         for block in complete:
             payload, event_name = _data_of(block)
@@ -381,8 +379,7 @@ class ChatStream:
             try:
                 event = orjson.loads(payload)
             except orjson.JSONDecodeError as exc:
-                raise UpstreamError("protocol", 502, "upstream sent an invalid response",
-                                    detail="an unparsable chunk") from exc
+                raise _invalid_response("an unparsable chunk") from exc
             if event_name == b"error" or (isinstance(event, dict) and "error" in event):
                 raise UpstreamError("midstream", 502, "upstream error mid-stream",
                                     detail=_midstream_message(event))
@@ -438,9 +435,10 @@ def _data_of(block: bytes) -> tuple[bytes | None, bytes | None]:
     return b"\n".join(data_lines), event_name
 
 
-def _event_too_large() -> UpstreamError:
-    return UpstreamError("protocol", 502, "upstream sent an invalid response",
-                         detail=f"one event over {MAX_EVENT_BYTES} bytes")
+def _invalid_response(detail: str) -> UpstreamError:
+    """The upstream answered, but not in a form we relay (bad HTTP, an oversized or unparsable
+    event): the client reads this, the log the detail. Not retried: retrying won't mend it."""
+    return UpstreamError("protocol", 502, "upstream sent an invalid response", detail=detail)
 
 
 def _midstream_message(event: Any) -> str:
@@ -489,8 +487,7 @@ async def complete_chat(
             parts.append(chunk)
             size += len(chunk)
             if size > MAX_COMPLETION_BYTES:
-                raise UpstreamError("protocol", 502, "upstream sent an invalid response",
-                                    detail=f"completion over {MAX_COMPLETION_BYTES} bytes")
+                raise _invalid_response(f"completion over {MAX_COMPLETION_BYTES} bytes")
     except UpstreamReadTimeout as exc:
         raise UpstreamError("timeout", 504, "upstream timed out",
                             detail="completion not finished in time") from exc

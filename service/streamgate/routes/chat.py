@@ -71,9 +71,6 @@ async def _read_body(receive, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
-_BODY_TIMED_OUT = b"<body timed out>"
-
-
 class _ClientGone(Exception):
     """The client left before its request body arrived: nobody to answer."""
 
@@ -134,27 +131,25 @@ class ChatEndpoint:
                         [(b"www-authenticate", exc.challenge)])
                     return
             try:
-                async with asyncio.timeout(settings.request_body_timeout_s):
-                    body = await _read_body(receive, settings.max_prompt_chars * 6 + 65536)
-            except TimeoutError:
-                body = _BODY_TIMED_OUT
-            try:
-                if body is _BODY_TIMED_OUT:
-                    raise InvalidRequest("request body not received in time", status=408)
+                try:
+                    async with asyncio.timeout(settings.request_body_timeout_s):
+                        body = await _read_body(receive, settings.max_prompt_chars * 6 + 65536)
+                except TimeoutError:
+                    raise InvalidRequest("request body not received in time", status=408) from None
                 if body is None:
                     raise InvalidRequest("request body too large", status=413)
                 request = parse_chat_request(body, settings, self.route)
             except InvalidRequest as exc:
                 outcome.status, outcome.outcome, outcome.error = exc.status, "invalid", exc.message
                 # The rest of a body that timed out may still come: not on this connection.
-                close = [(b"connection", b"close")] if body is _BODY_TIMED_OUT else None
+                close = [(b"connection", b"close")] if exc.status == 408 else None
                 await _send_json(send, exc.status, framing.error_body(
                     exc.message, param=exc.param, code=exc.code), request_id, close)
                 return
             relay = _Relay(self, state, settings, request, request_id, send, outcome, started_at,
                            started_perf)
             run = relay.run_non_stream if self.route == OPENAI and not request.stream else relay.run
-            await _until_disconnect(relay, run, receive, outcome, self.route_label)
+            await _until_disconnect(relay, run, receive)
         except _ClientGone:
             outcome.outcome = "client_disconnect"
         except Exception as exc:
@@ -174,9 +169,10 @@ class ChatEndpoint:
             log_request(scope, request_id, self.route_label, outcome)
 
 
-async def _until_disconnect(relay: _Relay, run, receive, outcome: Outcome,
-                            route_label: str) -> None:
-    """await run(); if the client leaves first, cancel it (closing the upstream) at once."""
+async def _until_disconnect(relay: _Relay, run, receive) -> None:
+    """await run() (one of relay's); if the client leaves first, cancel it (closing the upstream)
+    at once."""
+    outcome = relay.outcome
     task = asyncio.current_task()
     assert task is not None
 
@@ -207,7 +203,7 @@ async def _until_disconnect(relay: _Relay, run, receive, outcome: Outcome,
             raise
         outcome.outcome = "client_disconnect"
         phase = "first_token" if outcome.ttft_s is None else "streaming"
-        metrics.DISCONNECTS.labels(route_label, phase).inc()
+        metrics.DISCONNECTS.labels(relay.endpoint.route_label, phase).inc()
     finally:
         relay.finished = True
         watcher.cancel()
