@@ -50,6 +50,17 @@ def on_starting(server):
         directory = tempfile.mkdtemp(prefix="streamgate-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         server._streamgate_metrics_dir = directory
+    # After the metrics directory is set: prometheus_client picks its mode at import.
+    import_app_code()
+
+
+def import_app_code() -> None:
+    """The app's code, imported once in the master: every worker forked later, on a HUP reload
+    too, serves at once instead of spending about 0.7 s of CPU importing it while the old
+    workers stop accepting (measured through nginx: p99 TTFT across a reload 585 ms, 57 ms at
+    rest). Each worker still builds its app with create_app(), so a reload applies a changed
+    env file; new code needs a restart."""
+    import streamgate.app  # noqa: F401
 
 
 def child_exit(server, worker):

@@ -107,19 +107,20 @@ def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
     return simulator
 
 
-def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2, **settings) -> Service:
+def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2,
+                  gunicorn_conf: Path = GUNICORN_CONF, **settings) -> Service:
     """The gateway as deployed: gunicorn -c service/gunicorn.conf.py with uvicorn-worker.
 
     `settings` are Settings fields (first_token_timeout_s=1 -> STREAMGATE_FIRST_TOKEN_TIMEOUT_S).
     """
     if not GUNICORN_CONF.exists():
         raise FileNotFoundError(f"{GUNICORN_CONF.relative_to(REPO)} is missing: no gateway to test")
-    return on_a_free_port(lambda port: _start_gateway(log_dir, port, upstream, workers, settings))
+    return on_a_free_port(
+        lambda port: _start_gateway(log_dir, port, upstream, workers, gunicorn_conf, settings))
 
 
-def _start_gateway(
-    log_dir: Path, port: int, upstream: Simulator, workers: int, settings: dict
-) -> Service:
+def _start_gateway(log_dir: Path, port: int, upstream: Simulator, workers: int,
+                   gunicorn_conf: Path, settings: dict) -> Service:
     env = clean_environ()
     env.update(
         STREAMGATE_BIND=f"127.0.0.1:{port}",
@@ -129,7 +130,7 @@ def _start_gateway(
         STREAMGATE_LOG_LEVEL="info",
     )
     env.update({f"STREAMGATE_{name.upper()}": str(value) for name, value in settings.items()})
-    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), APP]
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(gunicorn_conf), APP]
     process = ManagedProcess(f"gateway-{port}", argv, log_dir=log_dir, env=env, cwd=REPO)
     process.start()
     gateway = Service(name="gateway", process=process, port=port)
