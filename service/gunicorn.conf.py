@@ -30,6 +30,11 @@ wsgi_app = "streamgate.app:create_app()"
 graceful_timeout = int(_settings.graceful_timeout_s)
 # Longer than nginx's upstream keepalive_timeout (60 s): nginx must close idle connections first.
 keepalive = _settings.keepalive_s
+# Accept queue of each worker's listener (gunicorn's default is 2048). 10,000 streams opened
+# through nginx within half a second overflowed it (~10,000 connection attempts dropped, each
+# retried a second later; nginx gives up connecting after 5 s with a 502); none at 4096. Linux
+# caps it at net.core.somaxconn (4096 since kernel 5.4). bench/held_streams.py measures it.
+backlog = 4096
 # For async workers this is a heartbeat, not a request limit: leave it at gunicorn's default.
 timeout = 30
 loglevel = _settings.log_level
