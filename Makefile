@@ -39,7 +39,7 @@ run: venv ## run the simulator and the gateway on loopback (no root), print a cu
 	$(PY) -m streamgate.devrun --gateway-port $(GATEWAY_PORT) --sim-port $(SIM_PORT)
 
 test-service: venv deps ## service tests: unit, property, wire (real gunicorn, simulator, local nginx)
-	$(PY) -m pytest tests/unit tests/wire bench/test_loadgen.py lab/tests
+	$(PY) -m pytest tests/unit tests/wire bench/test_loadgen.py bench/test_held_streams.py lab/tests
 
 test-load: venv deps ## load-test verdicts and gates, with their negative controls (local processes)
 	$(PY) -m pytest tests/load
@@ -86,6 +86,10 @@ bench-transports: venv deps ## benchmark the gateway's upstream clients via ngin
 .PHONY: bench-tls
 bench-tls: venv deps ## benchmark the HTTPS edge: nginx with TLS beside plain nginx, the nginx CPU TLS adds per chunk (~2 min)
 	$(PY) bench/stream_bench.py --targets sim,nginx,nginx-tls --levels 10,500 $(BENCH_ARGS)
+
+.PHONY: bench-held
+bench-held: venv deps ## benchmark held streams: 10,000 waiting on a 30 s first token via nginx, memory per stream (~1 min)
+	$(PY) bench/held_streams.py $(BENCH_ARGS)
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -3,7 +3,9 @@ time from /proc, stop them by PID."""
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -102,6 +104,79 @@ def tcp_connections(port: int) -> dict[str, set[int]]:
     return found
 
 
+def memory_kib(pid: int) -> dict[str, int]:
+    """Resident (Rss) and proportional (Pss: pages shared with N processes count 1/N) memory of one
+    process, KiB, from /proc/PID/smaps_rollup; {} when it is gone. PSS is what a process costs:
+    nginx workers share their master's pages, gunicorn workers theirs after the fork."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in ("Rss", "Pss"):
+            found[name.lower()] = int(rest.split()[0])
+    return found
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    """(files open now, its soft RLIMIT_NOFILE) of one process; (0, 0) when it is gone."""
+    try:
+        count = len(os.listdir(f"/proc/{pid}/fd"))
+        limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    except OSError:
+        return 0, 0
+    soft = next(line.split()[3] for line in limits if line.startswith("Max open files"))
+    return count, int(soft) if soft.isdigit() else -1
+
+
+def kernel_tcp() -> dict[str, int]:
+    """The kernel's side of the sockets: TCP sockets in use and their buffer memory (KiB), from
+    /proc/net/sockstat; the listen queues' overflows and drops so far (/proc/net/netstat: a
+    backlog too short for the rate of new connections shows here, not as an error); the kernel's
+    slab memory (/proc/meminfo; machine-wide, so other processes move it too)."""
+    found = {}
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            values = dict(zip(fields[::2], (int(v) for v in fields[1::2]), strict=True))
+            found["tcp_inuse"] = values["inuse"]
+            found["tcp_mem_kib"] = values["mem"] * resource.getpagesize() // 1024
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], (int(v) for v in values.split()[1:]), strict=True))
+            found["listen_overflows"] = table.get("ListenOverflows", 0)
+            found["listen_drops"] = table.get("ListenDrops", 0)
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Slab:"):  # socket structures live here, not in any process
+            found["slab_kib"] = int(line.split()[1])
+    return found
+
+
+def http_json(port: int, path: str, timeout_s: float = 5.0) -> dict | None:
+    """GET a small JSON answer on loopback (Connection: close); None when nothing answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+            parts = []
+            for _ in range(1000):  # bounded: a /stats answer is a few KiB
+                data = sock.recv(65536)
+                if not data:
+                    break
+                parts.append(data)
+    except OSError:
+        return None
+    head, _, body = b"".join(parts).partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
 def http_status(port: int, path: str) -> int:
     """Status of a GET on loopback, 0 when nothing answers."""
     try:
@@ -126,6 +201,9 @@ class Service:
     # Where readiness is polled (plain HTTP), when clients use another port (nginx's HTTPS).
     ready_port: int | None = None
     log_dir: Path = Path(".")
+    # Open files (RLIMIT_NOFILE, soft and hard) to start it with, as its systemd unit's
+    # LimitNOFILE gives it; None: inherit ours. Raising the hard limit needs root.
+    nofile: int | None = None
     process: subprocess.Popen | None = None
     pids: list[int] = field(default_factory=list)
 
@@ -138,6 +216,8 @@ class Service:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # The benchmark starts its services before any thread of its own.
+            preexec_fn=None if self.nofile is None else self._set_nofile,  # noqa: PLW1509
         )
         log.close()
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -150,6 +230,22 @@ class Service:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S} s")
+
+    def _set_nofile(self) -> None:
+        """In the child, before exec: its open-files limit (as much of it as we may give)."""
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        except (ValueError, OSError):  # not root: up to our hard limit only
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.nofile, hard), hard))
+
+    def memory_kib(self) -> dict[str, int]:
+        """Rss and Pss summed over the master and its workers (KiB)."""
+        total = {"rss": 0, "pss": 0}
+        for pid in self.refresh_pids():
+            for name, value in memory_kib(pid).items():
+                total[name] += value
+        return total
 
     def refresh_pids(self) -> list[int]:
         """Master and current workers (a worker restarted under load has a new PID)."""
@@ -194,6 +290,7 @@ def render_nginx(
     name: str | None = None,
     tls_port: int | None = None,
     pki=None,
+    overrides: dict | None = None,
 ) -> Path:
     """Render nginx/*.j2 with the role defaults, the same way the wire tests do (their helper),
     overriding only root-only paths and the loopback addresses. Worker count stays the role's
@@ -201,6 +298,7 @@ def render_nginx(
     run). `buffering_fault` applies the wire tests' negative control
     (buffering on, X-Accel-Buffering ignored) so the reads-per-response figure is seen to fail.
     `tls_port` and `pki` (support.tls) render the HTTPS edge (nginx_tls) on `tls_port`.
+    `overrides`: role variables set last (e.g. a limit put back to an old value, to show it bind).
 
     The per-client limits are lifted (the wire tests' LIFTED_LIMITS): the benchmark is hundreds
     of streams from one address with one key, which the role's limits exist to refuse. Their
@@ -228,6 +326,7 @@ def render_nginx(
     ) | LIFTED_LIMITS
     if worker_processes:
         variables["nginx_worker_processes"] = worker_processes
+    variables.update(overrides or {})
     rendered = render(variables)
     if buffering_fault:
         rendered["streamgate.conf"] = break_buffering(rendered["streamgate.conf"])

@@ -248,9 +248,14 @@ def gateway_has_client_keys() -> bool:
     return "client_key_hashes" in Settings.model_fields
 
 
-def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service]:
-    """Only the services the chosen targets need (see needed_services), not started yet."""
+def build_services(
+    args: argparse.Namespace, run_dir: Path,
+    pace: tuple[float, float, int] = (TTFT_MS, GAP_MS, TOKENS),
+) -> dict[str, Service]:
+    """Only the services the chosen targets need (see needed_services), not started yet.
+    `pace`: the simulator's first-token delay and gap (ms) and tokens per answer."""
     needed = needed_services(args.targets)
+    ttft_ms, gap_ms, tokens = pace
     key_env = (
         {"STREAMGATE_CLIENT_KEY_HASHES":
          f"bench:{hashlib.sha256(BENCH_CLIENT_KEY.encode()).hexdigest()}"}
@@ -262,7 +267,7 @@ def build_services(args: argparse.Namespace, run_dir: Path) -> dict[str, Service
         "sim": Service(
             "sim", sim_port,
             [*args.simulator.split(), "--host", "127.0.0.1", "--port", str(sim_port),
-             "--ttft-ms", str(TTFT_MS), "--gap-ms", str(GAP_MS), "--tokens", str(TOKENS)],
+             "--ttft-ms", str(ttft_ms), "--gap-ms", str(gap_ms), "--tokens", str(tokens)],
             log_dir=run_dir,
         )
     }
