@@ -4,7 +4,7 @@ A held stream (a client waiting on a slow first token) costs, on a box that runs
 gateway and an LLM server: two connections in one nginx worker (the client's and the one to the
 gateway), two open files in one gateway worker (from nginx, to the LLM server) and one socket in
 the LLM server (here the simulator). Each per-worker limit must fit every stream, not a share:
-nginx does not spread connections evenly over its workers, `worker_processes auto` and
+nothing makes nginx spread connections evenly over its workers, `worker_processes auto` and
 `STREAMGATE_WORKERS=0` mean one worker on a one-core box, and reuse_port spreads the gateway's
 connections by hash, not by count.
 
