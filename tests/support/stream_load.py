@@ -179,7 +179,8 @@ class StreamLoad:
             # Like every HTTP client, a request that met a reused connection closed before any
             # byte of an answer (the server closed it as idle) is sent again on a new one, once.
             for attempt in range(2):
-                reused = connection is not None and not connection.closed
+                reused = (connection is not None and not connection.closed
+                          and not connection.transport.is_closing())  # e.g. Connection: close
                 try:
                     if not reused:
                         _, connection = await asyncio.wait_for(loop.create_connection(

@@ -1,0 +1,202 @@
+"""Operations on the split lab under load: what each one costs the users, counted per stream.
+
+30 closed-loop streams (3 s each: 150 tokens 20 ms apart) run through the edge (HTTPS, client
+key) while site.yml runs again with a changed setting, then with a new build of the code, and
+while an app host's gateway is killed. Every stream open during an operation is judged whole
+(tests/support/stream_load.py): 0 lost where the README's operations table says 0. The same
+counter must see the loss of the old way (every app host restarted at once).
+
+The simulator is the lab's stand-in for the LLM server, which the kit does not redeploy in
+production: the code upgrades here run with `--limit edge:app`, so the stand-in keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+import uuid
+
+import pytest
+from streamgate.simulator.script import expected_text
+from support.stream_load import StreamLoad, WindowReport
+
+CLIENTS = 30
+TOKENS = 150  # 3 s a stream: a host leaving the pool still has streams open
+REST_S = 5.0  # load before an operation: the "at rest" figures
+AFTER_S = 4.0  # load after it: streams that started during it end inside the window
+TTFT_SPIKE_LIMIT = 2.0
+BODY = json.dumps({"model": "gpt-4o-mini", "stream": True, "max_tokens": TOKENS,
+                   "messages": [{"role": "user", "content": "operations"}]}).encode()
+APP_LIMIT = ["--limit", "edge:app"]
+
+
+@pytest.fixture(scope="module")
+def app_hosts(groups) -> list[str]:
+    hosts = sorted(groups["app"])
+    assert len(hosts) >= 2, "the operations suite needs the split lab (two app hosts)"
+    return hosts
+
+
+def under_load(edge_url: str, load_options: dict, operate) -> tuple[WindowReport, WindowReport,
+                                                                      object]:
+    """(at rest, during the operation, what operate() returned)."""
+    load = StreamLoad(edge_url, BODY, clients=CLIENTS, expected_text=expected_text(TOKENS),
+                      **load_options).start()
+    try:
+        time.sleep(REST_S)
+        started = time.monotonic()
+        returned = operate()
+        ended = time.monotonic()
+        time.sleep(AFTER_S)
+    finally:
+        load.stop()
+    rest = load.report((started - REST_S + 1.0, started - 0.1))
+    during = load.report((started, ended))
+    print(f"at rest: {rest}\nduring: {during}")
+    return rest, during, returned
+
+
+def assert_nothing_lost(rest: WindowReport, during: WindowReport) -> None:
+    assert rest.lost == 0, f"streams lost at rest: {rest}"
+    assert during.streams > CLIENTS, during
+    assert during.lost == 0, f"streams lost during the operation: {during} (at rest: {rest})"
+    assert during.ttft_p99_ms <= TTFT_SPIKE_LIMIT * rest.ttft_p99_ms, (
+        f"p99 TTFT during the operation {during.ttft_p99_ms:.0f} ms, at rest "
+        f"{rest.ttft_p99_ms:.0f} ms")
+
+
+def main_pid(host) -> int:
+    return int(host.check_output("systemctl show -p MainPID --value streamgate.service"))
+
+
+def installed_build(host) -> str:
+    result = host.run("/opt/streamgate/venv/bin/python -c "
+                      "'import streamgate.build_marker as m; print(m.BUILD)'")
+    return result.stdout.strip() if result.rc == 0 else "(none)"
+
+
+def drain_waits(play_output: str, hosts: list[str]) -> dict[str, int]:
+    """Per app host, how many times the play looked again at its open streams after the host
+    left the pool (1+: streams were open when its turn came), from the play's output."""
+    return {host: len(re.findall(rf"^FAILED - RETRYING: \[{re.escape(host)}\]: Wait until the "
+                                 r"streams on this host have ended", play_output, re.MULTILINE))
+            for host in hosts}
+
+
+def test_a_changed_setting_reloads_gateway_and_nginx_without_losing_a_stream(
+        edge_url, load_options, run_site, lab_host, app_hosts):
+    """A gateway setting (HUP of gunicorn) and an nginx variable (nginx reload), in one run;
+    values unlike the last run's, so that the test can run again on the same lab."""
+    word_flush_ms, upstream_keepalive = random.randint(100, 199), random.randint(32, 63)
+    before = {name: main_pid(lab_host(name)) for name in app_hosts}
+    rest, during, play = under_load(edge_url, load_options, lambda: run_site(
+        "setting-change", *APP_LIMIT, "-e", f"streamgate_word_flush_ms={word_flush_ms}",
+        "-e", f"nginx_upstream_keepalive={upstream_keepalive}"))
+    assert "RUNNING HANDLER [app : Reload streamgate]" in play.stdout
+    assert "RUNNING HANDLER [nginx : Reload the nginx service]" in play.stdout
+    assert {name: main_pid(lab_host(name)) for name in app_hosts} == before, "not a reload"
+    assert_nothing_lost(rest, during)
+
+
+def test_a_new_build_rolls_across_the_app_hosts_without_losing_a_stream(
+        edge_url, load_options, run_site, changed_build, lab_host, app_hosts):
+    before = {name: main_pid(lab_host(name)) for name in app_hosts}
+    build = f"rolling-{uuid.uuid4().hex[:8]}"
+    rest, during, play = under_load(edge_url, load_options, lambda: run_site(
+        "rolling-upgrade", *APP_LIMIT, "-v", "-e", f"streamgate_source_dir={changed_build(build)}"))
+    for name in app_hosts:
+        assert installed_build(lab_host(name)) == build, name
+        assert main_pid(lab_host(name)) != before[name], f"{name} was not restarted"
+    waits = drain_waits(play.stdout, app_hosts)
+    assert all(count >= 1 for count in waits.values()), (
+        f"a host had no stream open when it left the pool: {waits}")
+    assert_nothing_lost(rest, during)
+
+
+def test_control_restarting_every_app_host_at_once_loses_streams(
+        edge_url, load_options, run_site, changed_build, lab_host, app_hosts):
+    """The old way (streamgate_rolling_restart false): the counter sees what it cost."""
+    build = f"at-once-{uuid.uuid4().hex[:8]}"
+    _, during, _ = under_load(edge_url, load_options, lambda: run_site(
+        "restart-at-once", *APP_LIMIT, "-e", f"streamgate_source_dir={changed_build(build)}",
+        "-e", "streamgate_rolling_restart=false"))
+    for name in app_hosts:
+        assert installed_build(lab_host(name)) == build, name
+    assert during.lost > 0, during
+
+
+def requests_served(host) -> float:
+    """The gateway's count of chat requests answered since it started (0 while it does not
+    answer), from its /metrics on the address it binds (its env file), asked on the host."""
+    result = host.run("curl -fsS --max-time 5 http://$(sed -n 's/^STREAMGATE_BIND=//p' "
+                      "/etc/streamgate/streamgate.env)/metrics")
+    if result.rc != 0:
+        return 0.0  # not answering (yet)
+    text = result.stdout
+    return sum(float(value) for value in re.findall(
+        r'^streamgate_requests_total\{[^}]*route="completions"[^}]*\} ([0-9.e+]+)$', text,
+        flags=re.MULTILINE))
+
+
+def test_stop_drains_the_streams_of_a_host_and_the_others_take_the_new_ones(
+        edge_url, load_options, lab_host, app_hosts):
+    """`systemctl stop` under load: the streams on the host end whole (gunicorn's graceful stop,
+    which systemd waits for), new streams go to the other host; nothing is lost."""
+    host = lab_host(app_hosts[0])
+
+    def stop_then_start() -> float:
+        started = time.monotonic()
+        host.run_expect([0], "systemctl stop streamgate.service")
+        stopped_after = time.monotonic() - started
+        host.run_expect([0], "systemctl start streamgate.service")
+        return stopped_after
+
+    rest, during, stopped_after = under_load(edge_url, load_options, stop_then_start)
+    # Its open streams (up to 3 s left) were waited for, not cut.
+    assert stopped_after > 1.0, f"stop took {stopped_after:.1f} s: the streams were not drained"
+    assert_nothing_lost(rest, during)
+
+
+def test_a_killed_app_host_fails_only_its_streams_and_rejoins_by_itself(
+        edge_url, load_options, lab_host, app_hosts):
+    """SIGKILL to every process of one host's gateway: its open streams end aborted (never as a
+    clean end), new streams go to the other host at once, and the host is serving again within
+    30 s (systemd restarts it, nginx tries it again after its fail_timeout)."""
+    victim = lab_host(app_hosts[-1])
+    served_before = requests_served(victim)
+    killed_at = {}
+
+    def kill() -> None:
+        killed_at["t"] = time.monotonic()
+        victim.run_expect([0], "systemctl kill --signal=SIGKILL streamgate.service")
+
+    load = StreamLoad(edge_url, BODY, clients=CLIENTS, expected_text=expected_text(TOKENS),
+                      **load_options).start()
+    try:
+        time.sleep(REST_S)
+        kill()
+        deadline = time.monotonic() + 60
+        rejoined_after = None
+        while time.monotonic() < deadline:  # bounded: 60 s
+            time.sleep(2)
+            active = victim.run("systemctl is-active streamgate.service").rc == 0
+            if active and requests_served(victim) > 0:
+                rejoined_after = time.monotonic() - killed_at["t"]
+                break
+        time.sleep(AFTER_S)
+    finally:
+        load.stop()
+    t = killed_at["t"]
+    cut = load.report((t, t + 0.2))
+    later = load.report((t + 1.0, time.monotonic()))
+    later_starts = [r for r in load.results if r.started > t + 1.0]
+    print(f"cut: {cut}\nlater: {later}\nrejoined after {rejoined_after} s")
+    assert set(cut.failed) <= {"aborted"}, f"the killed host's streams must end aborted: {cut}"
+    assert cut.failed.get("aborted", 0) > 0, f"no stream was on the killed host: {cut}"
+    assert all(r.outcome == "completed" for r in later_starts), (
+        f"streams started 1 s after the kill failed: {later}")
+    assert rejoined_after is not None and rejoined_after <= 30, (
+        f"the host did not serve again within 30 s ({rejoined_after}); "
+        f"it had served {served_before} before")
