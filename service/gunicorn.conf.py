@@ -24,6 +24,11 @@ bind = [_settings.bind]
 # idles (keep-alive clients and nginx's upstream pool stay on the worker that accepted them).
 # Linux balances TCP only, so a unix: bind keeps the shared listener.
 reuse_port = not _settings.bind.startswith("unix:")
+# A master started by USR2 (an in-place upgrade) reads its listeners from GUNICORN_FD, but with
+# reuse_port the old master has none and passes "", which gunicorn 27 dies on (int("")). Any
+# number will do: with reuse_port the new master never uses them, each worker binds its own.
+if reuse_port and os.environ.get("GUNICORN_FD") == "":
+    os.environ["GUNICORN_FD"] = "-1"
 wsgi_app = "streamgate.app:create_app()"
 
 # Must cover the longest stream: on stop/reload the arbiter kills what is still open after it.
@@ -73,6 +78,35 @@ def child_exit(server, worker):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    # In-place upgrade (streamgate.upgrade): a master started by USR2 has GUNICORN_PID until its
+    # old master is gone, and systemd must take it as the service's main process before then,
+    # or the old master's exit stops the service, new master included. Its workers say so once
+    # they serve: uvicorn calls the heartbeat first right after its server started. Not in the
+    # master's when_ready: a release whose workers cannot start would be the main process by
+    # then, and its death would take the old, still serving, master down with it.
+    if os.environ.get("GUNICORN_PID"):
+        heartbeat = worker.config.callback_notify
+        announced = False
+
+        async def announce_then_heartbeat():
+            nonlocal announced
+            if not announced:
+                announced = True
+                announce_main_process(worker.ppid, worker.log)
+            await heartbeat()
+
+        worker.config.callback_notify = announce_then_heartbeat
+
+
+def announce_main_process(master_pid: int, log) -> None:
+    """systemd's MAINPID for the unit (a no-op without NOTIFY_SOCKET). The sender is a worker,
+    not the unit's main process: the unit needs NotifyAccess=all."""
+    from gunicorn.systemd import sd_notify
+
+    sd_notify(f"MAINPID={master_pid}\nREADY=1", log)
 
 
 def on_exit(server):

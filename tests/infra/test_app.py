@@ -120,7 +120,7 @@ def test_gateway_runs_as_the_service_user(host):
         ("Type", "notify"),
         ("KillMode", "mixed"),
         ("Restart", "on-failure"),
-        ("NotifyAccess", "main"),
+        ("NotifyAccess", "all"),  # the upgrade's new master is named MAINPID by its workers
     ],
 )
 def test_unit_property(host, unit_property, expected):

@@ -108,19 +108,26 @@ def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
 
 
 def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2,
-                  gunicorn_conf: Path = GUNICORN_CONF, **settings) -> Service:
+                  gunicorn_conf: Path = GUNICORN_CONF, script: bool = False,
+                  port: int | None = None, **settings) -> Service:
     """The gateway as deployed: gunicorn -c service/gunicorn.conf.py with uvicorn-worker.
 
     `settings` are Settings fields (first_token_timeout_s=1 -> STREAMGATE_FIRST_TOKEN_TIMEOUT_S).
+    script=True starts the venv's gunicorn script, as the unit does: a USR2 re-exec runs the
+    master's argv again, and under `python -m gunicorn` that is gunicorn/__main__.py, whose
+    directory then shadows the standard library's `http`. port: that one (a restart in place)
+    instead of a free one.
     """
     if not GUNICORN_CONF.exists():
         raise FileNotFoundError(f"{GUNICORN_CONF.relative_to(REPO)} is missing: no gateway to test")
-    return on_a_free_port(
-        lambda port: _start_gateway(log_dir, port, upstream, workers, gunicorn_conf, settings))
+    if port is not None:
+        return _start_gateway(log_dir, port, upstream, workers, gunicorn_conf, settings, script)
+    return on_a_free_port(lambda free: _start_gateway(
+        log_dir, free, upstream, workers, gunicorn_conf, settings, script))
 
 
 def _start_gateway(log_dir: Path, port: int, upstream: Simulator, workers: int,
-                   gunicorn_conf: Path, settings: dict) -> Service:
+                   gunicorn_conf: Path, settings: dict, script: bool = False) -> Service:
     env = clean_environ()
     env.update(
         STREAMGATE_BIND=f"127.0.0.1:{port}",
@@ -130,7 +137,8 @@ def _start_gateway(log_dir: Path, port: int, upstream: Simulator, workers: int,
         STREAMGATE_LOG_LEVEL="info",
     )
     env.update({f"STREAMGATE_{name.upper()}": str(value) for name, value in settings.items()})
-    argv = [sys.executable, "-m", "gunicorn", "-c", str(gunicorn_conf), APP]
+    launcher = [str(Path(sys.executable).with_name("gunicorn"))] if script else ["-m", "gunicorn"]
+    argv = [sys.executable, *launcher, "-c", str(gunicorn_conf), APP]
     process = ManagedProcess(f"gateway-{port}", argv, log_dir=log_dir, env=env, cwd=REPO)
     process.start()
     gateway = Service(name="gateway", process=process, port=port)
