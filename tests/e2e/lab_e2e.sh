@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lab end to end (what `make test-lab` runs, as root): split lab up, deploy, a second deploy
-# and a --check --diff run that must both report changed=0, testinfra, a short load test, and
-# always teardown.
+# and a --check --diff run that must both report changed=0, testinfra, a short load test, the
+# operations under load, and always teardown.
 # Prints the wall time of each step and a summary; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -109,6 +109,12 @@ if [ -f loadtest/run.py ]; then
     step loadtest make --no-print-directory loadtest LOADTEST_ARGS="$LOADTEST_ARGS"
 else
     SUMMARY+=("loadtest     skipped: loadtest/run.py does not exist")
+fi
+# Operations under load (tests/ops): reloads, a rolling upgrade, stop, a killed host; they change
+# the deployment, so they come after testinfra and the load test. They need two app hosts.
+if [ "$LAB_TOPOLOGY" = split ]; then
+    step operations env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -s -p no:cacheprovider \
+        tests/ops --ansible-inventory="$PWD/$LAB_INVENTORY"
 fi
 # Last, once every log has its share (deploys, testinfra, the load test): no key in any of them.
 step secrets env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -p no:cacheprovider \

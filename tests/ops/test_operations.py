@@ -130,8 +130,9 @@ def test_control_restarting_every_app_host_at_once_loses_streams(
 def requests_served(host) -> float:
     """The gateway's count of chat requests answered since it started (0 while it does not
     answer), from its /metrics on the address it binds (its env file), asked on the host."""
-    result = host.run("curl -fsS --max-time 5 http://$(sed -n 's/^STREAMGATE_BIND=//p' "
-                      "/etc/streamgate/streamgate.env)/metrics")
+    with host.sudo():  # the env file is the service's own (0600)
+        result = host.run("curl -fsS --max-time 5 http://$(sed -n 's/^STREAMGATE_BIND=\"*\\([^\"]*\\)\"*$/\\1/p' "
+                          "/etc/streamgate/streamgate.env)/metrics")
     if result.rc != 0:
         return 0.0  # not answering (yet)
     text = result.stdout
@@ -147,10 +148,11 @@ def test_stop_drains_the_streams_of_a_host_and_the_others_take_the_new_ones(
     host = lab_host(app_hosts[0])
 
     def stop_then_start() -> float:
-        started = time.monotonic()
-        host.run_expect([0], "systemctl stop streamgate.service")
-        stopped_after = time.monotonic() - started
-        host.run_expect([0], "systemctl start streamgate.service")
+        with host.sudo():
+            started = time.monotonic()
+            host.run_expect([0], "systemctl stop streamgate.service")
+            stopped_after = time.monotonic() - started
+            host.run_expect([0], "systemctl start streamgate.service")
         return stopped_after
 
     rest, during, stopped_after = under_load(edge_url, load_options, stop_then_start)
@@ -166,11 +168,13 @@ def test_a_killed_app_host_fails_only_its_streams_and_rejoins_by_itself(
     30 s (systemd restarts it, nginx tries it again after its fail_timeout)."""
     victim = lab_host(app_hosts[-1])
     served_before = requests_served(victim)
+    assert served_before > 0, "the host to kill must have been serving"
     killed_at = {}
 
     def kill() -> None:
-        killed_at["t"] = time.monotonic()
-        victim.run_expect([0], "systemctl kill --signal=SIGKILL streamgate.service")
+        with victim.sudo():
+            killed_at["t"] = time.monotonic()
+            victim.run_expect([0], "systemctl kill --signal=SIGKILL streamgate.service")
 
     load = StreamLoad(edge_url, BODY, clients=CLIENTS, expected_text=expected_text(TOKENS),
                       **load_options).start()
