@@ -158,3 +158,34 @@ def json_body(trace: Trace) -> dict:
     payload = json.loads(trace.body)
     assert isinstance(payload, dict), payload
     return payload
+
+
+# How a 200 stream ended, as the client can tell (see ending()).
+CLEAN_END = "clean end"
+ABORTED = "aborted"
+TERMINATED_EARLY = "terminated without the route's end"
+DONE_WITHOUT_TERMINATOR = "end marker without the terminating chunk"
+
+
+def ending(route: str, trace: Trace, relay: Relay | None = None) -> str:
+    """How a stream ended, from the client's side of the wire.
+
+    CLEAN_END: the terminating zero-length chunk arrived and the route's own end (SSE
+    `event: done`, OpenAI `data: [DONE]`) with no in-band error; plain text has no end marker of
+    its own, so there the terminating chunk alone is a clean end. ABORTED: the connection ended
+    (closed or reset) before the terminating chunk and before any end marker: what a client must
+    see when the server side died mid-stream. TERMINATED_EARLY: the terminating chunk came, the
+    route's end marker did not (or an in-band error did): HTTP calls it finished, the framing
+    says the answer is short. Anything that is not a 200 is named by its status. `relay`:
+    decode(route, trace) when the caller has it already.
+    """
+    if trace.status != 200:
+        return f"status {trace.status}"
+    relay = relay if relay is not None else decode(route, trace)
+    if relay.ended_properly:
+        return CLEAN_END
+    if trace.complete:
+        return TERMINATED_EARLY
+    if relay.done_marker:
+        return DONE_WITHOUT_TERMINATOR
+    return ABORTED

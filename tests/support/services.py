@@ -8,7 +8,9 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.procs import ManagedProcess, on_a_free_port
@@ -31,6 +33,16 @@ def clean_environ() -> dict[str, str]:
     }
 
 
+def sample(scraped: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """One series of a Service.metrics() scrape. A series that is not there fails, naming the
+    series of that name that are: a renamed or unregistered gauge must never read as 0."""
+    key = (name, frozenset(labels.items()))
+    if key not in scraped:
+        present = sorted(str(dict(series)) for metric, series in scraped if metric == name)
+        raise AssertionError(f"/metrics has no series {name} {labels}; of that name: {present}")
+    return scraped[key]
+
+
 @dataclass
 class Service:
     name: str
@@ -51,6 +63,30 @@ class Service:
             text = response.read().decode()
         return {(sample.name, frozenset(sample.labels.items())): sample.value
                 for family in text_string_to_metric_families(text) for sample in family.samples}
+
+    def worker_pids(self) -> list[int]:
+        """The live worker processes of a gunicorn master (children not yet reaped excluded)."""
+        workers = []
+        for child in psutil.Process(self.process.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    workers.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return workers
+
+    def connections_to(self, port: int) -> list[tuple[int, Any]]:
+        """(worker pid, socket) for each TCP socket of this gateway's workers whose peer is
+        127.0.0.1:`port` (e.g. the upstream's): established, and half-closed ones (CLOSE_WAIT:
+        the peer closed, the worker never did)."""
+        found = []
+        for pid in self.worker_pids():
+            try:
+                sockets = psutil.Process(pid).net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                continue
+            found += [(pid, sock) for sock in sockets if sock.raddr and sock.raddr.port == port]
+        return found
 
     def access_record(self, request_id: str) -> dict | None:
         """The gateway's access-log record of the request with this X-Request-ID, once written."""

@@ -588,6 +588,21 @@ def test_a_client_that_goes_away_is_counted_cancelled_at_once(stalling_sim, mode
     assert stats["recent_cancels"][-1]["tokens_sent"] < 20
 
 
+def test_stats_list_each_answer_in_flight_with_its_clients_port(stalling_sim):
+    """Which connection carries which answer: what tells a test which process holds a stream."""
+    sim = stalling_sim
+    host, port = sim.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(_post(b'{"stream": true, "model": "sim-fault-stall-first"}',
+                           b"x-request-id: rid-in-flight\r\n"))
+        _wait_for(lambda: sim.stats.active >= 1, timeout_s=2)
+        listed = httpx.get(sim.url + "/stats").json()["active_streams"]
+        assert {"request_id": "rid-in-flight", "peer_port": sock.getsockname()[1],
+                "tokens_sent": 0} in listed
+    _wait_for(lambda: sim.stats.active == 0, timeout_s=2)
+    assert httpx.get(sim.url + "/stats").json()["active_streams"] == []  # control: gone
+
+
 def test_a_reset_keeps_streams_in_flight_counted(stalling_sim):
     sim = stalling_sim
     host, port = sim.url.removeprefix("http://").rsplit(":", 1)

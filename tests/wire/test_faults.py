@@ -72,14 +72,11 @@ def in_band_events(route: str, trace: stream_probe.Trace) -> list[str]:
     return kinds
 
 
-@pytest.mark.parametrize("route", list(chat.ROUTES))
-@pytest.mark.parametrize(("fault", "status"), list(BEFORE_FIRST_BYTE.items()))
-def test_failure_before_the_first_byte_is_an_http_status_with_a_json_error(
-    fault_gateway, route, fault, status
-):
-    trace = send(fault_gateway, route, fault)
-
-    assert trace.status == status, (trace.status, trace.error, trace.body[:300])
+def check_failed_before_the_first_byte(
+    route: str, fault: str, trace: stream_probe.Trace
+) -> None:
+    """The form of a BEFORE_FIRST_BYTE fault as the client sees it (also used under load)."""
+    assert trace.status == BEFORE_FIRST_BYTE[fault], (trace.status, trace.error, trace.body[:300])
     error = chat.json_body(trace).get("error")
     assert error, trace.body
     if route == chat.OPENAI:  # the shape the openai SDK parses
@@ -89,12 +86,9 @@ def test_failure_before_the_first_byte_is_an_http_status_with_a_json_error(
         assert trace.headers_at_s <= FIRST_TOKEN_TIMEOUT_S + TIMEOUT_LATE_TOLERANCE_S
 
 
-@pytest.mark.parametrize("route", list(chat.ROUTES))
-@pytest.mark.parametrize("fault", MID_STREAM)
-def test_failure_mid_stream_is_reported_in_band_after_the_relayed_text(fault_gateway, route, fault):
-    trace = send(fault_gateway, route, fault)
+def check_failed_in_band(route: str, fault: str, trace: stream_probe.Trace) -> None:
+    """The form of a MID_STREAM fault as the client sees it (also used under load)."""
     relay = chat.decode(route, trace)
-
     assert trace.status == 200, (trace.status, trace.body[:300])
     assert relay.content == expected_text(HALF), relay.content
     assert not relay.ended_properly
@@ -111,6 +105,20 @@ def test_failure_mid_stream_is_reported_in_band_after_the_relayed_text(fault_gat
         silence_s = trace.ended_at_s - relay.deltas[-1].at_s
         assert silence_s >= TOKEN_GAP_TIMEOUT_S - TIMEOUT_EARLY_TOLERANCE_S, silence_s
         assert silence_s <= TOKEN_GAP_TIMEOUT_S + TIMEOUT_LATE_TOLERANCE_S, silence_s
+
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+@pytest.mark.parametrize("fault", list(BEFORE_FIRST_BYTE))
+def test_failure_before_the_first_byte_is_an_http_status_with_a_json_error(
+    fault_gateway, route, fault
+):
+    check_failed_before_the_first_byte(route, fault, send(fault_gateway, route, fault))
+
+
+@pytest.mark.parametrize("route", list(chat.ROUTES))
+@pytest.mark.parametrize("fault", MID_STREAM)
+def test_failure_mid_stream_is_reported_in_band_after_the_relayed_text(fault_gateway, route, fault):
+    check_failed_in_band(route, fault, send(fault_gateway, route, fault))
 
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))

@@ -42,11 +42,15 @@ def stream(service, route: str, **body) -> tuple[stream_probe.Trace, chat.Relay]
 
 
 def value(scraped: dict, name: str, **labels: str) -> float:
-    return scraped.get((name, frozenset(labels.items())), 0.0)
+    """A series' value; a missing series fails (services.sample), it never reads as 0."""
+    return services.sample(scraped, name, **labels)
 
 
 def moved(after: dict, before: dict, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
+    """A counter's increase. A labelled counter appears on first use, so a series absent from
+    a scrape has counted nothing yet (the tests below also assert series that must move)."""
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ Routes
     ``{"started", "completed", "cancelled", "active", "faults": {kind: count}, "peak_active",
     "connections_open", "connections_total", "tokens_sent", "requests_with_request_id",
     "recent_request_ids", "last_cancel_at", "recent_cancels": [{"request_id", "at",
-    "tokens_sent"}], "clock_lag_ms": {"p50", "p99", "max"}, "reset_at", "now"}``.
+    "tokens_sent"}], "active_streams": [{"request_id", "peer_port", "tokens_sent"}],
+    "clock_lag_ms": {"p50", "p99", "max"}, "reset_at", "now"}``.
 
     - ``started == completed + cancelled + active`` always. ``started`` counts chat requests
       that passed validation (a 400 is not started); ``completed`` counts answers written as
@@ -31,6 +32,9 @@ Routes
       ``time.time()`` seconds, comparable across processes on one host.
     - ``recent_request_ids`` / ``recent_cancels`` keep the last 256; only ``X-Request-ID``
       values received are recorded (made-up ones are not).
+    - ``active_streams``: the answers being written now (at most 256), each with its request
+      id (received or made up) and the client's port: a test maps a stream to the process
+      that owns that port (which gateway worker holds it).
     - ``clock_lag_ms``: how late the token clock ran behind schedule (recent callbacks): when
       it is small, late tokens were late elsewhere (client, gateway, CPU contention).
 ``POST /stats/reset``

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import heapq
+import itertools
 import json
 import math
 import os
@@ -252,6 +253,18 @@ class Simulator:
         """/stats: the counters plus how late the token clock has been running."""
         lags = sorted(self.clock.lags_ms)
         snapshot = self.stats.snapshot()
+        # Which client connection (its port) carries which answer right now: a test can tell
+        # which of a gateway's worker processes holds a stream (at most RECENT_LIMIT listed).
+        in_flight = (c for c in self.connections if c.response is not None)
+        snapshot["active_streams"] = [
+            {
+                "request_id": connection.response.request_id,
+                "peer_port": connection.peer_port,
+                "tokens_sent": connection.response.tokens_sent,
+            }
+            for connection in itertools.islice(in_flight, RECENT_LIMIT)
+            if connection.response is not None
+        ]
         snapshot["clock_lag_ms"] = {
             "p50": lags[len(lags) // 2] if lags else 0.0,
             "p99": lags[int(len(lags) * 0.99)] if lags else 0.0,
@@ -596,6 +609,7 @@ class SimProtocol(asyncio.Protocol):
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.transport: asyncio.Transport | None = None
+        self.peer_port: int | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.keep_alive = True
         self.response: ChatResponse | None = None
@@ -629,6 +643,9 @@ class SimProtocol(asyncio.Protocol):
         self.sim.stats.connections_open += 1
         self.sim.stats.connections_total += 1
         self.sim.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer_port = peer[1]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
