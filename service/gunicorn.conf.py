@@ -69,7 +69,7 @@ def import_app_code() -> None:
     too, serves at once instead of spending about 0.7 s of CPU importing it while the old
     workers stop accepting (measured through nginx: p99 TTFT across a reload 585 ms, 57 ms at
     rest). Each worker still builds its app with create_app(), so a reload applies a changed
-    env file; new code needs a restart."""
+    env file; new code needs a new master (a restart, or streamgate-upgrade)."""
     import streamgate.app  # noqa: F401
 
 
