@@ -13,6 +13,8 @@ import json
 import pytest
 from streamgate.simulator.script import expected_text, expected_tokens
 from support import chat, stream_probe
+from support.nginx import LocalNginx, replace_all, require_nginx
+from support.procs import free_port
 
 TOKENS = 10
 HALF = TOKENS // 2
@@ -130,3 +132,42 @@ def test_a_dropped_token_passes_through_as_received(fault_gateway, route):
     tokens = expected_tokens(TOKENS)
     assert trace.status == 200 and relay.ended_properly, (trace.status, trace.error, relay.error)
     assert relay.content == "".join(tokens[:HALF] + tokens[HALF + 1 :]), relay.content
+
+
+# --- nginx's own failures ------------------------------------------------------------------
+
+
+def nothing_listening() -> str:
+    """An address on loopback where nothing listens (the app servers are all down)."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def post_through(proxy: LocalNginx) -> stream_probe.Trace:
+    return stream_probe.request("127.0.0.1", proxy.port, chat.ROUTES[chat.OPENAI],
+                                chat.body(chat.OPENAI), timeout_s=20)
+
+
+def test_nginx_answers_no_reachable_app_with_a_json_error():
+    """No app server takes the request: nginx's own 502 in the API's error form, not HTML."""
+    proxy = LocalNginx([nothing_listening()]).start(require_nginx())
+    try:
+        trace = post_through(proxy)
+    finally:
+        proxy.stop()
+    assert trace.status == 502, trace.status
+    assert trace.headers.get("content-type", "").startswith("application/json"), trace.headers
+    assert json.loads(trace.body)["error"]["code"] == "service_unavailable"
+
+
+def test_control_without_the_error_page_nginx_answers_html():
+    """The check above tells nginx's HTML page from the JSON one."""
+    proxy = LocalNginx([nothing_listening()], site_edits=[
+        lambda site: replace_all(site, "error_page 502 @streamgate_unavailable;",
+                                 "# no JSON error page (negative control)")],
+    ).start(require_nginx())
+    try:
+        trace = post_through(proxy)
+    finally:
+        proxy.stop()
+    assert trace.status == 502
+    assert trace.headers.get("content-type", "").startswith("text/html"), trace.headers

@@ -82,7 +82,9 @@ def all_held_and_complete(outcome: HeldOutcome, peak: int) -> list[str]:
 def test_1000_streams_are_held_through_a_slow_first_token_and_all_complete(slow_first_token):
     outcome, peak, logs = hold(*slow_first_token)
     assert all_held_and_complete(outcome, peak) == [], logs
-    assert min(outcome.ttft_s) >= TTFT_MS / 1000  # held, not answered early
+    # Held, not answered early. The client starts its clock after its write and the simulator
+    # after its read, so a held stream can measure a fraction of a millisecond short (2.9998 s).
+    assert min(outcome.ttft_s) >= TTFT_MS / 1000 - 0.05
 
 
 def test_negative_control_too_few_worker_connections_lose_streams(slow_first_token):
