@@ -44,8 +44,9 @@ test-service: venv deps ## service tests: unit, property, wire (real gunicorn, s
 test-load: venv deps ## load-test verdicts and gates, with their negative controls (local processes)
 	$(PY) -m pytest tests/load
 
-test-lab: venv deps ## (root) split lab end to end: create, deploy, idempotence, testinfra, load, teardown
-	bash tests/e2e/lab_e2e.sh
+test-lab: venv deps ## (root) lab end to end, split then single host: create, deploy, idempotence, testinfra, load, operations, teardown
+	LAB_TOPOLOGY=split bash tests/e2e/lab_e2e.sh
+	LAB_TOPOLOGY=single bash tests/e2e/lab_e2e.sh
 
 test: lint test-service test-load ## everything CI runs: lint first (the lab part needs root; required when CI=true)
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) test-lab; \

@@ -110,12 +110,11 @@ if [ -f loadtest/run.py ]; then
 else
     SUMMARY+=("loadtest     skipped: loadtest/run.py does not exist")
 fi
-# Operations under load (tests/ops): reloads, a rolling upgrade, stop, a killed host; they change
-# the deployment, so they come after testinfra and the load test. They need two app hosts.
-if [ "$LAB_TOPOLOGY" = split ]; then
-    step operations env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -s -p no:cacheprovider \
-        tests/ops --ansible-inventory="$PWD/$LAB_INVENTORY"
-fi
+# Operations under load (tests/ops): reloads, a new build (rolled across the app hosts, or taken
+# over in place on a single host), a stop, a killed host; they change the deployment, so they
+# come after testinfra and the load test.
+step operations env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -s -p no:cacheprovider \
+    tests/ops --ansible-inventory="$PWD/$LAB_INVENTORY"
 # Last, once every log has its share (deploys, testinfra, the load test): no key in any of them.
 step secrets env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -p no:cacheprovider \
     tests/infra/test_secrets_in_logs.py --hosts='ansible://all' --ansible-inventory="$PWD/$LAB_INVENTORY"

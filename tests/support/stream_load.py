@@ -72,6 +72,26 @@ class WindowReport:
                 f"failed {self.failed or 0}, p99 TTFT {p99}")
 
 
+# The promise of every operation (a reload, an upgrade, a drain): no stream lost, and the p99
+# time to first token of the streams open during it within this many times its value at rest.
+TTFT_SPIKE_LIMIT = 2.0
+
+
+def spiked(rest: WindowReport, during: WindowReport) -> bool:
+    return during.ttft_p99_ms > TTFT_SPIKE_LIMIT * rest.ttft_p99_ms
+
+
+def assert_nothing_lost(rest: WindowReport, during: WindowReport, *, min_streams: int) -> None:
+    """At rest and during the operation every stream whole, at least `min_streams` of them
+    during it, and no first-token spike."""
+    assert rest.lost == 0, f"streams lost at rest: {rest}"
+    assert during.streams >= min_streams, f"too few streams during the operation: {during}"
+    assert during.lost == 0, f"streams lost during the operation: {during} (at rest: {rest})"
+    assert not spiked(rest, during), (
+        f"p99 TTFT during the operation {during.ttft_p99_ms:.0f} ms, at rest "
+        f"{rest.ttft_p99_ms:.0f} ms: more than {TTFT_SPIKE_LIMIT}x")
+
+
 def percentile(values: list[float], share: float) -> float | None:
     if not values:
         return None

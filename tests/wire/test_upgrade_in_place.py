@@ -36,7 +36,13 @@ import pytest
 from streamgate.simulator.script import expected_text
 from support import services
 from support.procs import http_status, wait_until
-from support.stream_load import COMPLETED, StreamLoad, StreamResult, WindowReport
+from support.stream_load import (
+    COMPLETED,
+    StreamLoad,
+    StreamResult,
+    WindowReport,
+    assert_nothing_lost,
+)
 from support.systemd_stand_in import SystemdStandIn
 
 UNIT = "streamgate.service"
@@ -44,7 +50,6 @@ CLIENTS = 30
 TOKENS = 50  # 20 ms apart: about 1 s per stream
 SETTLE_S = 3.0  # load running before the operation: the at-rest sample
 AFTER_S = 1.0  # streams starting this long after the old gateway is gone still count
-TTFT_SPIKE_LIMIT = 2.0  # p99 TTFT during / at rest
 UPGRADE_TIMEOUT_S = 30.0
 REFUSED_TIMEOUT_S = 4.0  # the command's bound when systemd never takes the new master
 BODY = json.dumps({"model": "m", "stream": True,
@@ -218,10 +223,8 @@ def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
         gaps_s = (longest_wait_for_a_new_stream(results, usr2_at - SETTLE_S + 0.5, usr2_at - 0.5),
                   longest_wait_for_a_new_stream(results, usr2_at, old_gone_at + AFTER_S))
         summary = figures("upgrade in place (USR2)", rest, during, gaps_s)
-        assert rest.lost == 0, summary
-        assert during.streams >= 2 * CLIENTS, summary
-        assert during.lost == 0, f"streams lost during the upgrade: {summary}"
-        assert during.ttft_p99_ms <= TTFT_SPIKE_LIMIT * rest.ttft_p99_ms, summary
+        print(summary)
+        assert_nothing_lost(rest, during, min_streams=2 * CLIENTS)
 
         # The new code serves: the master that read release-2, and only its workers listen.
         assert release.read_by()[old] == "release-1"
