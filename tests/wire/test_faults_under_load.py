@@ -229,11 +229,15 @@ def assert_nothing_held(gateway, simulator, *, idle_allowed: int) -> None:
 # --- judging a stream ----------------------------------------------------------------------
 
 
+def decoded(stream: Planned) -> tuple[chat.Relay | None, str]:
+    """The stream's events (None unless it was a 200) and how it ended."""
+    relay = chat.decode(stream.route, stream.trace) if stream.trace.status == 200 else None
+    return relay, chat.ending(stream.route, stream.trace, relay)
+
+
 def judge_whole(stream: Planned) -> str | None:
     """None when the stream ended cleanly with exactly the model's text, else why not."""
-    trace = stream.trace
-    relay = chat.decode(stream.route, trace) if trace.status == 200 else None
-    ended = chat.ending(stream.route, trace, relay)
+    relay, ended = decoded(stream)
     if ended != chat.CLEAN_END:
         return f"{stream.describe()}: {ended}"
     if relay.content != expected_text(stream.tokens):
@@ -245,9 +249,7 @@ def judge_whole(stream: Planned) -> str | None:
 
 def judge_aborted(stream: Planned) -> str | None:
     """None when the stream was aborted visibly after relaying a true beginning of the text."""
-    trace = stream.trace
-    relay = chat.decode(stream.route, trace) if trace.status == 200 else None
-    ended = chat.ending(stream.route, trace, relay)
+    relay, ended = decoded(stream)
     if ended != chat.ABORTED:
         return f"{stream.describe()}: {ended}, not aborted"
     content = relay.content
