@@ -64,3 +64,15 @@ def other_hosts(hostvars: dict, excluded_groups: tuple[str, ...]) -> list[str]:
     groups = hostvars["groups"]
     excluded = {name for group in excluded_groups for name in groups.get(group, [])}
     return sorted({name for name in groups.get("all", []) if name not in excluded})
+
+
+def assert_only_group_reaches(hostvars: dict, inventory_host, group: str, address: str,
+                              port: int) -> None:
+    """Every host of `group` connects to address:port; every other host of the inventory (but
+    the one under test) and the controller are refused."""
+    for member in hostvars["groups"][group]:
+        assert connect_from(inventory_host(member), address, port) == "open", member
+    outsiders = [name for name in other_hosts(hostvars, (group,)) if name != hostvars["inventory_hostname"]]
+    for outsider in outsiders:
+        assert connect_from(inventory_host(outsider), address, port) == "refused", outsider
+    assert connect_from_controller(address, port) == "refused"
