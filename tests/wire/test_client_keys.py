@@ -144,6 +144,10 @@ def test_a_removed_key_is_refused_after_a_reload_and_the_others_keep_working(
                    interval_s=0.1, what="new workers without the removed key")
         wait_until(lambda: len(workers_started(gateway)) == 4, timeout_s=20,
                    what="both new workers to start")
+        # New workers start in milliseconds (the master has the code imported): an old one may
+        # still take a connection for a moment, with the old keys, as a reload lets it.
+        wait_until(lambda: len(gateway.worker_pids()) == 2, timeout_s=20,
+                   what="the old workers to exit")
         for _ in range(6):
             assert post(gateway, KEY_WEB).status_code == 401
             assert post(gateway, new_web).status_code == 200
