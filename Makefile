@@ -72,8 +72,9 @@ demo: venv deps ## (root) single-host lab, deploy, then stream an answer through
 loadtest: venv ## headless Locust through nginx (lab edge by default; TARGET=http://... for any deployment)
 	$(PY) loadtest/run.py --inventory $(abspath $(INVENTORY)) $(if $(TARGET),--target $(TARGET)) $(LOADTEST_ARGS)
 
-lint: venv ## ruff, yamllint (every YAML file), ansible-lint (production profile) on ansible/
-	$(VENV)/bin/ruff check service tests loadtest lab bench
+lint: venv ## ruff (every Python folder), mypy (service/), yamllint (every YAML file), ansible-lint (production profile)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/yamllint --strict .
 	cd ansible && PATH="$(abspath $(VENV))/bin:$$PATH" ../$(VENV)/bin/ansible-lint --strict --offline
 
@@ -91,6 +92,10 @@ bench-tls: venv deps ## benchmark the HTTPS edge: nginx with TLS beside plain ng
 .PHONY: bench-held
 bench-held: venv deps ## benchmark held streams: 10,000 waiting on a 30 s first token via nginx, memory per stream (~1 min)
 	$(PY) bench/held_streams.py $(BENCH_ARGS)
+
+.PHONY: settings-docs
+settings-docs: venv ## rewrite the lists of the gateway's settings (README table, app role) from service/streamgate/settings.py
+	$(PY) tools/settings_docs.py
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.config import JsonDict
 
 from .chat_request import MAX_TOKENS, RANGES, ROLES, STREAM_ROUTE_KEYS
 from .settings import Settings
@@ -66,9 +67,9 @@ def _request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel
     model_type: Any = Literal[tuple(allowed)] if allowed else str  # type: ignore[valid-type]
     max_tokens = settings.max_tokens_limit or MAX_TOKENS
     max_n = settings.max_n or RANGES["n"][1]
-    tokens = (int | None, Field(None, ge=1, le=max_tokens))
+    tokens: tuple[Any, Any] = (int | None, Field(None, ge=1, le=max_tokens))
     temperature = (float | None, Field(None, ge=0, le=2))
-    xor = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+    xor: JsonDict = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
     common: dict[str, Any] = {
         "prompt": (str, Field(None, min_length=1, pattern=r"\S",
                               description="a user message; or send messages")),

@@ -16,6 +16,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import overload
 
 import httptools
 import httpx2
@@ -84,7 +85,8 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.got_bytes = False
-        self.waiter: asyncio.Future[None] | None = None
+        # Resolved with None (bytes or the end came), _HANDOFF or _EXPIRED.
+        self.waiter: asyncio.Future[object] | None = None
         self.paused = False
         self.deadline: float | None = None
         # Called with body bytes instead of buffering them while set (see read()).
@@ -224,6 +226,12 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
+    @overload
+    async def read(self, deadline: float | None = None, sink: None = None) -> bytes: ...
+    @overload
+    async def read(
+        self, deadline: float | None, sink: Callable[[bytes], bool] | None
+    ) -> bytes | None: ...
     async def read(
         self, deadline: float | None = None, sink: Callable[[bytes], bool] | None = None
     ) -> bytes | None:

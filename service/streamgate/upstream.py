@@ -313,6 +313,7 @@ class ChatStream:
             return chunk
         # Any other httpx2 transport (tests, custom clients): slower, same semantics, no sink.
         if self._fallback_next is None:
+            assert self._fallback_iter is not None  # set whenever there is no lean stream
             self._fallback_next = asyncio.ensure_future(self._fallback_iter.__anext__())
         timeout = None if deadline is None else max(0.0, deadline - self._loop.time())
         done, _ = await asyncio.wait({self._fallback_next}, timeout=timeout)

@@ -133,12 +133,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_send_timer()  # the client took some bytes meanwhile: slow, not gone
             return
         if self.cycle is not None:
-            self.cycle.scope.setdefault("extensions", {})[SEND_TIMED_OUT] = True
+            # asgiref types every extension as a dict; ours is a flag the route reads.
+            extensions: dict[str, Any] = self.cycle.scope.setdefault("extensions", {})
+            extensions[SEND_TIMED_OUT] = True
         self.transport.abort()  # close() would wait for the client to read the buffer
 
 
 class StreamgateWorker(UvicornWorker):
-    """gunicorn's worker_class (see gunicorn.conf.py): uvloop, httptools, and the deadlines."""
+    """gunicorn's worker_class (see gunicorn_conf.py): uvloop, httptools, and the deadlines."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         **UvicornWorker.CONFIG_KWARGS, "http": GuardedHttpToolsProtocol}
