@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import re
-
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from support.services import sample
 
 from .conftest import stream_body
 
 pytestmark = pytest.mark.anyio
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one series in Prometheus text format (0 when absent)."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
-        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
-            return float(match.group(2))
-    return 0.0
+def scrape(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics text, keyed as services.sample reads them."""
+    return {(series.name, frozenset(series.labels.items())): series.value
+            for family in text_string_to_metric_families(text) for series in family.samples}
+
+
+def families(text: str) -> dict[str, str]:
+    """Metric family name -> type, from the TYPE lines (labelled families with no sample yet)."""
+    return {family.name: family.type for family in text_string_to_metric_families(text)}
 
 
 async def test_metrics_count_requests_tokens_errors_and_latency(make_app, fake_upstream):
@@ -33,8 +34,12 @@ async def test_metrics_count_requests_tokens_errors_and_latency(make_app, fake_u
         await client.post("/v1/chat/stream", json={"prompt": "x"})
         after = (await client.get("/metrics")).text
 
+    scraped_before, scraped_after = scrape(before), scrape(after)
+
     def moved(name, **labels):
-        return sample(after, name, **labels) - sample(before, name, **labels)
+        # A labelled series appears at its first use: absent before counts as 0, never after.
+        key = (name, frozenset(labels.items()))
+        return sample(scraped_after, name, **labels) - scraped_before.get(key, 0.0)
 
     assert moved("streamgate_requests_total", route="stream", status="200") == 1
     assert moved("streamgate_requests_total", route="stream", status="400") == 1
@@ -43,8 +48,12 @@ async def test_metrics_count_requests_tokens_errors_and_latency(make_app, fake_u
     assert moved("streamgate_upstream_errors_total", kind="rate_limited") == 1
     assert moved("streamgate_ttft_seconds_count", route="stream") == 1
     assert moved("streamgate_inter_chunk_gap_seconds_count") == 2
-    assert sample(after, "streamgate_active_streams") == 0
-    assert "streamgate_client_disconnects_total" in after
+    assert sample(scraped_after, "streamgate_active_streams") == 0
+    # No client left early: the family is exported (its TYPE line) and none of its series moved.
+    assert families(after).get("streamgate_client_disconnects") == "counter"
+    disconnects = {key: count for key, count in scraped_after.items()
+                   if key[0] == "streamgate_client_disconnects_total"}
+    assert all(count == scraped_before.get(key, 0.0) for key, count in disconnects.items())
 
 
 async def test_health_and_readiness(make_app, settings):
