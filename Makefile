@@ -93,5 +93,9 @@ bench-tls: venv deps ## benchmark the HTTPS edge: nginx with TLS beside plain ng
 bench-held: venv deps ## benchmark held streams: 10,000 waiting on a 30 s first token via nginx, memory per stream (~1 min)
 	$(PY) bench/held_streams.py $(BENCH_ARGS)
 
+.PHONY: settings-docs
+settings-docs: venv ## rewrite the lists of the gateway's settings (README table, app role) from service/streamgate/settings.py
+	$(PY) tools/settings_docs.py
+
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -28,52 +28,87 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         # A rejected value is never echoed into the error (and so the journal): it may be a key.
         hide_input_in_errors=True,
+        # Each field's docstring is its description: the README's settings table and the app
+        # role's defaults, argument specs, env template and README are written from it
+        # (tools/settings_docs.py).
+        use_attribute_docstrings=True,
     )
 
     upstream_base_url: str | None = None
+    """The LLM server: its OpenAI-compatible base URL (`…/v1`: OpenAI, vLLM, Ollama, llama.cpp,
+    the simulator). Unset: `OPENAI_BASE_URL`, else `https://api.openai.com/v1`."""
     upstream_api_key: SecretStr | None = None
+    """The LLM server's API key (a secret, never logged). Unset: `OPENAI_API_KEY`."""
     default_model: str = "gpt-4o-mini"
+    """Model used when a request names none; must be one of `STREAMGATE_ALLOWED_MODELS` when
+    that is set."""
 
     connect_timeout_s: float = Field(5.0, gt=0)
+    """Seconds to connect to the upstream."""
     first_token_timeout_s: float = Field(60.0, gt=0)
+    """Seconds from the request sent upstream to its first token (then 504)."""
     token_gap_timeout_s: float = Field(30.0, gt=0)
+    """Longest silence between two tokens, in seconds (then an in-band error)."""
     total_timeout_s: float = Field(600.0, gt=0)
+    """Longest whole request, in seconds, sends to a slow client included."""
     upstream_retries: int = Field(1, ge=0, le=5)
-    # lean: the kit's own HTTP/1.1 transport (fast, no proxies); sdk: the SDK's httpx2 transport
-    # (honours HTTP(S)_PROXY, ALL_PROXY, NO_PROXY); auto: sdk only when a proxy applies;
-    # aiohttp: the SDK's aiohttp client (needs the `aiohttp` extra; the role does not install
-    # it: it is there to be measured side by side in bench/).
+    """Retries of an upstream request (0 to 5), only before its first byte."""
     upstream_transport: Literal["auto", "lean", "sdk", "aiohttp"] = "auto"
-    # Ask for stream_options.include_usage upstream; off for servers that reject it (the
-    # usage is then unknown: logs and `event: done` carry null).
+    """Upstream HTTP client. `lean`: the kit's own HTTP/1.1 transport (about a third of `sdk`'s
+    gateway CPU per chunk and half of `aiohttp`'s at 500 streams, see the README's Benchmark), no
+    proxies; `sdk`: the openai SDK's own client, which follows `HTTP(S)_PROXY`, `ALL_PROXY` and
+    `NO_PROXY`; `aiohttp`: the SDK's aiohttp client (the `aiohttp` extra, there to be measured);
+    `auto`: `sdk` only when a proxy applies to the upstream URL. Logged at worker start."""
     upstream_include_usage: bool = True
+    """Ask the upstream for `stream_options.include_usage`; false for servers that reject it
+    (usage is then null in the log and in `event: done`)."""
 
-    # Client-side deadlines (worker.py, routes/chat.py): a request head, then its body, must
-    # arrive within these; a client that accepts no bytes of its answer for send_timeout_s is
-    # cut and its upstream request released.
+    # Client-side deadlines (worker.py, routes/chat.py).
     request_head_timeout_s: float = Field(15.0, gt=0)
+    """Seconds for a client's request head to arrive, from the connection or the request's first
+    byte (then 408, and the connection is closed)."""
     request_body_timeout_s: float = Field(15.0, gt=0)
+    """Seconds for a request's body to arrive after its head (then 408)."""
     send_timeout_s: float = Field(30.0, gt=0)
+    """Seconds a client may take no byte of its answer before it is cut and its upstream request
+    released (logged `send_timeout`)."""
 
-    # Client keys (auth.py): "name:sha256hex,..."; empty: the chat routes ask for no key.
     client_key_hashes: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
                                                                    repr=False)
-    # The request policy (chat_request.py). Models: "name,alias=upstream-model,..."; empty: any.
+    """Client keys as `name:sha256-hex` entries, comma-separated (hashes only, never keys); the
+    chat routes then need `Authorization: Bearer <key>` (401 otherwise). Empty: no key is asked
+    for. A malformed entry stops the start, naming the setting."""
+    # The request policy (chat_request.py).
     allowed_models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
-    # Caps on max_tokens/max_completion_tokens (also sent upstream when a request names neither)
-    # and on n; unset: only OpenAI's own ranges.
+    """Models clients may name: `name` or `alias=upstream-model` entries, comma-separated; any
+    other model is a 403. Must list `STREAMGATE_DEFAULT_MODEL`. Empty: any model."""
     max_tokens_limit: int | None = Field(None, gt=0)
+    """Highest `max_tokens` or `max_completion_tokens` a request may ask for (400 above); sent
+    upstream as `max_tokens` when a request names neither. Unset: no cap."""
     max_n: int | None = Field(None, gt=0)
+    """Highest `n` a request may ask for (400 above). Unset: no cap (OpenAI's own 128)."""
 
     max_prompt_chars: int = Field(32_000, gt=0)
+    """Longest prompt, in characters of text (413 above)."""
     word_flush_ms: int = Field(150, ge=0)
+    """Word granularity: the longest a partial word is held before it is sent, in milliseconds."""
     heartbeat_s: float = Field(15.0, gt=0)
+    """Seconds between SSE `: ping` comments while the first token is slow (keeps proxies from
+    timing out)."""
 
     bind: str = "127.0.0.1:8000"
+    """Address the gateway listens on: TCP `host:port` or `unix:/path`."""
     workers: int = Field(0, ge=0)
+    """gunicorn workers; 0: one per CPU this process may use."""
     graceful_timeout_s: float = Field(630.0, gt=0)
+    """Seconds a stopping or reloaded worker may drain its open streams before it is killed; at
+    least `STREAMGATE_TOTAL_TIMEOUT_S` (the gateway refuses to start otherwise)."""
     keepalive_s: int = Field(75, gt=0)
+    """Seconds an idle client connection is kept open; longer than nginx's upstream keep-alive
+    (60 s), else sporadic 502s."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    """Level of the gateway's and gunicorn's logs: `debug`, `info`, `warning`, `error` or
+    `critical`."""
 
     # The openai SDK's own variables, used only when the STREAMGATE_ ones are unset.
     openai_base_url: str | None = Field(None, validation_alias="OPENAI_BASE_URL", exclude=True)
