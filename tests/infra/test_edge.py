@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from streamgate.simulator.script import expected_text
 from support import chat, stream_probe
+from support.ci import skip_unless_ci
 
 from infra.helpers import check_output_as_root
 
@@ -211,7 +212,7 @@ def test_chat_routes_refuse_a_request_without_a_valid_key(host, edge_url, route,
     """With keys configured, no key or a wrong one is a 401 in OpenAI's shape, through nginx.
     (The streaming tests above, with the lab's key, are the control: the key is what differs.)"""
     if client_key is None:
-        pytest.skip("no client key known: STREAMGATE_CLIENT_KEY or a client-key file next to the inventory")
+        skip_unless_ci("no client key known: STREAMGATE_CLIENT_KEY or a client-key file next to the inventory")
     key = None if sent == "no key" else "not-the-key-" + "x" * 32
     trace = probe_on_host(host, edge_url, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), key)
     assert trace.status == 401, (trace.status, trace.body[:300])

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from streamgate.simulator.script import expected_text
 from support import chat, h2_probe, stream_probe
+from support.ci import skip_unless_ci
 
 from infra.helpers import check_output_as_root
 
@@ -40,7 +41,7 @@ def ca_file(request) -> Path:
     inventory = request.config.option.ansible_inventory
     path = Path(inventory).parent / "ca.pem" if inventory else None
     if not path or not path.is_file():
-        pytest.skip("no ca.pem next to the inventory (the play writes it when it makes the certificate)")
+        skip_unless_ci("no ca.pem next to the inventory (the play writes it when it makes the certificate)")
     return path
 
 
@@ -172,7 +173,7 @@ def streams_per_key(effective_config) -> int:
 def test_burst_over_the_stream_limit_gets_429_from_the_edge(host, client_key, ca_on_host, streams_per_key):
     """streams_per_key + 30 streams at once with one key: about 30 answered 429, the rest 200."""
     if client_key is None:
-        pytest.skip("no client key known")
+        skip_unless_ci("no client key known")
     over = 30
     statuses = burst(host, streams_per_key + over, client_key, ca_on_host)
     assert statuses.count(429) >= over // 2, sorted(set(map(str, statuses)))
@@ -182,7 +183,7 @@ def test_burst_over_the_stream_limit_gets_429_from_the_edge(host, client_key, ca
 
 def test_negative_control_burst_under_the_limit_gets_no_429(host, client_key, ca_on_host, streams_per_key):
     if client_key is None:
-        pytest.skip("no client key known")
+        skip_unless_ci("no client key known")
     statuses = burst(host, streams_per_key * 2 // 3, client_key, ca_on_host)
     assert statuses == [200] * len(statuses), sorted(set(map(str, statuses)))
 

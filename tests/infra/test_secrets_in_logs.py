@@ -20,6 +20,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from support.ci import skip_unless_ci
 from testinfra.utils.ansible_runner import AnsibleRunner
 
 from infra.helpers import check_output_as_root, private_address
@@ -31,7 +32,7 @@ SECRET_FILES = ("client-key", "upstream-key")
 def inventory_groups(request) -> dict[str, list[str]]:
     inventory = request.config.option.ansible_inventory
     if not inventory:
-        pytest.skip("needs --ansible-inventory")
+        skip_unless_ci("needs --ansible-inventory")
     runner = AnsibleRunner(inventory)
     return {group: sorted(runner.get_hosts(group)) for group in ("edge", "app", "simulator")}
 
@@ -54,7 +55,7 @@ def known_secrets(request) -> dict[str, str]:
     if os.environ.get("STREAMGATE_CLIENT_KEY"):
         found["STREAMGATE_CLIENT_KEY"] = os.environ["STREAMGATE_CLIENT_KEY"]
     if not found:
-        pytest.skip("no secrets known (client-key / upstream-key next to the inventory, STREAMGATE_CLIENT_KEY)")
+        skip_unless_ci("no secrets known (client-key / upstream-key next to the inventory, STREAMGATE_CLIENT_KEY)")
     return found
 
 

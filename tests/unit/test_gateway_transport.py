@@ -15,6 +15,7 @@ import pytest
 from streamgate.settings import Settings
 from streamgate.transport import LeanTransport, UpstreamReadTimeout
 from streamgate.upstream import ChatStream, choose_transport, make_client
+from support.ci import skip_unless_ci
 
 pytestmark = pytest.mark.anyio
 
@@ -59,7 +60,7 @@ async def read_all(base_url: str, transport: LeanTransport, deadline_s: float = 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+        skip_unless_ci("openssl not installed")
     directory = tmp_path_factory.mktemp("tls")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
