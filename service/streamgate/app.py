@@ -12,11 +12,12 @@ from starlette.routing import Route
 
 from . import __version__
 from .auth import ClientKeys
+from .formats import CHAT_ROUTES
 from .logs import configure as configure_logs
 from .logs import log_event
 from .openapi import add_chat_routes
 from .routes import health
-from .routes.chat import ROUTES, ChatEndpoint
+from .routes.chat import ChatEndpoint
 from .settings import Settings, get_settings
 from .upstream import choose_transport, make_client
 
@@ -77,8 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.client_keys = ClientKeys(settings.client_key_hashes)  # hashed once per worker
     app.state.upstream_client = None
     app.include_router(health.router)
-    for path, route in ROUTES.items():
+    for route in CHAT_ROUTES:
         # Starlette treats a non-function endpoint as a plain ASGI app: no StreamingResponse.
-        endpoint = app.chat_endpoints[path] = ChatEndpoint(route)
-        app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+        endpoint = app.chat_endpoints[route.path] = ChatEndpoint(route)
+        app.router.routes.append(Route(route.path, endpoint, methods=["POST"]))
     return app

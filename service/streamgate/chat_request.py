@@ -52,10 +52,11 @@ from typing import Any
 
 import orjson
 
+from .formats import OPENAI, SSE, TEXT
 from .settings import Settings
 
-# The output formats, by route (routes/chat.py maps paths to them).
-TEXT, SSE, OPENAI = "text", "sse", "openai"
+__all__ = ["OPENAI", "SSE", "TEXT", "ChatRequest", "InvalidRequest", "parse_chat_request"]
+
 GRANULARITIES = ("token", "word")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # Top-level fields of the two stream routes; any other one is refused there.
@@ -349,7 +350,8 @@ def _load(body: bytes) -> dict[str, Any]:
 
 
 def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatRequest:
-    """Validate a chat body; InvalidRequest says exactly what is wrong."""
+    """Validate a chat body for the format named `route` (formats.py: TEXT, SSE, OPENAI);
+    InvalidRequest says exactly what is wrong."""
     data = _load(body)
     if route != OPENAI:
         for key in data:

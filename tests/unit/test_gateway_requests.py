@@ -20,6 +20,7 @@ from streamgate.chat_request import (
     InvalidRequest,
     parse_chat_request,
 )
+from streamgate.formats import CHAT_ROUTES
 
 pytestmark = pytest.mark.anyio  # coroutine tests run on asyncio via anyio's plugin
 
@@ -530,7 +531,7 @@ def test_any_bytes_parse_or_are_an_invalid_request(settings, raw):
 
 # --- through the app ----------------------------------------------------------------------
 
-ROUTES = ["/v1/chat/stream", "/v1/chat/stream-sse", "/v1/chat/completions"]
+ROUTES = [route.path for route in CHAT_ROUTES]
 
 BAD_INPUTS = [
     # (body, status, words the message must contain)
