@@ -10,8 +10,15 @@ from __future__ import annotations
 import codecs
 import itertools
 import json
+import sys
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# One SSE parser for the tests, the benchmark and the load tests: tests/support/sse.py (standard
+# library only). The load test runs from the repository (run.py, make loadtest), never alone.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from support import sse
 
 # Error kinds: the start of every failure message, so Locust's error table groups by kind.
 HTTP_STATUS = "http status"
@@ -43,7 +50,7 @@ class TextDecoder:
 
 
 class SSEDecoder(TextDecoder):
-    """text/event-stream per WHATWG: `data:` lines joined by newlines, an event ends at a blank line.
+    """text/event-stream, parsed by the WHATWG parser the tests and the benchmark use too.
 
     Subclasses say what an event means (`on_event`); this base treats the data as content.
     """
@@ -52,32 +59,15 @@ class SSEDecoder(TextDecoder):
 
     def __init__(self) -> None:
         super().__init__()
-        self._partial_line = ""
-        self._data_lines: list[str] = []
-        self._event_type = ""
+        self._parser = sse.Parser()
 
     def feed(self, data: bytes) -> tuple[str, int]:
-        lines = (self._partial_line + self._utf8.decode(data)).split("\n")
-        self._partial_line = lines.pop()
         content, units = [], 0
-        for raw_line in lines:
-            line = raw_line.removesuffix("\r")
-            if line == "":
-                if self._data_lines:
-                    text = self.on_event(self._event_type, "\n".join(self._data_lines))
-                    if text:
-                        content.append(text)
-                        units += 1
-                self._data_lines, self._event_type = [], ""
-            elif line.startswith(":"):
-                continue  # comment: heartbeat
-            else:
-                name, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if name == "data":
-                    self._data_lines.append(value)
-                elif name == "event":
-                    self._event_type = value
+        for event in self._parser.feed(data):
+            text = self.on_event(event.event, event.data)
+            if text:
+                content.append(text)
+                units += 1
         return "".join(content), units
 
     def on_event(self, event_type: str, data: str) -> str:

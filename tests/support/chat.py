@@ -86,15 +86,11 @@ def _decode_text(trace: Trace) -> Relay:
 def timed_events(trace: Trace) -> tuple[list[tuple[float, sse.Event]], sse.Stream]:
     """SSE events, each with the time of the read that completed it."""
     timed: list[tuple[float, sse.Event]] = []
-    received = b""
-    stream = sse.Stream()
+    parser = sse.Parser()
     for read in trace.reads:
-        if not read.data:
-            continue
-        received += read.data
-        stream = sse.parse(received.decode("utf-8", "ignore"))
-        timed += [(read.at_s, event) for event in stream.events[len(timed) :]]
-    return timed, stream
+        timed += [(read.at_s, event) for event in parser.feed(read.data)]
+    events = [event for _, event in timed]
+    return timed, sse.Stream(events, parser.comments, parser.unterminated)
 
 
 def _decode_sse(trace: Trace) -> Relay:

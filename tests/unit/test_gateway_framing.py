@@ -1,5 +1,6 @@
 """Framing: any text split into any deltas comes back exactly from the gateway's SSE stream
-(parsed by httpx_sse's spec decoder), and the word coalescer never drops or reorders text."""
+(parsed by the WHATWG parser of support/sse.py), and the word coalescer never drops or
+reorders text."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import re
 import httpx
 import orjson
 import pytest
-from httpx_sse._decoders import SSEDecoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streamgate import framing
+from support import sse
 
 from .conftest import stream_body
 
@@ -26,14 +27,8 @@ deltas_strategy = st.lists(
 )
 
 
-def parse_sse(body: str) -> list:
-    """Events per the WHATWG rules: split lines on CRLF/CR/LF only, feed httpx_sse's decoder."""
-    decoder, events = SSEDecoder(), []
-    for line in _LINE_END.split(body)[:-1]:
-        event = decoder.decode(line)
-        if event is not None:
-            events.append(event)
-    return events
+def parse_sse(body: str) -> list[sse.Event]:
+    return sse.parse(body).events
 
 
 @given(text=st.text(max_size=40))

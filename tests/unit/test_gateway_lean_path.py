@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 
 import orjson
@@ -23,12 +22,12 @@ from streamgate.simulator.script import expected_tokens
 from streamgate.simulator.server import SimulatorThread
 from streamgate.transport import LeanTransport
 from streamgate.upstream import make_client
+from support import sse
 
 from .conftest import bodies, call
 
 pytestmark = pytest.mark.anyio
 TOKENS = 120
-_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +56,7 @@ def lean_app(settings, simulator, transport):
 
 
 def sse_events(text: str) -> list[tuple[str, str]]:
-    events, name, data = [], "message", []
-    for line in _LINE_END.split(text):
-        if not line:
-            if data:
-                events.append((name, "\n".join(data)))
-            name, data = "message", []
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif line.startswith("event:"):
-            name = line[6:].strip()
-    return events
+    return [(event.event, event.data) for event in sse.parse(text).events]
 
 
 def content_of(route: str, text: str) -> str:

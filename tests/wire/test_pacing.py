@@ -50,16 +50,12 @@ def heartbeat_target(request, heartbeat_gateway, nginx_factory):
 
 def pings_before_first_token(trace: stream_probe.Trace) -> list[float]:
     """Arrival times of `: ping` comments that came before any data event."""
-    times = []
-    received = b""
+    times: list[float] = []
+    parser = sse.Parser()
     for read in trace.reads:
-        if not read.data:
-            continue
-        received += read.data
-        parsed = sse.parse(received.decode("utf-8", "ignore"))
-        if parsed.events:
+        if parser.feed(read.data):
             break
-        times += [read.at_s] * (len(parsed.comments) - len(times))
+        times += [read.at_s] * (len(parser.comments) - len(times))
     return times
 
 
