@@ -277,7 +277,7 @@ def build_services(
         port = free_port()
         services[name] = Service(
             name, port,
-            [str(VENV_BIN / "gunicorn"), "-c", "service/gunicorn.conf.py",
+            [str(VENV_BIN / "gunicorn"), "-c", "python:streamgate.gunicorn_conf",
              "streamgate.app:create_app()"],
             env={
                 "STREAMGATE_BIND": f"127.0.0.1:{port}",

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             env["STREAMGATE_UPSTREAM_BASE_URL"] = f"http://{args.host}:{args.sim_port}/v1"
             print(f"simulator: http://{args.host}:{args.sim_port} (pid {simulator.pid})")
         gateway = subprocess.Popen(
-            [str(bin_dir / "gunicorn"), "-c", str(SERVICE_DIR / "gunicorn.conf.py")],
+            [str(bin_dir / "gunicorn"), "-c", "python:streamgate.gunicorn_conf"],
             env=env, cwd=SERVICE_DIR)
         processes.append(gateway)
         base = f"http://{args.host}:{args.gateway_port}"

@@ -1,5 +1,5 @@
 """Prometheus metrics. With several gunicorn workers each worker counts on its own, so
-gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR and /metrics then sums all workers' files."""
+gunicorn_conf.py sets PROMETHEUS_MULTIPROC_DIR and /metrics then sums all workers' files."""
 
 from __future__ import annotations
 

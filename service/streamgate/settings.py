@@ -3,7 +3,7 @@
 Every field is `STREAMGATE_<NAME>` in the environment and in the env file that Ansible templates
 (`STREAMGATE_ENV_FILE`, e.g. /etc/streamgate/streamgate.env). The standard `OPENAI_API_KEY` and
 `OPENAI_BASE_URL` are honoured when the `STREAMGATE_UPSTREAM_*` ones are unset, as the openai SDK
-does. gunicorn.conf.py reads the same class, so the env file is the single source for both.
+does. gunicorn_conf.py reads the same class, so the env file is the single source for both.
 """
 
 from __future__ import annotations

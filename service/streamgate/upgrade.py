@@ -13,7 +13,7 @@ the venv first, then run this as root on the host; it
    SO_REUSEPORT listeners on the same port next to the old workers';
 3. waits, at most --timeout seconds, until the new generation serves: systemd names the new
    master the unit's MainPID (its workers tell systemd once their server has started, see
-   post_worker_init in gunicorn.conf.py; the unit needs NotifyAccess=all), it has live workers
+   post_worker_init in gunicorn_conf.py; the unit needs NotifyAccess=all), it has live workers
    that stayed the same for a second, and /readyz answers 200;
 4. sends TERM to the old master: it stops accepting and drains its open streams (up to
    graceful_timeout) while the new master serves. The command does not wait for that.

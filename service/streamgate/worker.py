@@ -140,7 +140,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 class StreamgateWorker(UvicornWorker):
-    """gunicorn's worker_class (see gunicorn.conf.py): uvloop, httptools, and the deadlines."""
+    """gunicorn's worker_class (see gunicorn_conf.py): uvloop, httptools, and the deadlines."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         **UvicornWorker.CONFIG_KWARGS, "http": GuardedHttpToolsProtocol}

@@ -56,7 +56,6 @@ def test_venv_is_not_writable_by_the_service(host):
     [
         ("/etc/streamgate", "root", "streamgate", 0o750),
         ("/etc/streamgate/streamgate.env", "streamgate", "streamgate", 0o600),
-        ("/etc/streamgate/gunicorn.conf.py", "root", "streamgate", 0o640),
         ("/etc/systemd/system/streamgate.service", "root", "root", 0o644),
         (PROXY_ENV_FILE, "root", "root", 0o600),
         ("/etc/streamgate-firewall", "root", "root", 0o700),
@@ -134,6 +133,15 @@ def test_stop_timeout_outlasts_the_graceful_timeout(host):
 def test_reload_is_a_hup_to_the_master(host):
     exec_reload = host.check_output("systemctl show -p ExecReload --value streamgate")
     assert "/bin/kill" in exec_reload and "-s HUP $MAINPID" in exec_reload
+
+
+def test_gunicorn_runs_the_config_in_the_wheel(host):
+    """The master's command line names the packaged config; no copy of it waits in /etc."""
+    main_pid = host.check_output("systemctl show -p MainPID --value streamgate")
+    argv = check_output_as_root(host, f"cat /proc/{main_pid}/cmdline | tr '\\0' ' '")
+    assert "--config python:streamgate.gunicorn_conf " in argv, argv
+    with host.sudo():
+        assert not host.file("/etc/streamgate/gunicorn.conf.py").exists
 
 
 def test_unit_reads_the_env_file_through_the_app(host):

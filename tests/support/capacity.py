@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import runpy
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 from support import nginx
@@ -24,7 +25,7 @@ from support import nginx
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY_UNIT = REPO / "systemd" / "streamgate.service.j2"
 SIMULATOR_UNIT = REPO / "systemd" / "streamgate-sim.service.j2"
-GUNICORN_CONF = REPO / "service" / "gunicorn.conf.py"
+GUNICORN_CONF = Path(find_spec("streamgate.gunicorn_conf").origin)
 
 # What the deployed defaults must hold on one box (issue 9: reasoning models, tens of seconds to
 # the first token, measured with bench/held_streams.py).

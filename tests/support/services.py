@@ -7,6 +7,7 @@ import os
 import sys
 import urllib.request
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.procs import ManagedProcess, on_a_free_port
 
 REPO = Path(__file__).resolve().parents[2]
-GUNICORN_CONF = REPO / "service" / "gunicorn.conf.py"
+# The gateway's gunicorn config as the unit names it (a module of the package), and its source
+# file, for tests that run it with changes of their own.
+GUNICORN_CONFIG = "python:streamgate.gunicorn_conf"
+GUNICORN_CONF = Path(find_spec("streamgate.gunicorn_conf").origin)
 APP = "streamgate.app:create_app()"
 # A placeholder: the simulator takes any key, and a real-looking one must never leak into logs.
 API_KEY_PLACEHOLDER = "sk-test-placeholder"
@@ -144,9 +148,9 @@ def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
 
 
 def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2,
-                  gunicorn_conf: Path = GUNICORN_CONF, script: bool = False,
+                  gunicorn_conf: Path | str = GUNICORN_CONFIG, script: bool = False,
                   port: int | None = None, **settings) -> Service:
-    """The gateway as deployed: gunicorn -c service/gunicorn.conf.py with uvicorn-worker.
+    """The gateway as deployed: gunicorn -c python:streamgate.gunicorn_conf, uvicorn workers.
 
     `settings` are Settings fields (first_token_timeout_s=1 -> STREAMGATE_FIRST_TOKEN_TIMEOUT_S).
     script=True starts the venv's gunicorn script, as the unit does: a USR2 re-exec runs the
@@ -154,8 +158,6 @@ def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2,
     directory then shadows the standard library's `http`. port: that one (a restart in place)
     instead of a free one.
     """
-    if not GUNICORN_CONF.exists():
-        raise FileNotFoundError(f"{GUNICORN_CONF.relative_to(REPO)} is missing: no gateway to test")
     if port is not None:
         return _start_gateway(log_dir, port, upstream, workers, gunicorn_conf, settings, script)
     return on_a_free_port(lambda free: _start_gateway(
@@ -163,7 +165,7 @@ def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2,
 
 
 def _start_gateway(log_dir: Path, port: int, upstream: Simulator, workers: int,
-                   gunicorn_conf: Path, settings: dict, script: bool = False) -> Service:
+                   gunicorn_conf: Path | str, settings: dict, script: bool = False) -> Service:
     env = clean_environ()
     env.update(
         STREAMGATE_BIND=f"127.0.0.1:{port}",

@@ -18,14 +18,13 @@ import logging
 import os
 import runpy
 import socket
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from streamgate import upgrade
 from support.procs import free_port
+from support.services import GUNICORN_CONF
 
-GUNICORN_CONF = Path(__file__).resolve().parents[2] / "service" / "gunicorn.conf.py"
 MASTER_PID = 4242
 
 

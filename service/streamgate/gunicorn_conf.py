@@ -1,11 +1,15 @@
-"""gunicorn settings for the gateway: `gunicorn -c gunicorn.conf.py` (app from wsgi_app below).
+"""gunicorn settings for the gateway, shipped in the wheel:
+`gunicorn -c python:streamgate.gunicorn_conf` (app from wsgi_app below).
 
 Values come from streamgate.settings (environment + STREAMGATE_ENV_FILE), so the env file that
-Ansible templates is the single source; gunicorn re-reads this file on HUP.
+Ansible templates is the single source. gunicorn loads a `python:` config by importing it, and
+an import runs once per process: forget_this_config() makes every HUP run it again, as it would
+re-read a config file, so a reload applies the env file's workers, timeouts and log level too.
 """
 
 import os
 import shutil
+import sys
 import tempfile
 
 from streamgate.settings import load_settings
@@ -62,6 +66,18 @@ def on_starting(server):
         server._streamgate_metrics_dir = directory
     # After the metrics directory is set: prometheus_client picks its mode at import.
     import_app_code()
+    forget_this_config()
+
+
+def on_reload(server):
+    forget_this_config()
+
+
+def forget_this_config() -> None:
+    """The next load of `python:streamgate.gunicorn_conf` (the next HUP) imports it afresh and
+    reads the settings again; the hooks gunicorn holds stay valid. (Under a file config, as
+    some tests load it, gunicorn runs the file anew each time anyway.)"""
+    sys.modules.pop(__name__, None)
 
 
 def import_app_code() -> None:
