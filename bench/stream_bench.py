@@ -102,10 +102,15 @@ class Target:
 
 
 # One gunicorn per upstream HTTP client measured (STREAMGATE_UPSTREAM_TRANSPORT), by service.
-GATEWAY_TRANSPORTS = {"gateway": "lean", "gateway-sdk": "sdk", "gateway-aiohttp": "aiohttp"}
+GATEWAY_TRANSPORTS = {"gateway": "lean", "gateway-plain": "lean", "gateway-sdk": "sdk",
+                      "gateway-aiohttp": "aiohttp"}
+# Gateways that run another app than the product's: gateway-plain sends every chunk from its
+# relay task, no callback send (bench/plain_send_app.py), to measure what that path saves.
+GATEWAY_APPS = {"gateway-plain": "bench.plain_send_app:create_app()"}
 # The gateway each nginx proxies to.
 NGINX_UPSTREAMS = {
     "nginx": "gateway",
+    "nginx-plain": "gateway-plain",
     "nginx-tls": "gateway",
     "nginx-buffered": "gateway",
     "nginx-sdk": "gateway-sdk",
@@ -120,6 +125,15 @@ TARGETS = {
     ),
     "nginx": Target(
         "nginx", "(c) nginx -> gateway", "nginx", "/v1/chat/stream", False, "gateway", ("nginx",)
+    ),
+    # The gateway with every chunk sent by its relay task (a plain `await send`).
+    "gateway-plain": Target(
+        "gateway-plain", "(b) gateway direct [plain send]", "gateway-plain", "/v1/chat/stream",
+        False, "gateway-plain",
+    ),
+    "nginx-plain": Target(
+        "nginx-plain", "(c) nginx -> gateway [plain send]", "nginx-plain", "/v1/chat/stream",
+        False, "gateway-plain", ("nginx-plain",),
     ),
     # The same gateway behind the HTTPS edge (nginx_tls on; HTTP/1.1 over TLS from the client).
     "nginx-tls": Target(
@@ -278,7 +292,7 @@ def build_services(
         services[name] = Service(
             name, port,
             [str(VENV_BIN / "gunicorn"), "-c", "python:streamgate.gunicorn_conf",
-             "streamgate.app:create_app()"],
+             GATEWAY_APPS.get(name, "streamgate.app:create_app()")],
             env={
                 "STREAMGATE_BIND": f"127.0.0.1:{port}",
                 "STREAMGATE_WORKERS": str(args.gateway_workers),
@@ -551,7 +565,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
     measured = {row["target"] for row in rows}
     relays = [
         name
-        for suffix in ("", *(f"-{t}" for t in COMPARED_TRANSPORTS))
+        for suffix in ("", "-plain", *(f"-{t}" for t in COMPARED_TRANSPORTS))
         for name in (f"gateway{suffix}", f"nginx{suffix}")
         if not suffix or name in measured
     ]

@@ -8,6 +8,7 @@ import socket
 import pytest
 from stack import tcp_connections
 from stream_bench import (
+    GATEWAY_APPS,
     GATEWAY_TRANSPORTS,
     TARGETS,
     comparison_lines,
@@ -40,8 +41,10 @@ def test_every_gateway_target_is_costed_on_the_gateway_of_its_transport():
         if name.startswith(("gateway", "nginx")):
             assert target.relay in GATEWAY_TRANSPORTS
             suffix = name.partition("-")[2]
-            expected = "lean" if suffix in ("", "buffered", "tls") else suffix
+            expected = "lean" if suffix in ("", "buffered", "tls", "plain") else suffix
             assert GATEWAY_TRANSPORTS[target.relay] == expected
+            # Only the plain-send targets run another app than the product's.
+            assert (target.relay in GATEWAY_APPS) == (suffix == "plain")
 
 
 def test_unknown_target_is_refused():
