@@ -1,14 +1,16 @@
 """Every role documents each of its variables once, with the value it has.
 
 For each role under ansible/roles: every variable of defaults/main.yml is typed in
-meta/argument_specs.yml (and nothing else is), with the same default unless the default is a
-Jinja expression (argument_specs then says in words what it becomes); the README's Role Variables
-section shows each variable as an indented `name: default` line, in geerlingguy's form, with the
-value defaults/main.yml gives it, and shows no variable the role does not have; the README has
-the sections a role's README needs and names the role's dependencies.
+meta/argument_specs.yml (and nothing else is), of that type and with the same default unless
+the default is a Jinja expression (argument_specs then says in words what it becomes); the
+README's Role Variables section shows each variable as an indented `name: default` line, in
+geerlingguy's form, with the value defaults/main.yml gives it, and shows no variable the role
+does not have; the README has the sections a role's README needs and names the role's
+dependencies.
 
 Controls: a README missing a variable, showing a stale one or an old default, an argument spec
-with another default, and a README without its Dependencies section are each reported.
+with another default or a type its default is not, and a README without its Dependencies
+section are each reported.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ def templated(value: object) -> bool:
     return isinstance(value, str) and "{{" in value
 
 
+# What each argument_specs type accepts as a default (a float option takes a whole number too).
+SPEC_TYPES = {"str": str, "path": str, "int": int, "float": (int, float), "bool": bool,
+              "list": list, "dict": dict}
+
+
+def of_type(value: object, kind: str) -> bool:
+    if isinstance(value, bool) and kind != "bool":
+        return False
+    return value is None or isinstance(value, SPEC_TYPES[kind])
+
+
 def problems(role: str, readme: str | None = None, specs: dict | None = None) -> list[str]:
     """What the role's README and argument specs say wrongly about its defaults."""
     directory = ROLES_DIR / role
@@ -70,6 +83,10 @@ def problems(role: str, readme: str | None = None, specs: dict | None = None) ->
               and spec["default"] != defaults[name]]
     found += [f"{name}: no description in argument_specs" for name, spec in options.items()
               if not spec.get("description")]
+    found += [f"{name}: {defaults[name]!r} is not of type {spec['type']}"
+              for name, spec in options.items()
+              if name in defaults and not templated(defaults[name])
+              and not of_type(defaults[name], spec["type"])]
     documented = documented_variables(readme)
     found += [f"{name}: not in the README" for name in defaults if name not in documented]
     found += [f"{name}: in the README, not a variable of the role" for name in documented
@@ -121,6 +138,16 @@ def test_negative_control_another_default_in_argument_specs_is_reported():
     specs["argument_specs"]["main"]["options"]["nginx_listen_backlog"]["default"] = 511
     assert problems("nginx", specs=specs) == [
         "nginx_listen_backlog: argument_specs says 511, defaults 4096"]
+
+
+def test_negative_control_a_default_of_another_type_is_reported():
+    specs = yaml.safe_load((ROLES_DIR / "app" / "meta" / "argument_specs.yml").read_text())
+    specs["argument_specs"]["main"]["options"]["streamgate_keepalive_s"]["type"] = "str"
+    specs["argument_specs"]["main"]["options"]["streamgate_firewall"]["type"] = "int"
+    assert problems("app", specs=specs) == [
+        "streamgate_firewall: True is not of type int",
+        "streamgate_keepalive_s: 75 is not of type str",
+    ]
 
 
 def test_negative_control_a_readme_without_its_dependencies_is_reported():
