@@ -3,8 +3,9 @@
 Each virtual client keeps one keep-alive connection and sends its next request the moment the
 previous response ends. Every read the kernel hands over (one `data_received`) is one arrival:
 its time is recorded, so "every token in its own read" can be counted rather than assumed.
-Work per read is kept small (chunked framing decoded with bytes.find, no HTTP library) so the
-load generator distorts the figures as little as possible; its own CPU is reported anyway.
+Work per read is kept small (no HTTP library; the tests' chunked decoder, bytes.find and a
+regex per chunk line) so the load generator distorts the figures as little as possible; its own
+CPU is reported anyway.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ import asyncio
 import gzip
 import re
 import ssl
+import sys
 import time
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# One chunked decoder for the probe, the wire tests and the benchmark (standard library only).
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from support.stream_probe import ChunkedDecoder, ProtocolError
 
 # A non-empty `content` in an OpenAI chunk (the simulator's own format); role-only, finish and
 # usage chunks carry none and are not tokens.
@@ -87,10 +94,7 @@ class StreamConnection(asyncio.Protocol):
         self.content_left = -1
         self.keep_alive = True
         self.gzipped = False
-        self.pending = b""  # partial chunk-size line
-        self.chunk_left = 0  # payload bytes still due in the current chunk
-        self.skip = 0  # CRLF bytes still to skip after a chunk
-        self.final = False
+        self.decoder: ChunkedDecoder | None = None
         self.parts: list[bytes] = []
         self.t_first = 0.0
         self.t_last = 0.0
@@ -124,7 +128,11 @@ class StreamConnection(asyncio.Protocol):
             if not data:
                 return
         before = len(self.parts)
-        finished = self._feed_chunked(data) if self.chunked else self._feed_length(data)
+        try:
+            finished = self._feed_chunked(data) if self.chunked else self._feed_length(data)
+        except ProtocolError:
+            self.done.set_exception(ResponseError("malformed-chunking"))
+            return
         if len(self.parts) > before:
             self._count_arrival(now, data)
         if finished:
@@ -139,6 +147,7 @@ class StreamConnection(asyncio.Protocol):
             value = value.strip().lower()
             if name == b"transfer-encoding" and b"chunked" in value:
                 self.chunked = True
+                self.decoder = ChunkedDecoder()
             elif name == b"content-length":
                 self.content_left = int(value)
             elif name == b"connection" and value == b"close":
@@ -167,37 +176,12 @@ class StreamConnection(asyncio.Protocol):
         return self.content_left == 0
 
     def _feed_chunked(self, data: bytes) -> bool:
-        """Decode chunked framing incrementally; True once the last chunk has been read."""
-        buf = self.pending + data if self.pending else data
-        self.pending = b""
-        pos, size = 0, len(buf)
-        while pos < size:
-            if self.chunk_left:
-                take = min(self.chunk_left, size - pos)
-                self.parts.append(buf[pos : pos + take])
-                self.chunk_left -= take
-                pos += take
-                if not self.chunk_left:
-                    self.skip = 2
-            elif self.skip:
-                take = min(self.skip, size - pos)
-                self.skip -= take
-                pos += take
-                if not self.skip and self.final:
-                    return True
-            else:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    self.pending = buf[pos:]
-                    return False
-                chunk_size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                pos = eol + 2
-                if chunk_size:
-                    self.chunk_left = chunk_size
-                else:
-                    self.final = True  # no trailers expected: the closing CRLF follows
-                    self.skip = 2
-        return False
+        """True once the last chunk (and the trailers, if any) has been read."""
+        assert self.decoder is not None
+        payload = self.decoder.feed(data)
+        if payload:
+            self.parts.append(payload)
+        return self.decoder.done
 
     def body(self) -> bytes:
         body = b"".join(self.parts)

@@ -15,7 +15,7 @@ from typing import Self
 import pytest
 from streamgate.simulator.script import expected_text
 from support import chat, nginx, procs, services, stream_probe
-from support.stream_probe import BUFFERED, STREAMED, ChunkedDecoder, ProtocolError
+from support.stream_probe import BUFFERED, STREAMED
 
 PROBE_SCRIPT = Path(stream_probe.__file__)
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -55,20 +55,6 @@ class ScriptedServer:
 
 def probe(server: ScriptedServer) -> stream_probe.Trace:
     return stream_probe.request("127.0.0.1", server.port, "/", {"prompt": "hi"}, timeout_s=10)
-
-
-@pytest.mark.parametrize("piece", [1, 2, 3, 7, 1000])
-def test_chunked_decoder_is_exact_whatever_the_read_boundaries(piece):
-    payloads = [b"Stream", b"ing \r\n", "日本🙂".encode(), b"0\r\n", b"x" * 300]
-    wire = b"".join(chunk(p) for p in payloads) + b"5;ext=1\r\nhello\r\n0\r\n\r\n"
-    decoder = ChunkedDecoder()
-    out = b"".join(decoder.feed(wire[i : i + piece]) for i in range(0, len(wire), piece))
-    assert out == b"".join(payloads) + b"hello" and decoder.done
-
-
-def test_chunked_decoder_rejects_garbage():
-    with pytest.raises(ProtocolError):
-        ChunkedDecoder().feed(b"zz\r\nhello\r\n")
 
 
 def test_probe_sees_spread_writes_as_streamed():
