@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from streamcheck import StreamTiming
+from support.upstream import SIMULATOR, UPSTREAM_KINDS
 
 # (flag, type, default, help): the default here applies only when locust.conf is not used.
 OPTIONS = [
@@ -12,7 +13,9 @@ OPTIONS = [
     ("--sim-tokens", int, 50, "tokens per response (sent as max_tokens)"),
     ("--sim-ttft-ms", float, 50.0, "the simulator's --ttft-ms: expected time to first token"),
     ("--sim-gap-ms", float, 20.0, "the simulator's --gap-ms: expected gap between tokens"),
-    ("--expected-text", str, "sim", "'sim': compare with the simulator's text; 'none': skip"),
+    ("--upstream-kind", str, "simulator",
+     "what the target streams from: 'simulator' (its exact text and pace are checked) or "
+     "'openai-compatible' (any other server: protocol, completeness and timing, no text)"),
     ("--min-separate-reads-ratio", float, 0.8, "buffered below this share of tokens in own reads"),
     ("--min-span-ratio", float, 0.5, "buffered below this share of the expected arrival span"),
     ("--read-timeout-s", float, 30.0, "silence on a stream before the client aborts it"),
@@ -38,10 +41,17 @@ def add_options(parser) -> None:
         group.add_argument(flag, type=kind, default=default, env_var=env_var, help=help_text)
 
 
+def from_simulator(options) -> bool:
+    if options.upstream_kind not in UPSTREAM_KINDS:
+        raise ValueError(f"--upstream-kind must be one of {', '.join(UPSTREAM_KINDS)}")
+    return options.upstream_kind == SIMULATOR
+
+
 def timing_from(options) -> StreamTiming:
     return StreamTiming(
         ttft_ms=options.sim_ttft_ms,
-        gap_ms=options.sim_gap_ms,
+        # Another server's pace is not known in advance (see StreamTiming).
+        gap_ms=options.sim_gap_ms if from_simulator(options) else None,
         tokens=options.sim_tokens,
         min_separate_reads_ratio=options.min_separate_reads_ratio,
         min_span_ratio=options.min_span_ratio,

@@ -9,7 +9,8 @@ themselves, one socket read at a time, and fire their own request events:
   generator lagged <path>  one sample per complete response; a failure when it would be judged
                      buffered but this generator process itself stalled meanwhile (not judged)
   buffered <path>    one sample per judged response; a failure when it arrived buffered
-  corrupt <path>     one sample per complete response; a failure when the text is not the expected
+  corrupt <path>     one sample per complete response; a failure when the text is not the
+                     simulator's (from another upstream: no content, or its protocol not whole)
   generator_loop_lag_ms  the generator's own worst event-loop lag per half second
 The SLO gates (slo.py) read these from Locust's stats, so they work on a distributed master too.
 """
@@ -44,6 +45,7 @@ from streamcheck import (
     excused_by_lag,
     judge_buffered,
     judge_corrupt,
+    judge_protocol,
 )
 
 
@@ -75,7 +77,8 @@ def _configure_users(environment, **_kwargs) -> None:
     if environment.runner is not None and not isinstance(environment.runner, MasterRunner):
         # Two tokens share a read once the loop is away for a gap; the probe wakes up to
         # LAG_PROBE_S early within that, so a lag of gap - probe is already too much.
-        LAG_LOG = LagLog(threshold_s=max(options.sim_gap_ms / 1000 - LAG_PROBE_S, LAG_PROBE_S))
+        gap_s = (loadopts.timing_from(options).gap_ms or 0) / 1000
+        LAG_LOG = LagLog(threshold_s=max(gap_s - LAG_PROBE_S, LAG_PROBE_S))
         _expected_tokens(options)  # import and build now, not inside the first stream
         gevent.spawn(_watch_own_lag, environment)
 
@@ -259,8 +262,8 @@ class StreamUser(FastHttpUser):
         verdicts = [(GENERATOR_LAGGED, f"{GENERATOR_LAGGED}: not judged buffered" if lagged else None)]
         if not lagged:
             verdicts.append((BUFFERED, buffered))
-        if expected is not None:
-            verdicts.append((CORRUPT, judge_corrupt(record, expected)))
+        verdicts.append((CORRUPT, judge_corrupt(record, expected) if expected is not None
+                         else judge_protocol(record, decoder)))
         for kind, failure in verdicts:
             fire(request_type=kind, name=self.path, response_time=0,
                  response_length=tokens, exception=failure, context={})
@@ -270,8 +273,8 @@ _expected_cache: dict[int, list[str]] = {}
 
 
 def _expected_tokens(options) -> list[str] | None:
-    """The simulator's deterministic tokens for this run, or None when not checking text."""
-    if options.expected_text == "none":
+    """The simulator's deterministic tokens for this run; None from any other upstream."""
+    if not loadopts.from_simulator(options):
         return None
     if options.sim_tokens not in _expected_cache:
         from streamgate.simulator.script import expected_tokens

@@ -5,6 +5,10 @@
     loadtest/run.py --target http://127.0.0.1:8080 --users 50 --run-time 20s
     loadtest/run.py --target http://127.0.0.1:8100 --routes openai    # the simulator alone
 
+With --inventory, what the app hosts stream from (the simulator, or another OpenAI-compatible
+server) is read from it too (support/upstream.py), and decides whether the text is compared;
+with --target alone, the simulator is assumed unless --upstream-kind says otherwise.
+
 Options not listed here go to Locust unchanged (e.g. --slo-itl-p99-ms 150, --model ...).
 The exit code is Locust's, which the gates in locustfile.py set: 0 only if every gate passed.
 """
@@ -21,6 +25,9 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.append(str(HERE.parent / "tests"))
+from support.upstream import deployment_upstream_kind, inventory_listing  # noqa: E402
+
 # Streams one generator process measures without distorting them (20 ms gaps; see README).
 USERS_PER_PROCESS = 100
 ROUTE_USERS = {"text": "TextStreamUser", "sse": "SSEStreamUser", "openai": "OpenAIStreamUser"}
@@ -128,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         env["STREAMGATE_LOAD_API_KEY"] = key_file.read_text(encoding="utf-8").strip()
     if ca_file:
         extra = ["--ca-file", str(ca_file), *extra]
+    if args.inventory and not any(option.startswith("--upstream-kind") for option in extra):
+        ansible_inventory = str(Path(sys.executable).with_name("ansible-inventory"))
+        extra = ["--upstream-kind", deployment_upstream_kind(inventory_listing(args.inventory, ansible_inventory)), *extra]
     command = locust_command(args, target, report, extra)
-    print(f"load test: {args.users} users for {args.run_time} against {target}"
+    kind = extra[extra.index("--upstream-kind") + 1] if "--upstream-kind" in extra else "as configured"
+    print(f"load test: {args.users} users for {args.run_time} against {target} (upstream: {kind})"
           f"{' with a client key' if env.get('STREAMGATE_LOAD_API_KEY') else ''}"
           f"{f', CA {ca_file}' if ca_file else ''}", flush=True)
     exit_code = subprocess.run(command, check=False, env=env).returncode

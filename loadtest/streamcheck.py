@@ -1,8 +1,10 @@
 """Measuring one streamed response and judging it: no Locust, no sockets, so it is unit-testable.
 
 A `StreamRecord` is fed every read of the body with its arrival time (`perf_counter`). A decoder
-per wire format turns bytes into content text, the upstream's token count and in-band errors.
-`judge()` then says whether the response arrived buffered or corrupt.
+per wire format turns bytes into content text, the upstream's token count, in-band errors and the
+protocol's markers (role chunk, finish reason, end event). The judges then say whether the
+response arrived buffered, and whether it is corrupt: against the simulator its text must be the
+simulator's exactly; from any other upstream (whose words nobody knows) its protocol must be whole.
 """
 
 from __future__ import annotations
@@ -98,31 +100,60 @@ class SSEDecoder(TextDecoder):
 
 
 class OpenAIDecoder(SSEDecoder):
-    """`chat.completion.chunk` events: delta content, a usage chunk, `data: [DONE]`."""
+    """`chat.completion.chunk` events: a role chunk, delta content, a finish reason, a usage
+    chunk, `data: [DONE]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks = 0
+        self.first_role: str | None = None
+        self.finish_reason: str | None = None
+        self.not_chunks = 0  # events whose `object` is not chat.completion.chunk
 
     def on_json(self, payload: dict) -> str:
         super().on_json({key: payload[key] for key in ("error", "usage") if key in payload})
         if self.error:
             return ""
+        if payload.get("object") != "chat.completion.chunk":
+            self.not_chunks += 1
+        self.chunks += 1
         choices = payload.get("choices") or []
         if not choices:
             return ""
-        return (choices[0].get("delta") or {}).get("content") or ""
+        delta = choices[0].get("delta") or {}
+        if self.chunks == 1:
+            self.first_role = delta.get("role")
+        self.finish_reason = choices[0].get("finish_reason") or self.finish_reason
+        return delta.get("content") or ""
 
 
 @dataclass
 class StreamTiming:
-    """What the simulator was told to do, and when a response counts as buffered."""
+    """The upstream's pace when it is known (the simulator's flags), and when a response counts
+    as buffered. `gap_ms` None: a real model's pace, unknown in advance."""
 
     ttft_ms: float = 50.0
-    gap_ms: float = 20.0
+    gap_ms: float | None = 20.0
     tokens: int = 50
     # At least this share of the tokens must arrive in reads of their own...
     min_separate_reads_ratio: float = 0.8
     # ...and the first-to-last content span must be at least this share of the generation time.
     min_span_ratio: float = 0.5
 
-    def expected_span_ms(self, tokens: int) -> float:
+    def pace_ms(self, record: StreamRecord) -> float:
+        """The gap between two tokens: the known one, else the response's own typical (median)
+        gap between two content reads."""
+        if self.gap_ms is not None:
+            return self.gap_ms
+        gaps = sorted(record.gaps_ms())
+        return gaps[len(gaps) // 2] if gaps else 0.0
+
+    def expected_span_ms(self, tokens: int, record: StreamRecord) -> float:
+        """How long the content should take to arrive: (tokens - 1) gaps at the known pace; at
+        an unknown pace, its reads at their typical gap. Either way, content held back and then
+        flushed arrives in a burst that spans much less."""
+        if self.gap_ms is None:
+            return max(len(record.content_times) - 1, 0) * self.pace_ms(record)
         return max(tokens - 1, 0) * self.gap_ms
 
 
@@ -199,9 +230,38 @@ def judge_buffered(record: StreamRecord, tokens: int, timing: StreamTiming) -> s
     separate = min(len(record.content_times), tokens)
     if separate < timing.min_separate_reads_ratio * tokens:
         return f"{BUFFERED}: too few separate reads"
-    expected_span = timing.expected_span_ms(tokens)
-    if expected_span > 0 and record.span_ms() < timing.min_span_ratio * expected_span:
+    if span_too_short(record, tokens, timing):
         return f"{BUFFERED}: arrival span too short"
+    return None
+
+
+def span_too_short(record: StreamRecord, tokens: int, timing: StreamTiming, slack_ms: float = 0.0) -> bool:
+    """At a known pace: the content arrived over less than `min_span_ratio` of the time its
+    tokens take. At an unknown pace: its reads at their typical gap would cover less than that
+    share of the span they did cover, i.e. most of them came in a burst after a long hold.
+    `slack_ms`: time the generator itself stalled meanwhile, forgiven."""
+    expected = timing.expected_span_ms(tokens, record)
+    if timing.gap_ms is None:
+        return expected < timing.min_span_ratio * (record.span_ms() - slack_ms)
+    return expected > 0 and record.span_ms() + slack_ms < timing.min_span_ratio * expected
+
+
+def judge_protocol(record: StreamRecord, decoder: TextDecoder) -> str | None:
+    """Without a known text: a failure message if the answer is empty or its protocol is not
+    whole (OpenAI chunks: the role first, a finish reason, usage matching the content chunks).
+    Completeness (the end event, no error event) is judged while reading, like every route."""
+    if not record.text:
+        return f"{CORRUPT}: no content"
+    if not isinstance(decoder, OpenAIDecoder):
+        return None
+    if decoder.not_chunks:
+        return f"{CORRUPT}: {decoder.not_chunks} events are not chat.completion.chunk"
+    if decoder.first_role != "assistant":
+        return f"{CORRUPT}: the first chunk carries role {decoder.first_role!r}, not 'assistant'"
+    if decoder.finish_reason is None:
+        return f"{CORRUPT}: no finish_reason"
+    if decoder.tokens_reported is not None and decoder.tokens_reported < record.units:
+        return f"{CORRUPT}: usage says {decoder.tokens_reported} tokens, {record.units} content chunks arrived"
     return None
 
 
@@ -260,9 +320,8 @@ def excused_by_lag(record: StreamRecord, tokens: int, timing: StreamTiming,
     """
     if not stalls:
         return False
-    mergeable = stalls + stalled_s * 1000 / timing.gap_ms if timing.gap_ms > 0 else tokens
+    gap_ms = timing.pace_ms(record)
+    mergeable = stalls + stalled_s * 1000 / gap_ms if gap_ms > 0 else tokens
     reads_ok = min(len(record.content_times) + mergeable, tokens) >= (
         timing.min_separate_reads_ratio * tokens)
-    span_ok = record.span_ms() + stalled_s * 1000 >= (
-        timing.min_span_ratio * timing.expected_span_ms(tokens))
-    return reads_ok and span_ok
+    return reads_ok and not span_too_short(record, tokens, timing, slack_ms=stalled_s * 1000)

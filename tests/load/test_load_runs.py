@@ -2,7 +2,10 @@
 
 One run through the whole chain must pass every gate; each negative control must fail its own
 gate: nginx with buffering on -> buffered_ratio, a simulator stalling mid-stream -> itl_p99,
-a simulator dropping a token -> corrupt_ratio. Tens of users, seconds each, every run bounded.
+a simulator dropping a token -> corrupt_ratio. The same with an upstream that is not the
+simulator (--upstream-kind openai-compatible: no text compared): llama.cpp's server on a
+generated model passes every gate through the chain, and buffering nginx still fails
+buffered_ratio. Tens of users, seconds each, every run bounded.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from pathlib import Path
 import psutil
 import pytest
 from support import services
+from support.procs import ManagedProcess, on_a_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "loadtest" / "run.py"
 ALL_ROUTES = "text,sse,openai"
 # Bound on a whole run: run time + spawn + stop-timeout + plotting, with room for a busy host.
 RUN_BOUND_S = 120
+LLM_TOOLS = REPO / "tools" / "llm"
+ANY_UPSTREAM = ["--upstream-kind", "openai-compatible"]
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -187,3 +193,47 @@ def test_a_stalled_generator_fails_validity_not_the_target(simulator, tmp_path):
     assert "generator_lagged" in result.failed_gates(), result.explain()
     # the merged reads are the generator's: not blamed on the (healthy) simulator
     assert result.gates["buffered_ratio"]["passed"], result.explain()
+
+
+# ---------------------------------------------------------------- an upstream that is not the simulator
+
+@pytest.fixture(scope="module")
+def llama_server(process_logs, running, tmp_path_factory) -> services.Service:
+    """llama.cpp's server (tools/llm/serve.py) on the generated paced model, on loopback."""
+    pytest.importorskip("xllamacpp")
+    model = tmp_path_factory.mktemp("llm") / "paced.gguf"
+    subprocess.run([sys.executable, str(LLM_TOOLS / "make_test_model.py"), str(model), "--size", "paced"],
+                   check=True, timeout=120, capture_output=True)
+
+    def start(port: int) -> services.Service:
+        process = ManagedProcess(f"llama-{port}", [
+            sys.executable, str(LLM_TOOLS / "serve.py"), "--model", str(model), "--port", str(port)],
+            log_dir=process_logs, env=services.clean_environ())
+        process.start()
+        running.callback(process.stop)
+        process.wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60)
+        return services.Service(name="llama", process=process, port=port)
+
+    return on_a_free_port(start)
+
+
+def test_run_through_the_chain_from_llama_cpp_passes_every_gate(llama_server, gateway_factory,
+                                                                 nginx_factory, tmp_path):
+    proxy = nginx_factory(gateway_factory(llama_server, workers=2))
+    result = run_load(proxy.base_url, tmp_path, users=8, run_time="8s", routes=ALL_ROUTES,
+                      extra=ANY_UPSTREAM)
+    assert result.exit_code == 0, result.explain()
+    assert result.failed_gates() == set(), result.explain()
+    assert result.responses >= 30, result.explain()
+    assert result.gates["corrupt_ratio"]["value"] == 0, result.explain()  # judged: protocol
+
+
+def test_any_upstream_nginx_with_buffering_on_fails_buffered(llama_server, gateway_factory,
+                                                              nginx_factory, tmp_path):
+    buffering_proxy = nginx_factory(gateway_factory(llama_server, workers=2), buffering_fault=True)
+    result = run_load(buffering_proxy.base_url, tmp_path, users=8, run_time="6s", extra=ANY_UPSTREAM)
+    assert result.exit_code != 0, result.explain()
+    assert "buffered_ratio" in result.failed_gates(), result.explain()
+    assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
+    assert result.gates["corrupt_ratio"]["passed"], result.explain()
+

@@ -67,21 +67,57 @@ def test_target_is_https_when_the_play_left_its_ca_next_to_the_inventory(tmp_pat
     assert run.edge_url(inventory) == "https://10.231.0.10/"
 
 
-def test_client_key_goes_to_locust_through_the_environment_only(tmp_path, monkeypatch):
-    """The key file next to the inventory reaches Locust as STREAMGATE_LOAD_API_KEY, never argv."""
+def locust_call(tmp_path, monkeypatch, inventory_text: str) -> dict:
+    """What run.py hands Locust (command, env) for `--inventory` with this text; Locust is not
+    run (ansible-inventory is: the upstream's kind is read through it)."""
     inventory = tmp_path / "hosts.yml"
-    inventory.write_text(LAB_INVENTORY)
-    (tmp_path / "client-key").write_text("a-lab-client-key-of-more-than-32-chars\n")
-    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    inventory.write_text(inventory_text)
     seen = {}
+    real_run = run.subprocess.run
 
-    def fake_run(command, check, env):
-        seen.update(command=command, env=env)
+    def fake_run(command, **kwargs):
+        if "locust" not in command:
+            return real_run(command, **kwargs)
+        seen.update(command=command, env=kwargs["env"])
         return type("Done", (), {"returncode": 0})()
 
     monkeypatch.setattr(run.subprocess, "run", fake_run)
     monkeypatch.setattr(run, "time", type("T", (), {"strftime": staticmethod(lambda _: "r")}))
     assert run.main(["--inventory", str(inventory), "--reports-dir", str(tmp_path / "reports")]) == 0
+    return seen
+
+
+SIMULATOR_GROUP = """\
+    simulator:
+      hosts:
+        sglab-sim:
+          ansible_host: 10.231.0.30
+"""
+APP_HOST_ON_LLAMA = """\
+          streamgate_upstream_base_url: http://10.231.0.1:8080/v1
+          streamgate_upstream_kind: openai-compatible
+"""
+
+
+@pytest.mark.parametrize(
+    ("inventory_text", "kind"),
+    [
+        (LAB_INVENTORY + SIMULATOR_GROUP, "simulator"),  # the role's default upstream
+        (LAB_INVENTORY, "openai-compatible"),  # no simulator: OpenAI
+        (LAB_INVENTORY + APP_HOST_ON_LLAMA + SIMULATOR_GROUP, "openai-compatible"),
+    ],
+    ids=["simulator-by-default", "no-simulator", "kind-set"],
+)
+def test_upstream_kind_comes_from_the_inventory(tmp_path, monkeypatch, inventory_text, kind):
+    command = locust_call(tmp_path, monkeypatch, inventory_text)["command"]
+    assert command[command.index("--upstream-kind") + 1] == kind
+
+
+def test_client_key_goes_to_locust_through_the_environment_only(tmp_path, monkeypatch):
+    """The key file next to the inventory reaches Locust as STREAMGATE_LOAD_API_KEY, never argv."""
+    (tmp_path / "client-key").write_text("a-lab-client-key-of-more-than-32-chars\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    seen = locust_call(tmp_path, monkeypatch, LAB_INVENTORY)
     assert seen["env"]["STREAMGATE_LOAD_API_KEY"] == "a-lab-client-key-of-more-than-32-chars"
     assert not any("a-lab-client-key" in part for part in seen["command"])
     assert ["--ca-file", str(tmp_path / "ca.pem")] == seen["command"][seen["command"].index("--ca-file"):][:2]

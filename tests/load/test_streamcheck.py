@@ -18,6 +18,7 @@ from streamcheck import (
     excused_by_lag,
     judge_buffered,
     judge_corrupt,
+    judge_protocol,
     matched_token_prefix,
 )
 
@@ -173,3 +174,75 @@ def test_lag_log_forgets_old_episodes():
     log.note(due=1.0, woke=1.5)
     log.note(due=100.0, woke=100.001)
     assert not log.episodes
+
+
+# ---------------------------------------------------------------- any upstream: no known text or pace
+
+UNKNOWN_PACE = StreamTiming(gap_ms=None)
+
+
+def test_unknown_pace_token_by_token_stream_is_not_buffered():
+    """A fast real model (4 ms a token): judged against its own time, not the simulator's 20 ms."""
+    record = streamed(TOKENS, gap_s=0.004)
+    assert judge_buffered(record, len(TOKENS), UNKNOWN_PACE) is None
+    assert judge_buffered(record, len(TOKENS), TIMING) == f"{BUFFERED}: arrival span too short"
+
+
+def test_unknown_pace_whole_answer_in_one_read_is_buffered():
+    record = record_of([(0.25, "".join(TOKENS))])
+    assert judge_buffered(record, len(TOKENS), UNKNOWN_PACE) == f"{BUFFERED}: too few separate reads"
+
+
+def test_unknown_pace_first_token_then_a_late_burst_is_buffered():
+    """The first token passed at once, the rest held and flushed together 1 s later."""
+    arrivals = [(0.05, TOKENS[0])] + [(1.0 + i * 0.0002, token) for i, token in enumerate(TOKENS[1:])]
+    record = record_of(arrivals)
+    record.ended = 1.01
+    assert judge_buffered(record, len(TOKENS), UNKNOWN_PACE) == f"{BUFFERED}: arrival span too short"
+
+
+def openai_events(*payloads: dict, done: bool = True) -> bytes:
+    events = [f"data: {json.dumps(payload)}\n\n" for payload in payloads]
+    return ("".join(events) + ("data: [DONE]\n\n" if done else "")).encode()
+
+
+def chunk(delta: dict, finish_reason=None) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+WHOLE_OPENAI_STREAM = [
+    chunk({"role": "assistant", "content": None}),  # llama.cpp's first chunk
+    chunk({"content": " light"}), chunk({"content": " river"}),
+    chunk({}, finish_reason="length"),
+    {"object": "chat.completion.chunk", "choices": [], "usage": {"completion_tokens": 2}},
+]
+
+
+def decoded(payloads: list[dict]) -> tuple[StreamRecord, OpenAIDecoder]:
+    decoder = OpenAIDecoder()
+    record = StreamRecord(started=0.0)
+    record.add_read(0.01, *decoder.feed(openai_events(*payloads)))
+    return record, decoder
+
+
+def test_a_whole_openai_stream_passes_the_protocol_verdict():
+    record, decoder = decoded(WHOLE_OPENAI_STREAM)
+    assert record.text == " light river" and decoder.done
+    assert judge_protocol(record, decoder) is None
+
+
+@pytest.mark.parametrize(
+    ("payloads", "message"),
+    [
+        (WHOLE_OPENAI_STREAM[1:], "role"),  # no role chunk first
+        (WHOLE_OPENAI_STREAM[:3] + WHOLE_OPENAI_STREAM[4:], "finish_reason"),
+        (WHOLE_OPENAI_STREAM[:4] + [{**WHOLE_OPENAI_STREAM[4], "usage": {"completion_tokens": 1}}], "usage"),
+        ([WHOLE_OPENAI_STREAM[0], {**WHOLE_OPENAI_STREAM[1], "object": "chat.completion"}] + WHOLE_OPENAI_STREAM[2:],
+         "not chat.completion.chunk"),
+        ([WHOLE_OPENAI_STREAM[0], WHOLE_OPENAI_STREAM[3]], "no content"),
+    ],
+    ids=["no-role", "no-finish-reason", "usage-short", "wrong-object", "empty"],
+)
+def test_a_broken_openai_stream_fails_the_protocol_verdict(payloads, message):
+    verdict = judge_protocol(*decoded(payloads))
+    assert verdict is not None and verdict.startswith(CORRUPT) and message in verdict, verdict

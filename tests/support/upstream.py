@@ -1,0 +1,79 @@
+"""What a deployment's inventory says about the LLM server its app hosts stream from, and the
+ports and paths its roles give the hosts: read by testinfra and the load test alike.
+
+The kind decides what a check may expect: only the simulator's text is known in advance, so
+only against the simulator is the text compared; from any other OpenAI-compatible server
+(OpenAI, vLLM, Ollama, llama.cpp) the checks judge completeness, protocol and timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+SIMULATOR = "simulator"
+OPENAI_COMPATIBLE = "openai-compatible"
+UPSTREAM_KINDS = (SIMULATOR, OPENAI_COMPATIBLE)
+# The inventory variable an operator (or the lab) sets to say which; see upstream_kind().
+KIND_VARIABLE = "streamgate_upstream_kind"
+
+ROLES = Path(__file__).resolve().parents[2] / "ansible" / "roles"
+
+
+@cache
+def role_defaults(role: str) -> dict:
+    return yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text(encoding="utf-8")) or {}
+
+
+def setting(hostvars: dict, role: str, name: str):
+    """A role variable as the inventory sets it, else the role's default (a plain value: the
+    defaults that are templates are not resolved here)."""
+    if name in hostvars:
+        return hostvars[name]
+    return role_defaults(role)[name]
+
+
+def upstream_kind(hostvars: dict, groups: dict) -> str:
+    """An app host's upstream: `streamgate_upstream_kind` when the inventory sets it, else as the
+    app role picks its default: the simulator when the inventory names no upstream URL and no
+    key and has simulator hosts, otherwise another server."""
+    kind = hostvars.get(KIND_VARIABLE)
+    if kind is None:
+        names_one = hostvars.get("streamgate_upstream_base_url") or hostvars.get("streamgate_upstream_api_key")
+        kind = SIMULATOR if groups.get(SIMULATOR) and not names_one else OPENAI_COMPATIBLE
+    if kind not in UPSTREAM_KINDS:
+        raise ValueError(f"{KIND_VARIABLE} is {kind!r}: must be one of {', '.join(UPSTREAM_KINDS)}")
+    return kind
+
+
+def inventory_listing(inventory: Path, ansible_inventory: str = "ansible-inventory") -> dict:
+    """`ansible-inventory --list`: every host's variables with the group_vars next to it."""
+    return json.loads(subprocess.check_output([ansible_inventory, "-i", str(inventory), "--list"],
+                                              text=True, timeout=120))
+
+
+def groups_of(listing: dict) -> dict[str, list[str]]:
+    """{group: its hosts, children's included} from an `ansible-inventory --list` answer."""
+    def hosts(group: str) -> list[str]:
+        node = listing.get(group) or {}
+        found = list(node.get("hosts") or [])
+        for child in node.get("children") or []:
+            found += [host for host in hosts(child) if host not in found]
+        return found
+    return {group: hosts(group) for group in listing if group != "_meta"}
+
+
+def deployment_upstream_kind(listing: dict) -> str:
+    """The simulator only when every app host streams from it (a load through the edge reaches
+    them all); otherwise another server."""
+    groups = groups_of(listing)
+    hostvars = listing.get("_meta", {}).get("hostvars", {})
+    app_hosts = groups.get("app") or []
+    if not app_hosts:
+        raise ValueError("the inventory has no app hosts")
+    kinds = {upstream_kind(hostvars.get(host, {}), groups) for host in app_hosts}
+    return SIMULATOR if kinds == {SIMULATOR} else OPENAI_COMPATIBLE
