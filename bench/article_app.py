@@ -33,7 +33,7 @@ async def stream_llm_response(user_prompt: str):
             content = chunk.choices[0].delta.content
             if content:
                 yield content
-    except Exception as e:  # noqa: BLE001 - the article's code, kept as written
+    except Exception as e:  # the article's code, kept as written
         print(f"An error occurred: {e}")
         yield "Error: Could not retrieve response."
 

@@ -689,7 +689,7 @@ def comparison_markdown(entries: list[dict]) -> list[str]:
             f"| {entry['path']} | {entry['level']} | {entry['lean_us']} | {cell(entry, 'sdk')} "
             f"| {cell(entry, 'aiohttp')} | {ratios} | {conns(entry)} |"
         )
-    return lines + ["", *comparison_lines(entries)]
+    return [*lines, "", *comparison_lines(entries)]
 
 
 def comparison_lines(entries: list[dict]) -> list[str]:

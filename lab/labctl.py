@@ -377,7 +377,7 @@ def boot_host(host: LabHost) -> None:
              "--console=read-only", "--resolv-conf=off", "--link-journal=no"],
             stdin=subprocess.DEVNULL, stdout=console_log, stderr=subprocess.STDOUT,
             start_new_session=True,  # setsid: the host outlives this command
-            preexec_fn=enter_own_cgroup,  # noqa: PLW1509 (single-threaded here)
+            preexec_fn=enter_own_cgroup,  # safe: the controller is single-threaded here
         )
     host.nspawn_pid = process.pid
     (HOSTS_DIR / host.name / "nspawn.pid").write_text(f"{process.pid}\n")

@@ -70,8 +70,8 @@ def test_separate_reads_threshold_is_configurable():
     ("tokens", "message"),
     [
         (TOKENS[:4] + TOKENS[5:], "shorter"),  # lost
-        (TOKENS[:4] + [TOKENS[4]] + TOKENS[4:], "differs"),  # doubled
-        (TOKENS[:3] + [TOKENS[4], TOKENS[3]] + TOKENS[5:], "differs"),  # swapped
+        ([*TOKENS[:4], TOKENS[4], *TOKENS[4:]], "differs"),  # doubled
+        ([*TOKENS[:3], TOKENS[4], TOKENS[3], *TOKENS[5:]], "differs"),  # swapped
     ],
 )
 def test_lost_doubled_or_swapped_token_is_corrupt(tokens, message):
@@ -159,7 +159,7 @@ def test_lag_log_marks_only_responses_that_overlap_a_late_wake_up():
 def test_a_generator_stall_excuses_only_the_reads_it_can_explain():
     # 50 tokens 20 ms apart; the generator away 300 ms: 16 tokens land in one read
     arrivals = [(0.05 + i * 0.02, "t") for i in range(50)]
-    merged = record_of(arrivals[:10] + [(0.56, "t" * 16)] + arrivals[26:])
+    merged = record_of([*arrivals[:10], (0.56, "t" * 16), *arrivals[26:]])
     timing = StreamTiming(gap_ms=20, tokens=50)
     assert judge_buffered(merged, 50, timing) is not None  # 35 reads: under 80% of 50
     assert excused_by_lag(merged, 50, timing, stalled_s=0.3, stalls=1)
@@ -236,8 +236,8 @@ def test_a_whole_openai_stream_passes_the_protocol_verdict():
     [
         (WHOLE_OPENAI_STREAM[1:], "role"),  # no role chunk first
         (WHOLE_OPENAI_STREAM[:3] + WHOLE_OPENAI_STREAM[4:], "finish_reason"),
-        (WHOLE_OPENAI_STREAM[:4] + [{**WHOLE_OPENAI_STREAM[4], "usage": {"completion_tokens": 1}}], "usage"),
-        ([WHOLE_OPENAI_STREAM[0], {**WHOLE_OPENAI_STREAM[1], "object": "chat.completion"}] + WHOLE_OPENAI_STREAM[2:],
+        ([*WHOLE_OPENAI_STREAM[:4], {**WHOLE_OPENAI_STREAM[4], "usage": {"completion_tokens": 1}}], "usage"),
+        ([WHOLE_OPENAI_STREAM[0], {**WHOLE_OPENAI_STREAM[1], "object": "chat.completion"}, *WHOLE_OPENAI_STREAM[2:]],
          "not chat.completion.chunk"),
         ([WHOLE_OPENAI_STREAM[0], WHOLE_OPENAI_STREAM[3]], "no content"),
     ],

@@ -177,7 +177,7 @@ class StreamLoad:
     def _run(self, ramp_s: float) -> None:
         try:
             asyncio.run(self._clients(ramp_s))
-        except BaseException as exc:  # noqa: BLE001 (surfaced by stop())
+        except BaseException as exc:  # surfaced by stop()
             self._error = exc
 
     async def _clients(self, ramp_s: float) -> None:

@@ -78,7 +78,7 @@ def test_a_lost_doubled_or_swapped_token_changes_the_text(n, data):
     i = data.draw(st.integers(0, n - 2))
     lost = tokens[:i] + tokens[i + 1 :]
     doubled = tokens[: i + 1] + tokens[i:]
-    swapped = tokens[:i] + [tokens[i + 1], tokens[i]] + tokens[i + 2 :]
+    swapped = [*tokens[:i], tokens[i + 1], tokens[i], *tokens[i + 2 :]]
     expected = expected_text(n)
     assert "".join(lost) != expected
     assert "".join(doubled) != expected

@@ -183,7 +183,7 @@ def events_with_data(draw) -> bytes:
             st.sampled_from(SEPARATORS[:-1]), line_text))))
         fields += draw(st.lists(st.one_of(field_line.filter(lambda f: not f.startswith("retry")),
                                           line_text.map(lambda text: ":" + text)), max_size=3))
-        blocks.append(draw(st.permutations(fields)) + [""])
+        blocks.append([*draw(st.permutations(fields)), ""])
     return "".join(one + draw(st.sampled_from(LINE_ENDS))
                    for block in blocks for one in block).lstrip("\ufeff").encode()
 
