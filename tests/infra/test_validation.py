@@ -166,8 +166,11 @@ def test_client_keys_never_reach_the_output(tmp_path):
 def test_proxy_values_never_reach_the_output(tmp_path):
     secret = "http://user:s3cret-proxy-password@proxy:3128"
     result = run_validation(tmp_path, SPLIT_INVENTORY, {"streamgate_proxy_env": {"BAD NAME": secret}})
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "s3cret-proxy-password" not in result.stdout + result.stderr
+    assert "s3cret-proxy-password" not in output
+    # Control: the run failed on the proxy check, which names the variable (not its value).
+    assert 'streamgate_proxy_env: each name must be' in output and '"BAD NAME" is not' in output
 
 
 def test_inventory_without_app_hosts_is_refused(tmp_path):
