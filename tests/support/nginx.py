@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-import pytest
 import yaml
 
+from support.ci import skip_unless_ci
 from support.procs import ManagedProcess, ProcessFailed, free_port, on_a_free_port
 from support.tls import LocalPKI
 
@@ -67,10 +67,7 @@ def require_nginx() -> str:
     binary = nginx_binary()
     if binary:
         return binary
-    reason = "nginx binary not found (Debian: apt-get install nginx-light; `make deps` as root)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}: CI=true requires the nginx wire tests to run", pytrace=False)
-    pytest.skip(reason)
+    skip_unless_ci("nginx binary not found (Debian: apt-get install nginx-light; `make deps` as root)")
 
 
 def role_variables() -> dict:
