@@ -19,10 +19,10 @@ from streamgate import metrics
 from streamgate.app import create_app
 from streamgate.simulator.config import SimConfig
 from streamgate.simulator.script import expected_tokens
-from streamgate.simulator.server import SimulatorThread
 from streamgate.transport import LeanTransport
 from streamgate.upstream import make_client
 from support import sse
+from support.simulator_thread import SimulatorThread
 
 from .conftest import bodies, call
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from streamgate.simulator.capacity import (
+from support.sim_capacity import (
     CapacityResult,
     capacity_problems,
     oversubscribed,

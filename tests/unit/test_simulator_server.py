@@ -14,10 +14,11 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from streamgate.simulator.capacity import check_stream_body, decode_chunked
 from streamgate.simulator.config import SimConfig
+from streamgate.simulator.faults import FAULT_KINDS
 from streamgate.simulator.script import MAX_TOKENS, expected_text, expected_tokens
-from streamgate.simulator.server import FAULT_KINDS, SimulatorThread
+from support.sim_capacity import check_stream_body, decode_chunked
+from support.simulator_thread import SimulatorThread
 
 pytestmark = pytest.mark.timeout(60)
 

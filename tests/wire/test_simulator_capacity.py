@@ -4,7 +4,7 @@ What costs is the aggregate rate: every token is one write on its own socket, ab
 most of it in the kernel's loopback TCP path. 5,000 streams at 10 tokens/s (50,000 chunks/s, the
 same rate as the benchmark's 1,000 streams 20 ms apart) leave room for the client on two cores;
 5,000 streams 20 ms apart (250,000 chunks/s) would need more than both cores for the simulator
-alone. `python -m streamgate.simulator.capacity --help` runs any other shape.
+alone. `python -m support.sim_capacity --help` (from tests/) runs any other shape.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from streamgate.simulator.capacity import (
+from support.sim_capacity import (
     CapacityResult,
     capacity_problems,
     oversubscribed,

@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from streamgate.simulator.capacity import (
+from streamgate.simulator.script import expected_text
+from support.sim_capacity import (
     SimulatorProcess,
     decode_chunked,
     run_capacity_check,
 )
-from streamgate.simulator.script import expected_text
 
 pytestmark = pytest.mark.timeout(60)
 

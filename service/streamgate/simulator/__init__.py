@@ -87,13 +87,16 @@ has ended; at most 8 requests or 256 KiB are read ahead, then reading waits),
 closing the connection. Bad requests (invalid JSON, wrong types, ``max_tokens`` < 1, an unknown
 fault) get a 400 with an OpenAI error body, as do 404 (route), 405 (method), 413 (body over
 1 MiB), 414 (request line) and 431 (headers over 16 KiB or 100 lines); the caps are the
-constants at the top of server.py.
+constants at the top of http_server.py.
 
-For Python
-----------
-``server.SimulatorThread(SimConfig(port=0))`` runs one in a background thread (in-process
-tests); ``capacity.SimulatorProcess`` runs the console script on a free port; ``python -m
-streamgate.simulator.capacity`` measures how many concurrent streams one process carries.
+Modules
+-------
+``http_server``: connections, parsing, bounds, routes. ``simulation``: the shared state and one
+answer played on the ``clock`` (token timer wheel), with its ``faults``, framed by
+``openai_format``, counted in ``stats``. ``script``: the fixed answer text. ``config``: flags.
+Test harnesses stay out of the wheel: tests/support/simulator_thread.py (in-process) and
+tests/support/sim_capacity.py (a process on a free port; how many concurrent streams one
+process carries).
 """
 
 from streamgate.simulator.config import SimConfig, parse_config

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from streamgate.simulator.config import SimConfig, parse_config
-from streamgate.simulator.server import bound_port, start_server, stop_server
+from streamgate.simulator.http_server import bound_port, start_server, stop_server
 
 
 def raise_fd_limit() -> int:

@@ -1,6 +1,6 @@
 """Capacity check: many concurrent streams against one simulator process, measured from outside.
 
-    python -m streamgate.simulator.capacity --streams 5000 --tokens 50 --gap-ms 20
+    cd tests && ../.venv/bin/python -m support.sim_capacity --streams 5000 --tokens 50 --gap-ms 20
 
 starts a simulator process (``--port 0``), opens all client connections first, then sends every
 request in one burst, so all streams are in flight at once (the simulator's ``peak_active``
@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
 from streamgate.simulator.__main__ import _loop_factory, raise_fd_limit
 from streamgate.simulator.script import expected_text
+
+from support.stream_probe import ChunkedDecoder
 
 LISTENING_PREFIX = "streamgate-sim listening on "
 _CHUNKED_END = b"0\r\n\r\n"
@@ -190,16 +191,11 @@ class _StreamClient(asyncio.Protocol):
 
 def decode_chunked(body: bytes) -> bytes:
     """The payload of a complete HTTP/1.1 chunked body (raises ValueError when incomplete)."""
-    out = []
-    position = 0
-    while True:
-        line_end = body.index(b"\r\n", position)
-        size = int(body[position:line_end], 16)
-        if size == 0:
-            return b"".join(out)
-        start = line_end + 2
-        out.append(body[start : start + size])
-        position = start + size + 2
+    decoder = ChunkedDecoder()
+    payload = decoder.feed(body)
+    if not decoder.done:
+        raise ValueError("incomplete chunked body")
+    return payload
 
 
 def check_stream_body(raw: bytes, tokens: int) -> str | None:
