@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import yaml
+from support.ci import skip_unless_ci
 
 REPO = Path(__file__).resolve().parents[2]
 # testinfra's ansible backend runs `ansible-inventory`: the one next to this Python (the venv).
@@ -37,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def inventory(request) -> Path:
     path = request.config.option.ansible_inventory
     if not path:
-        pytest.skip("needs --ansible-inventory (the lab's)")
+        skip_unless_ci("needs --ansible-inventory (the lab's)")
     return Path(path).resolve()
 
 
