@@ -1,8 +1,15 @@
-"""Real processes for tests: free ports, start, wait until they answer, stop by PID, show logs."""
+"""The one process harness of the tests, the benchmark and the load tests' tools: free ports,
+start with a log file, wait (bounded) until a URL answers, a port accepts or a line is logged,
+stop by process group with TERM then KILL, and the log's tail in every failure message.
+
+Standard library only: loadtest/capacity.py imports it from its own process.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -54,6 +61,15 @@ def wait_until(
         time.sleep(interval_s)
 
 
+def accepts(port: int, host: str = "127.0.0.1", timeout_s: float = 1.0) -> bool:
+    """Whether a TCP connection to host:port is accepted."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def http_status(url: str, timeout_s: float = 1.0) -> int | None:
     """The status code of GET url, or None when nothing answers."""
     try:
@@ -71,7 +87,9 @@ class ProcessFailed(RuntimeError):
 
 class ManagedProcess:
     """A child process in its own session (so its workers can be signalled with it), its output
-    in a log file, stopped by its process-group id: SIGTERM, then SIGKILL after a bound."""
+    in a log file, stopped by its process-group id: SIGTERM, then SIGKILL after a bound.
+    `nofile`: its open-files limit (soft and hard, as a systemd unit's LimitNOFILE gives it;
+    above our hard limit only as root)."""
 
     def __init__(
         self,
@@ -81,12 +99,14 @@ class ManagedProcess:
         log_dir: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_dir) / f"{name}.log"
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
+        self.nofile = nofile
         self.popen: subprocess.Popen | None = None
 
     @property
@@ -105,8 +125,25 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                # Only when asked: a preexec_fn is unsafe once the caller runs threads.
+                preexec_fn=None if self.nofile is None else self._limit_open_files,  # noqa: PLW1509
             )
         return self
+
+    def _limit_open_files(self) -> None:
+        """In the child, before exec."""
+        assert self.nofile is not None
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        except (ValueError, OSError):  # not root: up to our hard limit only
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.nofile, hard), hard))
+
+    def __enter__(self) -> ManagedProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def is_running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
@@ -124,19 +161,33 @@ class ManagedProcess:
         return f"{self.name} ({state}): {' '.join(self.argv)}\n--- log tail ---\n{self.logs()}"
 
     def wait_http(self, url: str, *, timeout_s: float = 20.0, ok=(200,)) -> None:
-        """Wait until GET url answers with a status in `ok`; fail early if the process dies.
+        """Wait until GET url answers with a status in `ok`."""
+        self.wait_for(lambda: http_status(url) in ok, timeout_s=timeout_s, what=url)
 
-        On any failure (or interrupt) the process is stopped first: no caller keeps a process
-        that never came up, and none leaks one.
-        """
+    def wait_port(self, port: int, *, host: str = "127.0.0.1", timeout_s: float = 20.0) -> None:
+        """Wait until host:port accepts a TCP connection."""
+        self.wait_for(lambda: accepts(port, host), timeout_s=timeout_s, what=f"{host}:{port}")
 
-        def answered() -> bool:
+    def wait_output(self, pattern: str, *, timeout_s: float = 20.0) -> re.Match:
+        """Wait until a line of the log matches `pattern`; the first match."""
+        compiled = re.compile(pattern, re.MULTILINE)
+        return self.wait_for(lambda: compiled.search(self.logs(tail_chars=1 << 20)),
+                             timeout_s=timeout_s, what=f"a log line matching {pattern!r}")
+
+    def wait_for(self, condition: Callable[[], T], *, timeout_s: float, what: str) -> T:
+        """Poll `condition` until it returns something truthy (returned); fail early if the
+        process dies. On any failure (or interrupt) the process is stopped first: no caller
+        keeps a process that never came up, and none leaks one. ProcessFailed carries the
+        process's state and the tail of its log."""
+
+        def ready() -> T:
             if not self.is_running():
                 raise ProcessFailed(f"{self.name} exited while starting\n{self.describe()}")
-            return http_status(url) in ok
+            return condition()
 
         try:
-            wait_until(answered, timeout_s=timeout_s, interval_s=0.05, what=f"{self.name} at {url}")
+            return wait_until(ready, timeout_s=timeout_s, interval_s=0.05,
+                              what=f"{self.name}: {what}")
         except TimeoutError as exc:
             message = f"{exc}\n{self.describe()}"  # its state before we stop it
             self.stop()

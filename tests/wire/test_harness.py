@@ -4,6 +4,8 @@ server, the probe as a stdlib-only script, and the nginx helper's guards."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,3 +137,83 @@ def test_a_port_taken_before_the_bind_is_retried_on_another(monkeypatch, process
             assert "address already in use" in log.lower()
         finally:
             simulator.stop()
+
+
+# --- the process harness (support/procs.py) ---------------------------------------------------
+
+# A parent that ignores TERM and leaves a child in its group that ignores it too (a master and
+# a worker that do not stop when asked); it prints the child's PID, then serves nothing.
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+print("child", child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_harness_waits_for_a_logged_line_a_port_and_a_url(tmp_path):
+    port = procs.free_port()
+    server = procs.ManagedProcess("http", [sys.executable, "-u", "-m", "http.server", "--bind",
+                                           "127.0.0.1", str(port)], log_dir=tmp_path, cwd=tmp_path)
+    with server:
+        server.wait_port(port, timeout_s=10)
+        server.wait_http(f"http://127.0.0.1:{port}/", timeout_s=10)
+        assert server.wait_output(r"Serving HTTP on \S+ port (\d+)", timeout_s=10)[1] == str(port)
+    assert not server.is_running()
+
+
+def test_harness_reports_a_process_that_dies_while_starting_with_its_output(tmp_path):
+    process = procs.ManagedProcess("dies", [sys.executable, "-c", "print('bad config line 3')"],
+                                   log_dir=tmp_path).start()
+    with pytest.raises(procs.ProcessFailed, match=r"(?s)exited while starting.*bad config line 3"):
+        process.wait_port(procs.free_port(), timeout_s=10)
+
+
+def test_harness_gives_up_at_its_deadline_and_stops_the_process(tmp_path):
+    process = procs.ManagedProcess("mute", [sys.executable, "-c", "print('up'); "
+                                            "import time; time.sleep(60)"],
+                                   log_dir=tmp_path).start()
+    started = time.monotonic()
+    with pytest.raises(procs.ProcessFailed, match=r"(?s)gave up after 0\.5 s.*up"):
+        process.wait_port(procs.free_port(), timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    assert not process.is_running()
+
+
+class SignalsTheLeaderOnly(procs.ManagedProcess):
+    """Negative control: TERM and KILL by the leader's PID alone, not its group."""
+
+    def _signal_group(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+
+@pytest.mark.parametrize("harness", [procs.ManagedProcess, SignalsTheLeaderOnly])
+def test_harness_stop_kills_what_ignores_term_with_its_whole_group(tmp_path, harness):
+    process = harness("stubborn", [sys.executable, "-c", STUBBORN], log_dir=tmp_path).start()
+    child = int(process.wait_output(r"child (\d+)", timeout_s=10)[1])
+    started = time.monotonic()
+    process.stop(term_timeout_s=0.5)
+    assert 0.5 <= time.monotonic() - started < 5  # TERM, the bound, then KILL
+    try:
+        procs.wait_until(lambda: not pid_alive(child), timeout_s=3, what="the child to die")
+        assert harness is procs.ManagedProcess
+    except TimeoutError:
+        assert harness is SignalsTheLeaderOnly, "the group's other process survived the stop"
+        os.kill(child, signal.SIGKILL)  # the control's leftover: a process this test started
+
+
+def test_harness_gives_the_process_its_open_files_limit(tmp_path):
+    script = ("import resource, time; print('nofile', *resource.getrlimit(resource.RLIMIT_NOFILE),"
+              " flush=True); time.sleep(60)")
+    with procs.ManagedProcess("limited", [sys.executable, "-c", script], log_dir=tmp_path,
+                              nofile=256) as process:
+        assert process.wait_output(r"nofile (\d+) (\d+)", timeout_s=10).groups()[0] == "256"
