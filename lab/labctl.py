@@ -466,6 +466,9 @@ def write_inventory(hosts: list[LabHost], topology: str, release: str, control_d
         f"    ansible_control_path_dir: {quote(str(control_dir))}",
         f"    lab_topology: {topology}",
         f"    lab_release: {release}",
+        # Where the hosts reach the controller (the bridge): a server the tests run there, such
+        # as the e2e's llama.cpp upstream, listens on it.
+        f"    lab_controller_address: {GATEWAY_ADDRESS}",
         "  children:",
     ]
     for group in INVENTORY_GROUPS:

@@ -152,6 +152,7 @@ def test_inventory_groups_and_connection_settings(topology, tmp_path, monkeypatc
     labctl.write_inventory(hosts, topology, "bookworm", tmp_path / "sglab-ssh-0")
     parsed = yaml.safe_load(inventory.read_text())["all"]
     assert parsed["vars"]["lab_topology"] == topology
+    assert parsed["vars"]["lab_controller_address"] == str(labctl.GATEWAY_ADDRESS)
     assert parsed["vars"]["ansible_user"] == labctl.LAB_USER
     assert parsed["vars"]["ansible_python_interpreter"] == "/usr/bin/python3"
     assert Path(parsed["vars"]["ansible_ssh_private_key_file"]).is_absolute()

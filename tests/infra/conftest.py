@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import testinfra
+from support import upstream
 from testinfra.utils.ansible_runner import AnsibleRunner
 
 # testinfra's ansible backend runs `ansible-inventory`: take the one next to this Python
@@ -82,3 +83,13 @@ def client_key(request) -> str | None:
     inventory = request.config.option.ansible_inventory
     key_file = Path(inventory).parent / "client-key" if inventory else None
     return key_file.read_text().strip() if key_file and key_file.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def upstream_kind(request) -> str:
+    """What the app hosts stream from, as the inventory says (support/upstream.py): the
+    simulator's text is compared only when it is the simulator."""
+    inventory = request.config.option.ansible_inventory
+    if not inventory:
+        pytest.skip("no inventory: the upstream's kind is unknown")
+    return upstream.deployment_upstream_kind(upstream.inventory_listing(Path(inventory)))

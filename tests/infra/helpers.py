@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
+
+from support import chat
+from support.stream_probe import Trace
+
+# The load test's judges, so that a deployment is judged here as under load (one definition).
+sys.path.append(str(Path(__file__).resolve().parents[2] / "loadtest"))
+import streamcheck  # noqa: E402
 
 
 def check_output_as_root(host, command: str) -> str:
@@ -76,3 +85,41 @@ def assert_only_group_reaches(hostvars: dict, inventory_host, group: str, addres
     for outsider in outsiders:
         assert connect_from(inventory_host(outsider), address, port) == "refused", outsider
     assert connect_from_controller(address, port) == "refused"
+
+
+DECODERS = {chat.TEXT: streamcheck.TextDecoder, chat.SSE: streamcheck.SSEDecoder,
+            chat.OPENAI: streamcheck.OpenAIDecoder}
+# A real model's pace is not known in advance: judged against the stream's own (streamcheck).
+UNKNOWN_PACE = streamcheck.StreamTiming(gap_ms=None)
+
+
+def any_upstream_verdict(route: str, trace: Trace) -> str | None:
+    """What is wrong with a streamed answer from an upstream whose words nobody knows, judged
+    as the load test judges it: complete (the route's end, no in-band error), its protocol
+    whole, arrived token by token at the stream's own pace. None: nothing."""
+    decoder = DECODERS[route]()
+    record = streamcheck.StreamRecord(started=0.0)
+    for read in trace.reads:
+        record.add_read(read.at_s, *decoder.feed(read.data))
+    record.ended = trace.reads[-1].at_s if trace.reads else 0.0
+    if not trace.complete:
+        return f"{streamcheck.ABORTED}: {trace.error}"
+    if decoder.error:
+        return f"{streamcheck.ERROR_EVENT}: {decoder.error}"
+    if decoder.has_end_event and not decoder.done:
+        return streamcheck.NO_END
+    tokens = streamcheck.count_tokens(record, decoder, None)
+    return (streamcheck.judge_protocol(record, decoder)
+            or streamcheck.judge_buffered(record, tokens, UNKNOWN_PACE))
+
+
+def any_upstream_whole_answer_verdict(trace: Trace) -> str | None:
+    """The same timing judge on a non-streamed OpenAI answer (one JSON body): its tokens are the
+    usage's, its content one read. A negative control: it must be judged buffered."""
+    answer = json.loads(trace.body)
+    content = answer["choices"][0]["message"]["content"]
+    assert content, answer
+    record = streamcheck.StreamRecord(started=0.0)
+    record.add_read(trace.reads[-1].at_s, content, 1)
+    record.ended = trace.reads[-1].at_s
+    return streamcheck.judge_buffered(record, answer["usage"]["completion_tokens"], UNKNOWN_PACE)

@@ -6,6 +6,7 @@ import re
 
 import pytest
 from support.ci import skip_unless_ci
+from support.upstream import setting
 
 from infra.helpers import (
     assert_only_group_reaches,
@@ -16,10 +17,14 @@ from infra.helpers import (
 
 testinfra_hosts = ["ansible://app"]
 
-GATEWAY_PORT = 8000
 MAX_EXPOSURE = 2.0
 EXPOSURE_LINE = re.compile(r"Overall exposure level for streamgate\.service:\s*([0-9.]+)")
 PROXY_ENV_FILE = "/etc/streamgate/proxy.env"
+
+
+@pytest.fixture(scope="module")
+def gateway_port(hostvars) -> int:
+    return int(setting(hostvars, "app", "streamgate_port"))
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +74,10 @@ def test_file_owner_and_mode(host, path, user, group, mode):
         assert (managed.user, managed.group, managed.mode) == (user, group, mode)
 
 
-def test_env_file_points_the_app_at_an_upstream(host, bind_address):
+def test_env_file_points_the_app_at_an_upstream(host, bind_address, gateway_port):
     env = check_output_as_root(host, "cat /etc/streamgate/streamgate.env")
     assert re.search(r'^STREAMGATE_UPSTREAM_BASE_URL="https?://\S+"$', env, re.MULTILINE), env
-    assert f'STREAMGATE_BIND="{bind_address}:{GATEWAY_PORT}"' in env
+    assert f'STREAMGATE_BIND="{bind_address}:{gateway_port}"' in env
 
 
 def test_gateway_is_running_and_enabled(host):
@@ -81,23 +86,23 @@ def test_gateway_is_running_and_enabled(host):
     assert service.is_enabled
 
 
-def test_gateway_listens_on_its_private_address_only(host, bind_address):
-    assert host.socket(f"tcp://{bind_address}:{GATEWAY_PORT}").is_listening
-    assert not host.socket(f"tcp://0.0.0.0:{GATEWAY_PORT}").is_listening
-    assert not host.socket(f"tcp://:::{GATEWAY_PORT}").is_listening
+def test_gateway_listens_on_its_private_address_only(host, bind_address, gateway_port):
+    assert host.socket(f"tcp://{bind_address}:{gateway_port}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{gateway_port}").is_listening
+    assert not host.socket(f"tcp://:::{gateway_port}").is_listening
 
 
-def test_firewall_table_guards_the_gateway_port(host):
+def test_firewall_table_guards_the_gateway_port(host, gateway_port):
     ruleset = check_output_as_root(host, "nft list table inet streamgate_gateway")
-    assert re.search(rf"tcp dport {GATEWAY_PORT} .*reject with tcp reset", ruleset), ruleset
+    assert re.search(rf"tcp dport {gateway_port} .*reject with tcp reset", ruleset), ruleset
     assert host.service("streamgate-firewall@gateway").is_enabled
 
 
-def test_only_the_edge_reaches_the_gateway(host, hostvars, bind_address, inventory_host):
+def test_only_the_edge_reaches_the_gateway(host, hostvars, bind_address, inventory_host, gateway_port):
     """Every edge host connects; every other host of the inventory and the controller are refused."""
     if bind_address == "127.0.0.1":
         pytest.skip("single host: the gateway listens on loopback only")
-    assert_only_group_reaches(hostvars, inventory_host, "edge", bind_address, GATEWAY_PORT)
+    assert_only_group_reaches(hostvars, inventory_host, "edge", bind_address, gateway_port)
 
 
 def test_gateway_runs_as_the_service_user(host):
@@ -183,9 +188,9 @@ def test_systemd_security_exposure_is_at_most_two(host):
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_gateway_answers_health_checks_on_the_host(host, bind_address, path):
+def test_gateway_answers_health_checks_on_the_host(host, bind_address, path, gateway_port):
     status = host.check_output(
-        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{bind_address}:{GATEWAY_PORT}{path}"
+        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{bind_address}:{gateway_port}{path}"
     )
     assert status == "200"
 
@@ -197,14 +202,14 @@ def test_timespan_parser(text, seconds):
     assert parse_systemd_timespan(text) == seconds
 
 
-def test_reload_keeps_the_master_and_stays_ready(host, bind_address):
+def test_reload_keeps_the_master_and_stays_ready(host, bind_address, gateway_port):
     """`systemctl reload` (HUP) replaces the workers under the same master, still ready after."""
     main_pid_before = host.check_output("systemctl show -p MainPID --value streamgate")
     check_output_as_root(host, "systemctl reload streamgate")
     # Bounded: 20 tries, 1 s apart; curl fails fast when nothing answers.
     status = host.check_output(
         "for try in $(seq 20); do "
-        f"code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 2 http://{bind_address}:{GATEWAY_PORT}/readyz); "
+        f"code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 2 http://{bind_address}:{gateway_port}/readyz); "
         '[ "$code" = 200 ] && break; sleep 1; done; echo "$code"'
     )
     assert status == "200"

@@ -2,9 +2,11 @@
 
 The streaming check runs ON the edge host (tests/support/stream_probe.py, standard library
 only, sent to the host's python3): a request through nginx must show the tokens arriving in
-many separate reads spread over time. The same detector must call a non-streamed answer
-"buffered" (negative control), and the `nginx -T` parser must catch a location without
-`proxy_buffering off` (negative control on a sample config).
+many separate reads spread over time. From the simulator (its pace and text known) the text must
+be its own exactly; from any other upstream the answer is judged as the load test judges it
+(complete, protocol whole, token by token at the stream's own pace). The same detector must
+call a non-streamed answer "buffered" (negative control), and the `nginx -T` parser must catch a
+location without `proxy_buffering off` (negative control on a sample config).
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import pytest
 from streamgate.simulator.script import expected_text
 from support import chat, stream_probe
 from support.ci import skip_unless_ci
+from support.upstream import SIMULATOR, setting
 
-from infra.helpers import check_output_as_root
+from infra.helpers import (
+    any_upstream_verdict,
+    any_upstream_whole_answer_verdict,
+    check_output_as_root,
+)
 
 testinfra_hosts = ["ansible://edge"]
 
@@ -93,8 +100,8 @@ def test_nginx_is_installed_running_and_enabled(host):
     assert service.is_enabled
 
 
-def test_nginx_listens_on_port_80(host):
-    assert host.socket("tcp://0.0.0.0:80").is_listening
+def test_nginx_listens_on_its_plain_port(host, hostvars):
+    assert host.socket(f"tcp://0.0.0.0:{setting(hostvars, 'nginx', 'nginx_listen')}").is_listening
 
 
 def test_default_site_is_removed(host):
@@ -132,15 +139,15 @@ def test_upstream_lists_every_app_host(host, effective_config):
 # ---------------------------------------------------------------- streaming through nginx
 
 @pytest.fixture(scope="module")
-def edge_url(host, request) -> tuple[str, list[str]]:
+def edge_url(host, hostvars, request) -> tuple[str, list[str]]:
     """(base URL on the edge host, probe options to verify it): https with the inventory's CA."""
     inventory = request.config.option.ansible_inventory
     ca = Path(inventory).parent / "ca.pem" if inventory else None
     if ca is None or not ca.is_file():
-        return "http://127.0.0.1:80", []
+        return f"http://127.0.0.1:{setting(hostvars, 'nginx', 'nginx_listen')}", []
     result = host.run(f"printf %s {shlex.quote(ca.read_text())} > {HOST_CA_FILE}")
     assert result.rc == 0, result.stderr
-    return "https://127.0.0.1:443", ["--cafile", HOST_CA_FILE]
+    return f"https://127.0.0.1:{setting(hostvars, 'nginx', 'nginx_listen_tls')}", ["--cafile", HOST_CA_FILE]
 
 
 def probe_on_host(host, edge_url, path: str, body: dict, key: str | None) -> stream_probe.Trace:
@@ -164,11 +171,12 @@ def probe_on_host(host, edge_url, path: str, body: dict, key: str | None) -> str
         status=seen["status"], headers=seen["headers"], chunked=seen["chunked"],
         complete=seen["complete"], body=base64.b64decode(seen["body_b64"]), error=seen["error"],
     )
-    # The probe reports sizes and times per read; the payload split does not matter here.
-    trace.reads = [
-        stream_probe.Read(at_s=read["at_s"], raw_bytes=read["raw_bytes"], data=b"x" * read["data_bytes"])
-        for read in seen["reads"]
-    ]
+    # The probe reports sizes and times per read; each read's payload is its slice of the body.
+    trace.reads, offset = [], 0
+    for read in seen["reads"]:
+        data = trace.body[offset : offset + read["data_bytes"]]
+        offset += read["data_bytes"]
+        trace.reads.append(stream_probe.Read(at_s=read["at_s"], raw_bytes=read["raw_bytes"], data=data))
     return trace
 
 
@@ -182,23 +190,34 @@ def verdict(trace: stream_probe.Trace) -> str:
     )
 
 
+def stream_body(route: str) -> dict:
+    """A streamed request; on the OpenAI route with the usage, so its token count is known."""
+    extra = {"stream_options": {"include_usage": True}} if route == chat.OPENAI else {}
+    return chat.body(route, max_tokens=STREAM_TOKENS, **extra)
+
+
 @pytest.mark.parametrize("route", list(chat.ROUTES))
-def test_tokens_arrive_through_nginx_one_by_one(host, edge_url, route, client_key):
-    trace = probe_on_host(host, edge_url, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), client_key)
+def test_tokens_arrive_through_nginx_one_by_one(host, edge_url, route, client_key, upstream_kind):
+    trace = probe_on_host(host, edge_url, chat.ROUTES[route], stream_body(route), client_key)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    if upstream_kind != SIMULATOR:
+        assert any_upstream_verdict(route, trace) is None, describe(trace)
+        return
     assert verdict(trace) == stream_probe.STREAMED, describe(trace)
-    whole = stream_probe.Trace(status=trace.status, body=trace.body, complete=True)
-    whole.reads = [stream_probe.Read(at_s=0.0, raw_bytes=len(trace.body), data=trace.body)]
-    assert chat.decode(route, whole).content == expected_text(STREAM_TOKENS)
+    assert chat.decode(route, trace).content == expected_text(STREAM_TOKENS)
 
 
-def test_negative_control_a_whole_answer_is_judged_buffered(host, edge_url, client_key):
+def test_negative_control_a_whole_answer_is_judged_buffered(host, edge_url, client_key, upstream_kind):
     """The same detector on the non-streamed completion (one JSON body) must say BUFFERED."""
     body = chat.body(chat.OPENAI, max_tokens=STREAM_TOKENS, stream=False)
     trace = probe_on_host(host, edge_url, chat.ROUTES[chat.OPENAI], body, client_key)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    if upstream_kind != SIMULATOR:
+        judged = any_upstream_whole_answer_verdict(trace)
+        assert judged and judged.startswith(stream_probe.BUFFERED), (judged, describe(trace))
+        return
     answer = json.loads(trace.body)
     assert answer["choices"][0]["message"]["content"] == expected_text(STREAM_TOKENS)
     assert verdict(trace) == stream_probe.BUFFERED, describe(trace)

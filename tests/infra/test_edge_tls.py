@@ -25,8 +25,13 @@ import pytest
 from streamgate.simulator.script import expected_text
 from support import chat, h2_probe, stream_probe
 from support.ci import skip_unless_ci
+from support.upstream import SIMULATOR, setting
 
-from infra.helpers import check_output_as_root
+from infra.helpers import (
+    any_upstream_verdict,
+    any_upstream_whole_answer_verdict,
+    check_output_as_root,
+)
 
 testinfra_hosts = ["ansible://edge"]
 
@@ -63,8 +68,13 @@ def ca_on_host(host, ca_file) -> str:
     return HOST_CA_FILE
 
 
-def test_nginx_listens_on_443(host):
-    assert host.socket("tcp://0.0.0.0:443").is_listening
+@pytest.fixture(scope="module")
+def tls_port(hostvars) -> int:
+    return int(setting(hostvars, "nginx", "nginx_listen_tls"))
+
+
+def test_nginx_listens_on_its_tls_port(host, tls_port):
+    assert host.socket(f"tcp://0.0.0.0:{tls_port}").is_listening
 
 
 @pytest.mark.parametrize(("path", "mode"), [(CERTIFICATE, 0o644), (PRIVATE_KEY, 0o600)])
@@ -75,22 +85,22 @@ def test_certificate_and_key_files(host, path, mode):
         assert (placed.user, placed.group, placed.mode) == ("root", "root", mode)
 
 
-def handshake(address: str, context: ssl.SSLContext) -> tuple[str, dict]:
-    with socket.create_connection((address, 443), timeout=5) as raw, \
+def handshake(address: str, port: int, context: ssl.SSLContext) -> tuple[str, dict]:
+    with socket.create_connection((address, port), timeout=5) as raw, \
             context.wrap_socket(raw, server_hostname=address) as tls:
         return tls.version(), tls.getpeercert()
 
 
-def test_handshake_from_the_controller_verifies_with_the_ca(edge_address, ca_file):
-    version, certificate = handshake(edge_address, ssl.create_default_context(cafile=str(ca_file)))
+def test_handshake_from_the_controller_verifies_with_the_ca(edge_address, tls_port, ca_file):
+    version, certificate = handshake(edge_address, tls_port, ssl.create_default_context(cafile=str(ca_file)))
     assert version in ("TLSv1.2", "TLSv1.3")
     names = [value for _, value in certificate.get("subjectAltName", ())]
     assert edge_address in names, names
 
 
-def test_negative_control_handshake_without_the_ca_fails(edge_address):
+def test_negative_control_handshake_without_the_ca_fails(edge_address, tls_port):
     with pytest.raises(ssl.SSLCertVerificationError):
-        handshake(edge_address, ssl.create_default_context())
+        handshake(edge_address, tls_port, ssl.create_default_context())
 
 
 def test_plain_http_redirects_to_https(host):
@@ -129,7 +139,7 @@ def test_negative_control_gixy_reports_a_header_that_drops_hsts(effective_config
 # each connected and handshaken first, then all sent together; prints the statuses it got.
 BURST = r"""
 import http.client, json, ssl, sys, threading
-count, key, cafile, tokens = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+count, key, cafile, tokens, port = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 context = ssl.create_default_context(cafile=cafile)
 body = json.dumps({"model": "sim", "stream": True, "max_tokens": tokens,
                    "messages": [{"role": "user", "content": "burst"}]})
@@ -137,7 +147,7 @@ start, statuses, lock = threading.Barrier(count), [], threading.Lock()
 def one():
     status = "error"
     try:
-        connection = http.client.HTTPSConnection("127.0.0.1", 443, context=context, timeout=60)
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=60)
         connection.connect()
         start.wait(timeout=60)
         connection.request("POST", "/v1/chat/completions", body,
@@ -157,10 +167,25 @@ print(json.dumps(statuses))
 """
 
 
-def burst(host, count: int, key: str, ca: str, tokens: int = 250) -> list:
-    result = host.run(f"python3 -c {shlex.quote(BURST)} {count} {shlex.quote(key)} {ca} {tokens}")
-    assert result.rc == 0, result.stderr[-2000:]
-    return json.loads(result.stdout)
+# Long enough that every stream of a burst is still open when the last one arrives: 250
+# simulator tokens take 5 s. A real server answers streams beyond its parallel slots one batch
+# after another, so a short answer keeps the whole burst open for seconds (and the queue short).
+BURST_TOKENS = {SIMULATOR: 250}
+BURST_TOKENS_ANY_UPSTREAM = 20
+
+
+@pytest.fixture(scope="module")
+def burst(host, ca_on_host, tls_port, upstream_kind):
+    """burst(count, key) -> the statuses of `count` streams sent at once with one key."""
+    tokens = BURST_TOKENS.get(upstream_kind, BURST_TOKENS_ANY_UPSTREAM)
+
+    def send(count: int, key: str) -> list:
+        result = host.run(f"python3 -c {shlex.quote(BURST)} {count} {shlex.quote(key)} "
+                          f"{ca_on_host} {tokens} {tls_port}")
+        assert result.rc == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    return send
 
 
 @pytest.fixture(scope="module")
@@ -170,21 +195,21 @@ def streams_per_key(effective_config) -> int:
     return int(match[1])
 
 
-def test_burst_over_the_stream_limit_gets_429_from_the_edge(host, client_key, ca_on_host, streams_per_key):
+def test_burst_over_the_stream_limit_gets_429_from_the_edge(burst, client_key, streams_per_key):
     """streams_per_key + 30 streams at once with one key: about 30 answered 429, the rest 200."""
     if client_key is None:
         skip_unless_ci("no client key known")
     over = 30
-    statuses = burst(host, streams_per_key + over, client_key, ca_on_host)
+    statuses = burst(streams_per_key + over, client_key)
     assert statuses.count(429) >= over // 2, sorted(set(map(str, statuses)))
     assert statuses.count(200) >= streams_per_key - over, sorted(set(map(str, statuses)))
     assert set(statuses) <= {200, 429}, sorted(set(map(str, statuses)))
 
 
-def test_negative_control_burst_under_the_limit_gets_no_429(host, client_key, ca_on_host, streams_per_key):
+def test_negative_control_burst_under_the_limit_gets_no_429(burst, client_key, streams_per_key):
     if client_key is None:
         skip_unless_ci("no client key known")
-    statuses = burst(host, streams_per_key * 2 // 3, client_key, ca_on_host)
+    statuses = burst(streams_per_key * 2 // 3, client_key)
     assert statuses == [200] * len(statuses), sorted(set(map(str, statuses)))
 
 
@@ -196,27 +221,39 @@ H2_MIN_SEPARATE_READS = 40
 H2_MIN_ARRIVAL_SPAN_S = 0.7
 
 
-def h2_trace(edge_address: str, ca_file: Path, client_key: str | None, body: dict):
+@pytest.fixture(scope="module")
+def h2_trace(edge_address, tls_port, ca_file, client_key):
+    """h2_trace(body) -> the trace of one request to the OpenAI route over HTTP/2."""
     headers = {"Authorization": f"Bearer {client_key}"} if client_key else {}
-    return h2_probe.request(edge_address, 443, chat.ROUTES[chat.OPENAI], body, headers=headers,
-                            tls=ssl.create_default_context(cafile=str(ca_file)), timeout_s=30)
+
+    def send(body: dict):
+        return h2_probe.request(edge_address, tls_port, chat.ROUTES[chat.OPENAI], body,
+                                headers=headers, tls=ssl.create_default_context(cafile=str(ca_file)),
+                                timeout_s=30)
+
+    return send
 
 
-def test_tokens_arrive_one_by_one_over_http2(edge_address, ca_file, client_key):
-    trace = h2_trace(edge_address, ca_file, client_key,
-                     chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS))
+def test_tokens_arrive_one_by_one_over_http2(h2_trace, upstream_kind):
+    trace = h2_trace(chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS,
+                               stream_options={"include_usage": True}))
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    if upstream_kind != SIMULATOR:
+        assert any_upstream_verdict(chat.OPENAI, trace) is None, stream_probe.summarize(trace)
+        return
     assert stream_probe.streaming_verdict(
         trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
     ) == stream_probe.STREAMED, stream_probe.summarize(trace)
     assert chat.decode(chat.OPENAI, trace).content == expected_text(H2_STREAM_TOKENS)
 
 
-def test_negative_control_a_whole_answer_over_http2_is_judged_buffered(edge_address, ca_file,
-                                                                        client_key):
-    trace = h2_trace(edge_address, ca_file, client_key,
-                     chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS, stream=False))
+def test_negative_control_a_whole_answer_over_http2_is_judged_buffered(h2_trace, upstream_kind):
+    trace = h2_trace(chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS, stream=False))
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
+    if upstream_kind != SIMULATOR:
+        judged = any_upstream_whole_answer_verdict(trace)
+        assert judged and judged.startswith(stream_probe.BUFFERED), (judged, stream_probe.summarize(trace))
+        return
     assert stream_probe.streaming_verdict(
         trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
     ) == stream_probe.BUFFERED, stream_probe.summarize(trace)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from support.ci import skip_unless_ci
+from support.upstream import setting
 from testinfra.utils.ansible_runner import AnsibleRunner
 
 from infra.helpers import check_output_as_root, private_address
@@ -105,13 +106,15 @@ def test_collection_sees_what_requests_put_in_the_logs(inventory_host, inventory
     canary = f"canary-{secrets.token_hex(8)}"
     edge = inventory_host(inventory_groups["edge"][0])
     # Plain HTTP /healthz is proxied with TLS on or off; the app host is reached as nginx does.
+    plain_port = setting(edge.ansible.get_variables(), "nginx", "nginx_listen")
     edge.run_expect([0], f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
-                    "http://127.0.0.1/healthz")
+                    f"http://127.0.0.1:{plain_port}/healthz")
     for name in inventory_groups["app"]:
         address = app_address(inventory_host, name, inventory_groups)
+        port = setting(inventory_host(name).ansible.get_variables(), "app", "streamgate_port")
         edge.run_expect([0], f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
                         f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"hi\"}}' "
-                        f"http://{address}:8000/v1/chat/stream")
+                        f"http://{address}:{port}/v1/chat/stream")
     logs = collect_logs(inventory_host, inventory_groups)
     seen = [where for where, text in logs.items() if canary in text]
     assert any("nginx" in where for where in seen), sorted(logs)

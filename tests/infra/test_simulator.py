@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from support.upstream import setting
 
 from infra.helpers import (
     assert_only_group_reaches,
@@ -14,8 +15,12 @@ from infra.helpers import (
 
 testinfra_hosts = ["ansible://simulator"]
 
-SIMULATOR_PORT = 8100
 MAX_EXPOSURE = 2.0
+
+
+@pytest.fixture(scope="module")
+def sim_port(hostvars) -> int:
+    return int(setting(hostvars, "simulator", "streamgate_sim_port"))
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +37,28 @@ def test_simulator_is_running_and_enabled(host):
     assert service.is_enabled
 
 
-def test_simulator_listens_on_its_private_address_only(host, sim_address):
-    assert host.socket(f"tcp://{sim_address}:{SIMULATOR_PORT}").is_listening
-    assert not host.socket(f"tcp://0.0.0.0:{SIMULATOR_PORT}").is_listening
+def test_simulator_listens_on_its_private_address_only(host, sim_address, sim_port):
+    assert host.socket(f"tcp://{sim_address}:{sim_port}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{sim_port}").is_listening
 
 
-def test_simulator_answers_health_check(host, sim_address):
+def test_simulator_answers_health_check(host, sim_address, sim_port):
     status = host.check_output(
-        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{sim_address}:{SIMULATOR_PORT}/healthz"
+        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{sim_address}:{sim_port}/healthz"
     )
     assert status == "200"
 
 
-def test_firewall_table_guards_the_simulator_port(host):
+def test_firewall_table_guards_the_simulator_port(host, sim_port):
     ruleset = check_output_as_root(host, "nft list table inet streamgate_simulator")
-    assert re.search(rf"tcp dport {SIMULATOR_PORT} .*reject with tcp reset", ruleset), ruleset
+    assert re.search(rf"tcp dport {sim_port} .*reject with tcp reset", ruleset), ruleset
 
 
-def test_only_the_app_hosts_reach_the_simulator(host, hostvars, sim_address, inventory_host):
+def test_only_the_app_hosts_reach_the_simulator(host, hostvars, sim_address, inventory_host, sim_port):
     """Every app host connects; the edge, other hosts and the controller are refused."""
     if sim_address == "127.0.0.1":
         pytest.skip("the simulator serves only this host, on loopback")
-    assert_only_group_reaches(hostvars, inventory_host, "app", sim_address, SIMULATOR_PORT)
+    assert_only_group_reaches(hostvars, inventory_host, "app", sim_address, sim_port)
 
 
 @pytest.mark.parametrize(
