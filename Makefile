@@ -44,9 +44,11 @@ test-service: venv deps ## service tests: unit, property, wire (real gunicorn, s
 test-load: venv deps ## load-test verdicts and gates, with their negative controls (local processes)
 	$(PY) -m pytest tests/load
 
-test-lab: venv deps ## (root) lab end to end, split then single host: create, deploy, idempotence, testinfra, load, operations, teardown
-	LAB_TOPOLOGY=split bash tests/e2e/lab_e2e.sh
-	LAB_TOPOLOGY=single bash tests/e2e/lab_e2e.sh
+# Both releases: the split lab on Debian 12, the single host on Debian 13, which then also streams
+# from llama.cpp's server instead of the simulator (tests/e2e/lab_e2e.sh, LAB_LLM_UPSTREAM).
+test-lab: venv deps ## (root) lab end to end, split (bookworm) then single host (trixie, then a llama.cpp upstream): create, deploy, idempotence, testinfra, load, operations, teardown
+	LAB_TOPOLOGY=split LAB_RELEASE=bookworm bash tests/e2e/lab_e2e.sh
+	LAB_TOPOLOGY=single LAB_RELEASE=trixie LAB_LLM_UPSTREAM=1 bash tests/e2e/lab_e2e.sh
 
 test: lint test-service test-load ## everything CI runs: lint first (the lab part needs root; required when CI=true)
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) test-lab; \

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The lab end to end (what `make test-lab` runs, as root): split lab up, deploy, a second deploy
 # and a --check --diff run that must both report changed=0, testinfra, a short load test, the
-# operations under load, and always teardown.
+# operations under load, and always teardown. With LAB_LLM_UPSTREAM=1, then a real upstream that
+# is not the simulator: llama.cpp's server (tools/llm) on the controller, the app hosts redeployed
+# to stream from it, testinfra and a short load test again (they judge without the text).
 # Prints the wall time of each step and a summary; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,10 +16,19 @@ fi
 LAB_TOPOLOGY="${LAB_TOPOLOGY:-split}"
 LAB_RELEASE="${LAB_RELEASE:-bookworm}"
 LOADTEST_ARGS="${LOADTEST_ARGS:---users 100 --run-time 30s}"
+LAB_LLM_UPSTREAM="${LAB_LLM_UPSTREAM:-0}"
+# Fewer users than the server decodes at once (tools/llm/serve.py --parallel 32).
+LLM_LOADTEST_ARGS="${LLM_LOADTEST_ARGS:---users 8 --run-time 30s}"
+LLM_PORT=8080
 LOG_DIR="$(mktemp -d -t streamgate-e2e-XXXXXX)"
 SUMMARY=()
 # Next to the lab's inventory, so the lab's group_vars apply to it too (git-ignored).
 SMALLER_INVENTORY=ansible/inventories/lab/hosts-minus-one-app.yml
+# The lab's inventory with the app hosts on the llama.cpp server (host variables win over the
+# lab's group_vars).
+LLM_INVENTORY=ansible/inventories/lab/hosts-llm.yml
+LLM_MODEL="$LOG_DIR/test-llama-paced.gguf"
+LLM_PID=""
 
 # Prerequisites before the trap: a failure here has made no lab, so there is nothing to
 # remove (and lab-destroy would only remove a lab that someone else made).
@@ -26,8 +37,12 @@ make --no-print-directory venv deps
 teardown() {
     local status=$?
     echo "== teardown (make lab-destroy)"
+    if [ -n "$LLM_PID" ]; then
+        kill "$LLM_PID" 2>/dev/null || true
+        wait "$LLM_PID" 2>/dev/null || true
+    fi
     make --no-print-directory lab-destroy || echo "lab_e2e: lab-destroy failed: remove the lab by hand" >&2
-    rm -f "$SMALLER_INVENTORY"
+    rm -f "$SMALLER_INVENTORY" "$LLM_INVENTORY" "$LLM_MODEL"
     echo "== summary (logs in $LOG_DIR)"
     printf '  %s\n' "${SUMMARY[@]}"
     exit "$status"
@@ -115,7 +130,38 @@ fi
 # come after testinfra and the load test.
 step operations env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -s -p no:cacheprovider \
     tests/ops --ansible-inventory="$PWD/$LAB_INVENTORY"
-# Last, once every log has its share (deploys, testinfra, the load test): no key in any of them.
+if [ "$LAB_LLM_UPSTREAM" = 1 ]; then
+    # Any upstream: llama.cpp's own HTTP server (xllamacpp) on a generated model whose pace is a
+    # small real model's, bound to the controller's address on the lab network.
+    llm_address=$(.venv/bin/python -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["all"]["vars"]["lab_controller_address"])' "$LAB_INVENTORY")
+    llm_url="http://$llm_address:$LLM_PORT"
+    step llm-model .venv/bin/python tools/llm/make_test_model.py "$LLM_MODEL" --size paced
+    .venv/bin/python tools/llm/serve.py --model "$LLM_MODEL" --host "$llm_address" --port "$LLM_PORT" \
+        >"$LOG_DIR/llm-server.log" 2>&1 &
+    LLM_PID=$!
+    for _ in $(seq 60); do  # bounded: 60 tries, 1 s apart
+        curl -sf --max-time 2 "$llm_url/health" >/dev/null && break
+        kill -0 "$LLM_PID" 2>/dev/null || break
+        sleep 1
+    done
+    if ! curl -sf --max-time 2 "$llm_url/health" >/dev/null; then
+        SUMMARY+=("llm-server   FAILED: llama.cpp's server did not answer on $llm_url (log: $LOG_DIR/llm-server.log)")
+        exit 1
+    fi
+    SUMMARY+=("llm-server   ok: llama.cpp's server on $llm_url")
+    .venv/bin/python - "$LAB_INVENTORY" "$LLM_INVENTORY" "$llm_url/v1" <<'PY'
+import sys, yaml
+inventory = yaml.safe_load(open(sys.argv[1]))
+for host_vars in inventory["all"]["children"]["app"]["hosts"].values():
+    host_vars["streamgate_upstream_base_url"] = sys.argv[3]
+    host_vars["streamgate_upstream_kind"] = "openai-compatible"
+yaml.safe_dump(inventory, open(sys.argv[2], "w"))
+PY
+    step deploy-llm make --no-print-directory deploy INVENTORY="$LLM_INVENTORY" DEPLOY_ARGS=-v
+    step testinfra-llm make --no-print-directory testinfra INVENTORY="$LLM_INVENTORY"
+    step loadtest-llm make --no-print-directory loadtest INVENTORY="$LLM_INVENTORY" LOADTEST_ARGS="$LLM_LOADTEST_ARGS"
+fi
+# Last, once every log has its share (deploys, testinfra, the load tests): no key in any of them.
 step secrets env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -p no:cacheprovider \
     tests/infra/test_secrets_in_logs.py --hosts='ansible://all' --ansible-inventory="$PWD/$LAB_INVENTORY"
 echo "lab_e2e: all steps passed"
