@@ -12,7 +12,7 @@ per second of wall time and per chunk, how late its token clock ran, and how lon
 and the client waited for a CPU (schedstat): on a shared machine that last figure says whether
 late tokens were the simulator's doing or the scheduler's (`oversubscribed`).
 
-``SimulatorProcess`` (start a simulator on a free port, read /stats, stop it by PID) is shared
+``SimulatorProcess`` (start a simulator on a free port, read /stats, stop it) is shared
 with the wire tests.
 """
 
@@ -25,8 +25,6 @@ import gc
 import itertools
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,22 +38,24 @@ import orjson
 from streamgate.simulator.__main__ import _loop_factory, raise_fd_limit
 from streamgate.simulator.script import expected_text
 
-from support.stream_probe import ChunkedDecoder
+from support import sse
+from support.procs import ManagedProcess
+from support.stream_probe import decode_chunked
 
 LISTENING_PREFIX = "streamgate-sim listening on "
 _CHUNKED_END = b"0\r\n\r\n"
 
 
 class SimulatorProcess:
-    """A ``streamgate-sim`` child on a free loopback port, its output in a log file."""
+    """A ``streamgate-sim`` child on a port of its choosing (its URL read from the line it
+    logs), run by the tests' process harness (support/procs.py)."""
 
     def __init__(self, args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.args = list(args)
         self.env = env
-        self.popen: subprocess.Popen[bytes] | None = None
+        self.process: ManagedProcess | None = None
         self.url = ""
         self._log_dir = tempfile.TemporaryDirectory(prefix="streamgate-sim-")
-        self.log_path = Path(self._log_dir.name) / "sim.log"
 
     @staticmethod
     def command() -> list[str]:
@@ -65,42 +65,23 @@ class SimulatorProcess:
 
     def start(self, timeout_s: float = 15.0) -> SimulatorProcess:
         argv = [*self.command(), "--host", "127.0.0.1", "--port", "0", *self.args]
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in self.logs().splitlines():
-                if line.startswith(LISTENING_PREFIX):
-                    self.url = line[len(LISTENING_PREFIX) :].strip()
-                    return self
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.02)
-        output = self.logs()  # read before stop() removes the log
-        self.stop()
-        raise RuntimeError(f"simulator did not start: {argv}\n{output}")
+        self.process = ManagedProcess("sim", argv, log_dir=Path(self._log_dir.name), env=self.env)
+        self.process.start()
+        listening = self.process.wait_output(f"^{LISTENING_PREFIX}(\\S+)", timeout_s=timeout_s)
+        self.url = listening[1]
+        return self
 
     @property
     def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
+        assert self.process is not None
+        return self.process.pid
 
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.process.logs(tail_chars=1 << 20) if self.process else ""
 
     def get_json(self, path: str, method: str = "GET") -> Any:
         request = urllib.request.Request(
@@ -133,13 +114,8 @@ class SimulatorProcess:
         return _runqueue_wait_seconds(str(self.pid))
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout=timeout_s)
+        if self.process is not None:
+            self.process.stop(term_timeout_s=timeout_s)
         self._log_dir.cleanup()
 
     def __enter__(self) -> SimulatorProcess:
@@ -189,27 +165,18 @@ class _StreamClient(asyncio.Protocol):
             self.done.set_exception(ConnectionError(f"closed before the end: {exc}"))
 
 
-def decode_chunked(body: bytes) -> bytes:
-    """The payload of a complete HTTP/1.1 chunked body (raises ValueError when incomplete)."""
-    decoder = ChunkedDecoder()
-    payload = decoder.feed(body)
-    if not decoder.done:
-        raise ValueError("incomplete chunked body")
-    return payload
-
-
 def check_stream_body(raw: bytes, tokens: int) -> str | None:
     """None when a raw HTTP response is a complete, exact stream of `tokens`; else what is wrong."""
     head, separator, body = raw.partition(b"\r\n\r\n")
     if not separator or not head.startswith(b"HTTP/1.1 200"):
         return f"bad response head: {head[:80]!r}"
-    events = decode_chunked(body).split(b"\n\n")
-    if events[-1] != b"" or events[-2] != b"data: [DONE]":
+    stream = sse.parse(decode_chunked(body))
+    if not stream.events or stream.events[-1].data != "[DONE]" or stream.unterminated:
         return "stream does not end with data: [DONE]"
     content = []
     finish = None
-    for event in events[:-2]:
-        chunk = orjson.loads(event.removeprefix(b"data: "))
+    for event in stream.events[:-1]:
+        chunk = orjson.loads(event.data)
         for choice in chunk["choices"]:
             content.append(choice["delta"].get("content") or "")
             finish = choice["finish_reason"] or finish

@@ -17,8 +17,10 @@ import pytest
 from streamgate.simulator.config import SimConfig
 from streamgate.simulator.faults import FAULT_KINDS
 from streamgate.simulator.script import MAX_TOKENS, expected_text, expected_tokens
-from support.sim_capacity import check_stream_body, decode_chunked
+from support import sse
+from support.sim_capacity import check_stream_body
 from support.simulator_thread import SimulatorThread
+from support.stream_probe import ChunkedDecoder, ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,21 +60,16 @@ def chat(
 
 
 def events_of(response: httpx.Response) -> list[bytes]:
-    """The SSE events' data, split exactly (every event is one `data: ` line and a blank line)."""
-    body = response.content
-    assert body.endswith(b"\n\n")
-    events = body.split(b"\n\n")[:-1]
-    assert all(event.startswith(b"data: ") and b"\n" not in event for event in events)
-    return [event.removeprefix(b"data: ") for event in events]
+    """The SSE events' data, each checked to be framed exactly as one `data: ` line and a
+    blank line (what the simulator writes)."""
+    events = sse.parse(response.content).events
+    assert response.content == b"".join(b"data: %s\n\n" % event.data.encode() for event in events)
+    return [event.data.encode() for event in events]
 
 
 def chunks_of(body: bytes) -> list[dict]:
     """The JSON chunks of a streamed body (a decoded body: no chunked framing), [DONE] left out."""
-    return [
-        json.loads(e.removeprefix(b"data: "))
-        for e in body.split(b"\n\n")
-        if e and e != b"data: [DONE]"
-    ]
+    return [json.loads(event.data) for event in sse.parse(body).events if event.data != "[DONE]"]
 
 
 def contents_of(chunks: list[dict]) -> list[str]:
@@ -671,11 +668,6 @@ def test_malformed_http_is_refused(sim):
     assert raw.startswith(b"HTTP/1.1 400")
 
 
-def test_decode_chunked_refuses_a_truncated_body():
-    with pytest.raises(ValueError):
-        decode_chunked(b"5\r\nhello\r\n")
-
-
 def test_jitter_varies_timing_not_text():
     with SimulatorThread(
         SimConfig(port=0, ttft_ms=1, gap_ms=10, jitter_ms=10, tokens=30)
@@ -863,27 +855,13 @@ def _stream_then_rest(raw: bytes) -> tuple[bytes, bytes, bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK"), raw[:200]
     assert b"transfer-encoding: chunked" in head
-    decoded = []
-    position = 0
-    while True:
-        line_end = body.find(b"\r\n", position)
-        assert line_end != -1, (
-            f"chunked body cut off: ...{body[position - 80 : position + 80]!r}"
-        )
-        size_field = body[position:line_end]
-        assert re.fullmatch(rb"[0-9a-f]+", size_field), (
-            f"not a chunk inside the stream: {body[position : position + 80]!r}"
-        )
-        size = int(size_field, 16)
-        if size == 0:
-            assert body[line_end : line_end + 4] == b"\r\n\r\n"
-            return head, b"".join(decoded), body[line_end + 4 :]
-        start = line_end + 2
-        decoded.append(body[start : start + size])
-        assert body[start + size : start + size + 2] == b"\r\n", (
-            "chunk of the wrong size"
-        )
-        position = start + size + 2
+    decoder = ChunkedDecoder()
+    try:
+        decoded = decoder.feed(body)
+    except ProtocolError as exc:
+        raise AssertionError(f"not a chunked body: {exc}") from None
+    assert decoder.done, f"chunked body cut off: ...{body[-80:]!r}"
+    return head, decoded, decoder.rest
 
 
 MALFORMED = {

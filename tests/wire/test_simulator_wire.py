@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -15,11 +14,9 @@ import httpx
 import openai
 import pytest
 from streamgate.simulator.script import expected_text
-from support.sim_capacity import (
-    SimulatorProcess,
-    decode_chunked,
-    run_capacity_check,
-)
+from support import sse
+from support.sim_capacity import SimulatorProcess, run_capacity_check
+from support.stream_probe import decode_chunked
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -178,8 +175,8 @@ def test_sigterm_stops_the_process_promptly_even_with_streams_open():
         sock = _open_stream(process, "sim-fault-stall-first", "rid-term")
         started = time.monotonic()
         os.kill(process.pid, signal.SIGTERM)
-        assert process.popen is not None
-        assert process.popen.wait(timeout=5) == 0
+        assert process.process is not None
+        assert process.process.popen.wait(timeout=5) == 0
         assert time.monotonic() - started < 5
         sock.close()
 
@@ -268,15 +265,8 @@ def test_a_bad_request_pipelined_behind_a_stream_waits_for_its_end(sim_process):
     assert -1 < stream_end < error_at, raw
     decoded = decode_chunked(body[: stream_end + 5])
     assert decoded.endswith(b"data: [DONE]\n\n")
-    assert (
-        b"".join(
-            json.loads(event.removeprefix(b"data: "))["choices"][0]["delta"]
-            .get("content", "")
-            .encode()
-            for event in decoded.split(b"\n\n")
-            if event.startswith(b"data: {")
-            and json.loads(event.removeprefix(b"data: "))["choices"]
-        )
-        == expected_text(5).encode()
-    )
+    chunks = [event.json() for event in sse.parse(decoded).events if event.data != "[DONE]"]
+    content = "".join(chunk["choices"][0]["delta"].get("content", "")
+                      for chunk in chunks if chunk["choices"])
+    assert content == expected_text(5)
     assert b"connection: close" in body[error_at:]
