@@ -241,7 +241,8 @@ def ensure_image_tree(tarball: Path) -> Path:
 
 
 def mount_host_root(host: LabHost, tarball: Path) -> str:
-    """An overlay over the shared image (instant, small); a full unpacked copy where overlays fail."""
+    """An overlay over the shared image (instant, small); a full unpacked copy where overlays
+    fail."""
     host.root.mkdir(parents=True)
     upper, work = host.root.with_name("upper"), host.root.with_name("work")
     upper.mkdir()
@@ -293,7 +294,8 @@ def controller_resolv_conf() -> str:
 
 
 def copy_trust_store(root: Path) -> None:
-    """The controller's CA bundle, plus its extra CAs so a later update-ca-certificates keeps them."""
+    """The controller's CA bundle, plus its extra CAs so a later update-ca-certificates keeps
+    them."""
     bundle = root / "etc" / "ssl" / "certs" / "ca-certificates.crt"
     bundle.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(CONTROLLER_CA_BUNDLE, bundle)

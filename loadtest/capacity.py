@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -23,10 +24,6 @@ import time
 from pathlib import Path
 
 import psutil
-
-# The process harness shared with the tests and the benchmark (standard library only).
-sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
-from support.procs import ManagedProcess
 
 HERE = Path(__file__).resolve().parent
 SIM_GAP_MS = 20.0
@@ -37,16 +34,19 @@ CLEAN_ITL_P99_MS = SIM_GAP_MS + 10
 CLEAN_BUFFERED_RATIO = 0.0
 
 
-def start_simulator(log_dir: Path) -> tuple[ManagedProcess, str]:
-    """The simulator on a port of its choosing, and its URL (from the line it logs)."""
-    process = ManagedProcess(
-        "simulator",
+def start_simulator() -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
         [sys.executable, "-m", "streamgate.simulator", "--host", "127.0.0.1", "--port", "0",
          "--ttft-ms", "50", "--gap-ms", str(SIM_GAP_MS), "--jitter-ms", "0",
          "--tokens", str(SIM_TOKENS)],
-        log_dir=log_dir,
-    ).start()
-    return process, process.wait_output(r"listening on (http://\S+)", timeout_s=20)[1]
+        stdout=subprocess.PIPE, text=True,
+    )
+    line = process.stdout.readline()  # "streamgate-sim listening on http://127.0.0.1:PORT"
+    match = re.search(r"http://\S+", line)
+    if not match:
+        process.terminate()
+        raise SystemExit(f"simulator did not start: {line!r}")
+    return process, match.group(0)
 
 
 class CpuSampler(threading.Thread):
@@ -167,8 +167,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=0, help="Locust workers (0: one process)")
     parser.add_argument("--reports-dir", type=Path, default=HERE / "reports" / "capacity")
     args = parser.parse_args()
-    args.reports_dir.mkdir(parents=True, exist_ok=True)
-    simulator, target = start_simulator(args.reports_dir)
+    simulator, target = start_simulator()
     results = []
     try:
         sim = psutil.Process(simulator.pid)
@@ -181,7 +180,8 @@ def main() -> int:
             result["clean"] = clean
             print(f"users {users:5d} x{result['processes']}  generator CPU "
                   f"{result['generator_cpu_pct']:6.1f}% (waited for a CPU "
-                  f"{result['generator_cpu_wait_pct']:5.1f}%)  sim CPU {result['sim_cpu_pct']:6.1f}%  "
+                  f"{result['generator_cpu_wait_pct']:5.1f}%)  "
+                  f"sim CPU {result['sim_cpu_pct']:6.1f}%  "
                   f"gap p50 {result['itl_p50_ms']:6.1f} p99 {result['itl_p99_ms']:6.1f} ms  "
                   f"TTFT p95 {result['ttft_p95_ms']} ms  buffered {result['buffered_ratio']}  "
                   f"generator lagged {result['generator_lagged']}  "
@@ -191,7 +191,9 @@ def main() -> int:
                   flush=True)
             time.sleep(2)  # let sockets from the last step close
     finally:
-        simulator.stop()
+        simulator.terminate()
+        simulator.wait(timeout=10)
+    args.reports_dir.mkdir(parents=True, exist_ok=True)
     summary = args.reports_dir / f"capacity-{time.strftime('%Y%m%d-%H%M%S')}.json"
     summary.write_text(json.dumps(results, indent=2))
     print(f"results in {summary}")

@@ -30,7 +30,8 @@ class Gate:
     def summary(self) -> str:
         shown = "n/a" if self.value is None else f"{self.value:.4g}{self.unit}"
         verdict = "PASS" if self.passed else "FAIL"
-        return f"gate {self.name:<16} value {shown:<12} limit <= {self.limit:g}{self.unit:<4} {verdict}"
+        limit = f"{self.limit:g}{self.unit:<4}"
+        return f"gate {self.name:<16} value {shown:<12} limit <= {limit} {verdict}"
 
 
 def merged(stats: RequestStats, request_type: str) -> StatsEntry:

@@ -261,7 +261,8 @@ def judge_protocol(record: StreamRecord, decoder: TextDecoder) -> str | None:
     if decoder.finish_reason is None:
         return f"{CORRUPT}: no finish_reason"
     if decoder.tokens_reported is not None and decoder.tokens_reported < record.units:
-        return f"{CORRUPT}: usage says {decoder.tokens_reported} tokens, {record.units} content chunks arrived"
+        return (f"{CORRUPT}: usage says {decoder.tokens_reported} tokens, "
+                f"{record.units} content chunks arrived")
     return None
 
 

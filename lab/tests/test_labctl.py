@@ -63,12 +63,14 @@ def test_only_rules_tagged_with_the_lab_comment_are_removed():
     tag = labctl.NAT_COMMENT
     listing = "\n".join([
         "-P POSTROUTING ACCEPT",
-        f"-A POSTROUTING -s 10.231.0.0/24 ! -d 10.231.0.0/24 -m comment --comment {tag} -j MASQUERADE",
+        f"-A POSTROUTING -s 10.231.0.0/24 ! -d 10.231.0.0/24 -m comment --comment {tag} "
+        "-j MASQUERADE",
         # Same subnet, no tag: someone else's rule, must stay.
         "-A POSTROUTING -s 10.231.0.0/24 -j MASQUERADE",
         # A tag that merely starts with ours is not ours.
         f'-A POSTROUTING -s 10.9.0.0/24 -m comment --comment "{tag}-other" -j MASQUERADE',
-        f"-A POSTROUTING -s 10.9.0.0/24 -m comment --comment other -j MASQUERADE -m comment --comment x{tag}",
+        "-A POSTROUTING -s 10.9.0.0/24 -m comment --comment other -j MASQUERADE "
+        f"-m comment --comment x{tag}",
     ])
     assert labctl.tagged_rules(listing) == [
         ["POSTROUTING", "-s", "10.231.0.0/24", "!", "-d", "10.231.0.0/24",

@@ -14,7 +14,7 @@ from support.stream_probe import Trace
 
 # The load test's judges, so that a deployment is judged here as under load (one definition).
 sys.path.append(str(Path(__file__).resolve().parents[2] / "loadtest"))
-import streamcheck  # noqa: E402
+import streamcheck
 
 
 def check_output_as_root(host, command: str) -> str:

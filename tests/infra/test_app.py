@@ -99,7 +99,8 @@ def test_firewall_table_guards_the_gateway_port(host, gateway_port):
 
 
 def test_only_the_edge_reaches_the_gateway(host, hostvars, bind_address, inventory_host, gateway_port):
-    """Every edge host connects; every other host of the inventory and the controller are refused."""
+    """Every edge host connects; every other host of the inventory and the controller are
+    refused."""
     if bind_address == "127.0.0.1":
         pytest.skip("single host: the gateway listens on loopback only")
     assert_only_group_reaches(hostvars, inventory_host, "edge", bind_address, gateway_port)
@@ -209,7 +210,8 @@ def test_reload_keeps_the_master_and_stays_ready(host, bind_address, gateway_por
     # Bounded: 20 tries, 1 s apart; curl fails fast when nothing answers.
     status = host.check_output(
         "for try in $(seq 20); do "
-        f"code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 2 http://{bind_address}:{gateway_port}/readyz); "
+        "code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "
+        f"http://{bind_address}:{gateway_port}/readyz); "
         '[ "$code" = 200 ] && break; sleep 1; done; echo "$code"'
     )
     assert status == "200"

@@ -139,7 +139,8 @@ def test_negative_control_gixy_reports_a_header_that_drops_hsts(effective_config
 # each connected and handshaken first, then all sent together; prints the statuses it got.
 BURST = r"""
 import http.client, json, ssl, sys, threading
-count, key, cafile, tokens, port = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+count, key, cafile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+tokens, port = int(sys.argv[4]), int(sys.argv[5])
 context = ssl.create_default_context(cafile=cafile)
 body = json.dumps({"model": "sim", "stream": True, "max_tokens": tokens,
                    "messages": [{"role": "user", "content": "burst"}]})

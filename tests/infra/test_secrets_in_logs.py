@@ -56,7 +56,8 @@ def known_secrets(request) -> dict[str, str]:
     if os.environ.get("STREAMGATE_CLIENT_KEY"):
         found["STREAMGATE_CLIENT_KEY"] = os.environ["STREAMGATE_CLIENT_KEY"]
     if not found:
-        skip_unless_ci("no secrets known (client-key / upstream-key next to the inventory, STREAMGATE_CLIENT_KEY)")
+        skip_unless_ci("no secrets known (client-key / upstream-key next to the inventory, "
+                       "STREAMGATE_CLIENT_KEY)")
     return found
 
 

@@ -23,6 +23,8 @@ GOOD_KEYS = [
     {"name": "web", "key": "k" * 32},
     {"name": "batch-jobs.v2", "key": "a-second-key-that-is-long-enough-0123"},
 ]
+# A PEM-shaped stand-in: validate.yml checks the form, never the content.
+CERTIFICATE = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
 SPLIT_INVENTORY = {
     "all": {
         "vars": {"streamgate_client_keys": GOOD_KEYS},
@@ -100,8 +102,7 @@ def test_good_inventory_passes(tmp_path):
         ({"nginx_limit_streams_per_key": 0}, "nginx_limit_streams_per_key must be a whole number above 0"),
         ({"nginx_limit_burst": 0}, "nginx_limit_burst must be a whole number above 0"),
         ({"nginx_limit_rate_per_ip_unauthenticated": 0}, "nginx_limit_rate_per_ip_unauthenticated must be a whole number above 0"),
-        ({"nginx_tls_certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"},
-         "nginx_tls_certificate is set without nginx_tls_certificate_key"),
+        ({"nginx_tls_certificate": CERTIFICATE}, "nginx_tls_certificate is set without nginx_tls_certificate_key"),
         ({"nginx_tls_certificate_key_file": "/etc/hostname"},
          "nginx_tls_certificate_file is set without nginx_tls_certificate_key_file"),
         ({"nginx_tls_certificate_file": "/nonexistent/fullchain.pem", "nginx_tls_certificate_key_file": "/nonexistent/privkey.pem"},
@@ -118,7 +119,8 @@ def test_bad_variable_fails_with_a_message_naming_it(tmp_path, extra_vars, expec
 
 
 def test_edge_given_by_name_is_refused_for_the_firewall(tmp_path):
-    """The gateway's firewall default is built from the edge hosts' addresses: names cannot go in."""
+    """The gateway's firewall default is built from the edge hosts' addresses: names cannot go
+    in."""
     inventory = json.loads(json.dumps(SPLIT_INVENTORY))
     inventory["all"]["children"]["edge"]["hosts"]["edge1"] = {"ansible_host": "edge1.example.org"}
     result = run_validation(tmp_path, inventory)
@@ -131,7 +133,7 @@ def test_edge_given_by_name_is_refused_for_the_firewall(tmp_path):
 
 def test_a_certificate_with_its_key_passes_and_the_key_is_never_printed(tmp_path):
     key = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n-----END PRIVATE KEY-----"
-    good = {"nginx_tls_certificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+    good = {"nginx_tls_certificate": CERTIFICATE,
             "nginx_tls_certificate_key": key}
     result = run_validation(tmp_path, SPLIT_INVENTORY, good, verbose=True)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -197,7 +197,7 @@ def test_a_stalled_generator_fails_validity_not_the_target(simulator, tmp_path):
     assert result.gates["buffered_ratio"]["passed"], result.explain()
 
 
-# ---------------------------------------------------------------- an upstream that is not the simulator
+# ------------------------------------------------------- an upstream that is not the simulator
 
 @pytest.fixture(scope="module")
 def llama_server(process_logs, running, tmp_path_factory) -> services.Service:

@@ -140,7 +140,8 @@ def test_plain_text_tokens_counted_from_the_expected_text():
 
 def test_sse_decoder_reads_the_usage_of_the_done_event():
     decoder = SSEDecoder()
-    wire = b'data: {"content": "a\\r\\nb"}\n\nevent: done\ndata: {"usage": {"completion_tokens": 2}}\n\n'
+    wire = (b'data: {"content": "a\\r\\nb"}\n\n'
+            b'event: done\ndata: {"usage": {"completion_tokens": 2}}\n\n')
     assert decoder.feed(wire) == ("a\r\nb", 1)
     assert decoder.done and decoder.tokens_reported == 2
 
@@ -176,7 +177,7 @@ def test_lag_log_forgets_old_episodes():
     assert not log.episodes
 
 
-# ---------------------------------------------------------------- any upstream: no known text or pace
+# ------------------------------------------------------- any upstream: no known text or pace
 
 UNKNOWN_PACE = StreamTiming(gap_ms=None)
 

@@ -126,7 +126,7 @@ class ManagedProcess:
                 cwd=self.cwd,
                 start_new_session=True,
                 # Only when asked: a preexec_fn is unsafe once the caller runs threads.
-                preexec_fn=None if self.nofile is None else self._limit_open_files,  # noqa: PLW1509
+                preexec_fn=None if self.nofile is None else self._limit_open_files,
             )
         return self
 

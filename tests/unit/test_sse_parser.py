@@ -92,7 +92,8 @@ class KeepsTheBOM(sse.Parser):
 
 @pytest.mark.parametrize(("body", "expected"), [
     ("data: YHOO\ndata: +2\ndata: 10\n\n", [("message", "YHOO\n+2\n10", "")]),
-    (": test stream\n\ndata: first event\nid: 1\n\ndata:second event\nid\n\ndata:  third event\n",
+    (": test stream\n\ndata: first event\nid: 1\n\n"
+     "data:second event\nid\n\ndata:  third event\n",
      [("message", "first event", "1"), ("message", "second event", "")]),
     ("data\n\ndata\ndata\n\ndata:", [("message", "", ""), ("message", "\n", "")]),
     ("data:test\n\ndata: test\n\n", [("message", "test", ""), ("message", "test", "")]),

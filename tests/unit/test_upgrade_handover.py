@@ -1,4 +1,5 @@
-"""The gunicorn config's part of an in-place upgrade, in-process; and the upgrade command's refusals.
+"""The gunicorn config's part of an in-place upgrade, in-process; and the upgrade command's
+refusals.
 
 - post_worker_init: in a worker of a master started by USR2 (GUNICORN_PID set), the first
   heartbeat (uvicorn calls it right after its server started) sends systemd "MAINPID=<the
