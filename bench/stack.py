@@ -6,25 +6,19 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.append(str(REPO / "tests"))
+from support.procs import ManagedProcess, free_port  # noqa: F401 (free_port: for stream_bench)
+
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def child_pids(pid: int) -> list[int]:
@@ -66,6 +60,22 @@ def runqueue_wait_seconds(pid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total / 1e9
+
+
+def scheduled_runs(pid: int) -> int:
+    """How many times the process's threads were put on a CPU (schedstat, field 3): each
+    wake-up is at least one."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[2])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def busy_cpu_seconds() -> float:
@@ -177,21 +187,10 @@ def http_json(port: int, path: str, timeout_s: float = 5.0) -> dict | None:
         return None
 
 
-def http_status(port: int, path: str) -> int:
-    """Status of a GET on loopback, 0 when nothing answers."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
-            head = sock.recv(64)
-    except OSError:
-        return 0
-    parts = head.split(b" ", 2)
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-
-
 @dataclass
 class Service:
-    """One process tree we started (its master's PID is kept to stop it and read its CPU)."""
+    """One process tree we started (its master's PID is kept to read its CPU), by the tests'
+    process harness (support/procs.py): log file, bounded wait until ready, stop by group."""
 
     name: str
     port: int
@@ -203,41 +202,19 @@ class Service:
     log_dir: Path = Path(".")
     # Open files (RLIMIT_NOFILE, soft and hard) to start it with, as its systemd unit's
     # LimitNOFILE gives it; None: inherit ours. Raising the hard limit needs root.
+    # The benchmark starts its services before any thread of its own (the limit is set in the
+    # child before exec).
     nofile: int | None = None
-    process: subprocess.Popen | None = None
+    process: ManagedProcess | None = None
     pids: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        log = open(self.log_dir / f"{self.name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=REPO,
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # The benchmark starts its services before any thread of its own.
-            preexec_fn=None if self.nofile is None else self._set_nofile,  # noqa: PLW1509
-        )
-        log.close()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: see {self.log_dir / self.name}.log")
-            if http_status(self.ready_port or self.port, self.ready_path) == 200:
-                self.pids = [self.process.pid, *child_pids(self.process.pid)]
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready within {READY_TIMEOUT_S} s")
-
-    def _set_nofile(self) -> None:
-        """In the child, before exec: its open-files limit (as much of it as we may give)."""
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
-        except (ValueError, OSError):  # not root: up to our hard limit only
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.nofile, hard), hard))
+        self.process = ManagedProcess(self.name, self.command, log_dir=self.log_dir,
+                                      env={**os.environ, **self.env}, cwd=REPO,
+                                      nofile=self.nofile).start()
+        self.process.wait_http(f"http://127.0.0.1:{self.ready_port or self.port}{self.ready_path}",
+                               timeout_s=READY_TIMEOUT_S)
+        self.pids = [self.process.pid, *child_pids(self.process.pid)]
 
     def memory_kib(self) -> dict[str, int]:
         """Rss and Pss summed over the master and its workers (KiB)."""
@@ -260,24 +237,13 @@ class Service:
     def runqueue_wait(self) -> float:
         return sum(runqueue_wait_seconds(pid) for pid in self.refresh_pids())
 
+    def scheduled_runs(self) -> int:
+        return sum(scheduled_runs(pid) for pid in self.refresh_pids())
+
     def stop(self) -> None:
-        """SIGTERM the master, then SIGKILL whatever of the tree we know is still there."""
-        if self.process is None:
-            return
-        pids = self.refresh_pids()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait(STOP_TIMEOUT_S)
-        self.process = None
+        if self.process is not None:
+            self.process.stop(term_timeout_s=STOP_TIMEOUT_S)
+            self.process = None
 
 
 def render_nginx(
