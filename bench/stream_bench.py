@@ -53,6 +53,7 @@ from stack import (
     cpu_seconds,
     free_port,
     render_nginx,
+    scheduled_runs,
     tcp_connections,
 )
 
@@ -410,6 +411,8 @@ def measure(
     sleep_until(schedule.warm)
     cpu_before = {name: services[name].cpu_by_pid() for name in costed}
     wait_before = {name: services[name].runqueue_wait() for name in costed}
+    runs_before = {name: services[name].scheduled_runs() for name in costed}
+    client_runs_before = sum(scheduled_runs(process.pid) for process, _ in workers)
     busy_before = busy_cpu_seconds()
     clients_before = sum(cpu_seconds(process.pid) for process, _ in workers)
     sim_conns_before = tcp_connections(services["sim"].port)
@@ -417,6 +420,9 @@ def measure(
     sleep_until(schedule.end)
     cpu_after = {name: services[name].cpu_by_pid() for name in costed}
     wait = {name: services[name].runqueue_wait() - wait_before[name] for name in costed}
+    runs = {name: services[name].scheduled_runs() - runs_before[name] for name in costed}
+    runs["client"] = (sum(scheduled_runs(process.pid) for process, _ in workers)
+                      - client_runs_before)
     busy = busy_cpu_seconds() - busy_before
     clients_cpu = sum(cpu_seconds(process.pid) for process, _ in workers) - clients_before
     sim_conns_after = tcp_connections(services["sim"].port)
@@ -452,6 +458,10 @@ def measure(
     # The machine is shared: how much CPU others used, and how long ours waited for a core.
     row["other_processes_cores"] = round(max(0.0, busy - ours) / window, 2)
     row["runqueue_wait_s"] = {name: round(seconds, 2) for name, seconds in wait.items()}
+    # Times each process tree was put on a CPU (about its wake-ups), per relayed chunk: fewer
+    # means more chunks handled per wake-up.
+    row["cpu_runs_per_chunk"] = {
+        name: round(count / chunks, 3) if chunks else None for name, count in runs.items()}
     # Connections into the simulator (from the relay, or the load generator for `sim`): open at
     # the end of the window, and closed during it (new TIME_WAIT pairs): a pool that keeps too
     # few idle connections opens a new one for many streams.
