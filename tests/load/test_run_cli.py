@@ -67,6 +67,10 @@ def test_target_is_https_when_the_play_left_its_ca_next_to_the_inventory(tmp_pat
     assert run.edge_url(inventory) == "https://10.231.0.10/"
 
 
+# Not 0: a run.py that always exited 0 must not pass.
+LOCUST_EXIT = 3
+
+
 def locust_call(tmp_path, monkeypatch, inventory_text: str) -> dict:
     """What run.py hands Locust (command, env) for `--inventory` with this text; Locust is not
     run (ansible-inventory is: the upstream's kind is read through it)."""
@@ -79,11 +83,12 @@ def locust_call(tmp_path, monkeypatch, inventory_text: str) -> dict:
         if "locust" not in command:
             return real_run(command, **kwargs)
         seen.update(command=command, env=kwargs["env"])
-        return type("Done", (), {"returncode": 0})()
+        return type("Done", (), {"returncode": LOCUST_EXIT})()
 
     monkeypatch.setattr(run.subprocess, "run", fake_run)
     monkeypatch.setattr(run, "time", type("T", (), {"strftime": staticmethod(lambda _: "r")}))
-    assert run.main(["--inventory", str(inventory), "--reports-dir", str(tmp_path / "reports")]) == 0
+    exit_code = run.main(["--inventory", str(inventory), "--reports-dir", str(tmp_path / "reports")])
+    assert exit_code == LOCUST_EXIT  # Locust's verdict is run.py's exit code
     return seen
 
 
