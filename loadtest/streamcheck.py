@@ -321,7 +321,9 @@ def excused_by_lag(record: StreamRecord, tokens: int, timing: StreamTiming,
     """
     if not stalls:
         return False
-    gap_ms = timing.pace_ms(record)
+    # At an unknown pace, the response's average gap (its TTFT included: never smaller than its
+    # real gap, so never more forgiving); its median gap would be none for a single read.
+    gap_ms = timing.gap_ms or record.duration_ms() / max(tokens, 1)
     mergeable = stalls + stalled_s * 1000 / gap_ms if gap_ms > 0 else tokens
     reads_ok = min(len(record.content_times) + mergeable, tokens) >= (
         timing.min_separate_reads_ratio * tokens)

@@ -223,7 +223,7 @@ def llama_server(process_logs, running, tmp_path_factory) -> services.Service:
 def test_run_through_the_chain_from_llama_cpp_passes_every_gate(llama_server, gateway_factory,
                                                                  nginx_factory, tmp_path):
     proxy = nginx_factory(gateway_factory(llama_server, workers=2))
-    result = run_load(proxy.base_url, tmp_path, users=8, run_time="8s", routes=ALL_ROUTES,
+    result = run_load(proxy.base_url, tmp_path, users=6, run_time="10s", routes=ALL_ROUTES,
                       extra=ANY_UPSTREAM)
     assert result.exit_code == 0, result.explain()
     assert result.failed_gates() == set(), result.explain()

@@ -247,3 +247,13 @@ def test_a_whole_openai_stream_passes_the_protocol_verdict():
 def test_a_broken_openai_stream_fails_the_protocol_verdict(payloads, message):
     verdict = judge_protocol(*decoded(payloads))
     assert verdict is not None and verdict.startswith(CORRUPT) and message in verdict, verdict
+
+
+def test_unknown_pace_one_read_is_not_excused_by_a_short_stall():
+    """A whole answer in one read after 1 s, while the generator stalled 10 ms: still buffered
+    (at an unknown pace, a stall merges what the response's average gap allows)."""
+    record = record_of([(1.0, "".join(TOKENS))])
+    assert not excused_by_lag(record, len(TOKENS), UNKNOWN_PACE, stalled_s=0.010, stalls=1)
+    spread = streamed(TOKENS, gap_s=0.02)
+    merged = record_of([(at, text) for at, text in zip(spread.content_times[::2], ["".join(TOKENS[i:i + 2]) for i in range(0, len(TOKENS), 2)], strict=True)])
+    assert excused_by_lag(merged, len(TOKENS), UNKNOWN_PACE, stalled_s=0.1, stalls=4)

@@ -57,10 +57,9 @@ class Size:
 
 
 SIZES = {"tiny": Size(64, 2, 128), "paced": Size(768, 8, 2048)}
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+# The messages' text only: every character of a prompt is a token here (bytes), and a short
+# prompt keeps the first token of a cold slot quick (prompt processing is this model's TTFT).
+CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
 
 
 def vocabulary() -> tuple[list[str], list[float], list[int]]:
