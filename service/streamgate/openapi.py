@@ -64,7 +64,7 @@ class Error(BaseModel):
 def _request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
     """(the stream routes' body, the OpenAI route's body), with the policy's bounds."""
     allowed = list(settings.allowed_models)
-    model_type: Any = Literal[tuple(allowed)] if allowed else str  # type: ignore[valid-type]
+    model_type: Any = Literal[tuple(allowed)] if allowed else str
     max_tokens = settings.max_tokens_limit or MAX_TOKENS
     max_n = settings.max_n or RANGES["n"][1]
     tokens: tuple[Any, Any] = (int | None, Field(None, ge=1, le=max_tokens))

@@ -56,7 +56,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_started = False
         self.unsent_at_arming = 0
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
