@@ -19,12 +19,25 @@ testinfra_hosts = ["ansible://app"]
 
 MAX_EXPOSURE = 2.0
 EXPOSURE_LINE = re.compile(r"Overall exposure level for streamgate\.service:\s*([0-9.]+)")
-PROXY_ENV_FILE = "/etc/streamgate/proxy.env"
+# Where the roles put the app's files, read as the inventory sets or the roles define them.
+PATH_VARIABLES = {
+    "config_dir": "streamgate_config_dir",
+    "env_file": "streamgate_env_file",
+    "proxy_env_file": "__streamgate_proxy_env_file",
+    "unit_file": "__streamgate_unit_file",
+    "venv_dir": "streamgate_venv_dir",
+    "firewall_dir": "__host_firewall_dir",
+}
+
+
+@pytest.fixture(scope="module")
+def paths(hostvars) -> dict[str, str]:
+    return {key: setting(hostvars, name) for key, name in PATH_VARIABLES.items()}
 
 
 @pytest.fixture(scope="module")
 def gateway_port(hostvars) -> int:
-    return int(setting(hostvars, "app", "streamgate_port"))
+    return int(setting(hostvars, "streamgate_port"))
 
 
 @pytest.fixture(scope="module")
@@ -45,37 +58,39 @@ def test_python_venv_package_is_installed(host):
     assert host.package("python3-venv").is_installed
 
 
-def test_gateway_and_simulator_scripts_are_in_the_venv(host):
+def test_gateway_and_simulator_scripts_are_in_the_venv(host, paths):
     for script in ("gunicorn", "streamgate-sim"):
-        executable = host.file(f"/opt/streamgate/venv/bin/{script}")
+        executable = host.file(f"{paths['venv_dir']}/bin/{script}")
         assert executable.is_file and executable.mode & 0o111
 
 
-def test_venv_is_not_writable_by_the_service(host):
-    venv = host.file("/opt/streamgate/venv")
+def test_venv_is_not_writable_by_the_service(host, paths):
+    venv = host.file(paths["venv_dir"])
     assert venv.user == "root" and not venv.mode & 0o022
 
 
 @pytest.mark.parametrize(
-    ("path", "user", "group", "mode"),
+    ("where", "user", "group", "mode"),
     [
-        ("/etc/streamgate", "root", "streamgate", 0o750),
-        ("/etc/streamgate/streamgate.env", "streamgate", "streamgate", 0o600),
-        ("/etc/systemd/system/streamgate.service", "root", "root", 0o644),
-        (PROXY_ENV_FILE, "root", "root", 0o600),
-        ("/etc/streamgate-firewall", "root", "root", 0o700),
-        ("/etc/streamgate-firewall/gateway.nft", "root", "root", 0o600),
+        ("config_dir", "root", "streamgate", 0o750),
+        ("env_file", "streamgate", "streamgate", 0o600),
+        ("unit_file", "root", "root", 0o644),
+        ("proxy_env_file", "root", "root", 0o600),
+        ("firewall_dir", "root", "root", 0o700),
+        ("firewall_dir/gateway.nft", "root", "root", 0o600),
     ],
 )
-def test_file_owner_and_mode(host, path, user, group, mode):
+def test_file_owner_and_mode(host, paths, where, user, group, mode):
+    key, _, name = where.partition("/")
+    path = f"{paths[key]}/{name}" if name else paths[key]
     with host.sudo():
         managed = host.file(path)
         assert managed.exists, path
         assert (managed.user, managed.group, managed.mode) == (user, group, mode)
 
 
-def test_env_file_points_the_app_at_an_upstream(host, bind_address, gateway_port):
-    env = check_output_as_root(host, "cat /etc/streamgate/streamgate.env")
+def test_env_file_points_the_app_at_an_upstream(host, paths, bind_address, gateway_port):
+    env = check_output_as_root(host, f"cat {paths['env_file']}")
     assert re.search(r'^STREAMGATE_UPSTREAM_BASE_URL="https?://\S+"$', env, re.MULTILINE), env
     assert f'STREAMGATE_BIND="{bind_address}:{gateway_port}"' in env
 
@@ -127,8 +142,8 @@ def test_unit_property(host, unit_property, expected):
     assert value == expected
 
 
-def test_stop_timeout_outlasts_the_graceful_timeout(host):
-    env = check_output_as_root(host, "cat /etc/streamgate/streamgate.env")
+def test_stop_timeout_outlasts_the_graceful_timeout(host, paths):
+    env = check_output_as_root(host, f"cat {paths['env_file']}")
     graceful_s = float(re.search(r'^STREAMGATE_GRACEFUL_TIMEOUT_S="([0-9.]+)"$', env, re.MULTILINE)[1])
     stop_s = parse_systemd_timespan(
         host.check_output("systemctl show -p TimeoutStopUSec --value streamgate")
@@ -141,24 +156,24 @@ def test_reload_is_a_hup_to_the_master(host):
     assert "/bin/kill" in exec_reload and "-s HUP $MAINPID" in exec_reload
 
 
-def test_gunicorn_runs_the_config_in_the_wheel(host):
+def test_gunicorn_runs_the_config_in_the_wheel(host, paths):
     """The master's command line names the packaged config; no copy of it waits in /etc."""
     main_pid = host.check_output("systemctl show -p MainPID --value streamgate")
     argv = check_output_as_root(host, f"cat /proc/{main_pid}/cmdline | tr '\\0' ' '")
     assert "--config python:streamgate.gunicorn_conf " in argv, argv
     with host.sudo():
-        assert not host.file("/etc/streamgate/gunicorn.conf.py").exists
+        assert not host.file(f"{paths['config_dir']}/gunicorn.conf.py").exists
 
 
-def test_unit_reads_the_env_file_through_the_app(host):
+def test_unit_reads_the_env_file_through_the_app(host, paths):
     environment = host.check_output("systemctl show -p Environment --value streamgate")
-    assert "STREAMGATE_ENV_FILE=/etc/streamgate/streamgate.env" in environment
+    assert f"STREAMGATE_ENV_FILE={paths['env_file']}" in environment
     assert "PROXY" not in environment.upper(), environment
     env_files = host.check_output("systemctl show -p EnvironmentFiles --value streamgate")
-    assert env_files.split() == [PROXY_ENV_FILE, "(ignore_errors=no)"], env_files
+    assert env_files.split() == [paths["proxy_env_file"], "(ignore_errors=no)"], env_files
 
 
-def test_proxy_variables_reach_the_process_intact(host, hostvars):
+def test_proxy_variables_reach_the_process_intact(host, hostvars, paths):
     """What the inventory sets arrives byte for byte (a `%` or `$` used to break the unit)."""
     wanted = hostvars.get("streamgate_proxy_env") or {}
     if not wanted:
@@ -168,7 +183,7 @@ def test_proxy_variables_reach_the_process_intact(host, hostvars):
     seen = dict(line.split("=", 1) for line in environ.splitlines() if "=" in line)
     for name, value in wanted.items():
         assert seen.get(name) == str(value), name
-    unit_text = host.file("/etc/systemd/system/streamgate.service").content_string
+    unit_text = host.file(paths["unit_file"]).content_string
     assert not any(str(value) in unit_text for value in wanted.values())
 
 

@@ -101,7 +101,7 @@ def test_nginx_is_installed_running_and_enabled(host):
 
 
 def test_nginx_listens_on_its_plain_port(host, hostvars):
-    assert host.socket(f"tcp://0.0.0.0:{setting(hostvars, 'nginx', 'nginx_listen')}").is_listening
+    assert host.socket(f"tcp://0.0.0.0:{setting(hostvars, 'nginx_listen')}").is_listening
 
 
 def test_default_site_is_removed(host):
@@ -144,10 +144,10 @@ def edge_url(host, hostvars, request) -> tuple[str, list[str]]:
     inventory = request.config.option.ansible_inventory
     ca = Path(inventory).parent / "ca.pem" if inventory else None
     if ca is None or not ca.is_file():
-        return f"http://127.0.0.1:{setting(hostvars, 'nginx', 'nginx_listen')}", []
+        return f"http://127.0.0.1:{setting(hostvars, 'nginx_listen')}", []
     result = host.run(f"printf %s {shlex.quote(ca.read_text())} > {HOST_CA_FILE}")
     assert result.rc == 0, result.stderr
-    return f"https://127.0.0.1:{setting(hostvars, 'nginx', 'nginx_listen_tls')}", ["--cafile", HOST_CA_FILE]
+    return f"https://127.0.0.1:{setting(hostvars, 'nginx_listen_tls')}", ["--cafile", HOST_CA_FILE]
 
 
 def probe_on_host(host, edge_url, path: str, body: dict, key: str | None) -> stream_probe.Trace:

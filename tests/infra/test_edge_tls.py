@@ -70,7 +70,7 @@ def ca_on_host(host, ca_file) -> str:
 
 @pytest.fixture(scope="module")
 def tls_port(hostvars) -> int:
-    return int(setting(hostvars, "nginx", "nginx_listen_tls"))
+    return int(setting(hostvars, "nginx_listen_tls"))
 
 
 def test_nginx_listens_on_its_tls_port(host, tls_port):

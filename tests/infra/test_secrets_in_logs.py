@@ -107,12 +107,12 @@ def test_collection_sees_what_requests_put_in_the_logs(inventory_host, inventory
     canary = f"canary-{secrets.token_hex(8)}"
     edge = inventory_host(inventory_groups["edge"][0])
     # Plain HTTP /healthz is proxied with TLS on or off; the app host is reached as nginx does.
-    plain_port = setting(edge.ansible.get_variables(), "nginx", "nginx_listen")
+    plain_port = setting(edge.ansible.get_variables(), "nginx_listen")
     edge.run_expect([0], f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
                     f"http://127.0.0.1:{plain_port}/healthz")
     for name in inventory_groups["app"]:
         address = app_address(inventory_host, name, inventory_groups)
-        port = setting(inventory_host(name).ansible.get_variables(), "app", "streamgate_port")
+        port = setting(inventory_host(name).ansible.get_variables(), "streamgate_port")
         edge.run_expect([0], f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
                         f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"hi\"}}' "
                         f"http://{address}:{port}/v1/chat/stream")

@@ -20,7 +20,7 @@ MAX_EXPOSURE = 2.0
 
 @pytest.fixture(scope="module")
 def sim_port(hostvars) -> int:
-    return int(setting(hostvars, "simulator", "streamgate_sim_port"))
+    return int(setting(hostvars, "streamgate_sim_port"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ only against the simulator is the text compared; from any other OpenAI-compatibl
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -24,17 +25,30 @@ KIND_VARIABLE = "streamgate_upstream_kind"
 ROLES = Path(__file__).resolve().parents[2] / "ansible" / "roles"
 
 
+# A default that only names other variables, such as "{{ streamgate_install_dir }}/venv".
+PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
 @cache
-def role_defaults(role: str) -> dict:
-    return yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text(encoding="utf-8")) or {}
+def role_variables() -> dict:
+    """Every role's defaults and vars (names carry their role's prefix, so they do not clash)."""
+    found: dict = {}
+    for path in sorted(ROLES.glob("*/defaults/main.yml")) + sorted(ROLES.glob("*/vars/main.yml")):
+        found |= yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return found
 
 
-def setting(hostvars: dict, role: str, name: str):
-    """A role variable as the inventory sets it, else the role's default (a plain value: the
-    defaults that are templates are not resolved here)."""
-    if name in hostvars:
-        return hostvars[name]
-    return role_defaults(role)[name]
+def setting(hostvars: dict, name: str):
+    """A role variable as the inventory sets it, else as the roles define it; placeholders that
+    only name other variables are filled the same way. Anything more (filters, conditions) is
+    refused rather than guessed."""
+    value = hostvars[name] if name in hostvars else role_variables()[name]
+    if not isinstance(value, str) or "{" not in value:
+        return value
+    resolved = PLACEHOLDER.sub(lambda match: str(setting(hostvars, match[1])), value)
+    if "{{" in resolved or "{%" in resolved:
+        raise ValueError(f"{name} is a template this reader does not evaluate: {value!r}")
+    return resolved
 
 
 def upstream_kind(hostvars: dict, groups: dict) -> str:
