@@ -87,6 +87,7 @@ TARGET_ADDED_TTFT_LEVEL = 10
 NOISY_OTHERS_CORES = 0.5
 # The one client key of the gateway targets (keys on), when the gateway has client keys.
 BENCH_CLIENT_KEY = "sk-bench-client-not-secret"
+BENCH_CLIENT_KEY_SHA256 = hashlib.sha256(BENCH_CLIENT_KEY.encode()).hexdigest()
 
 
 @dataclass
@@ -272,8 +273,7 @@ def build_services(
     needed = needed_services(args.targets)
     ttft_ms, gap_ms, tokens = pace
     key_env = (
-        {"STREAMGATE_CLIENT_KEY_HASHES":
-         f"bench:{hashlib.sha256(BENCH_CLIENT_KEY.encode()).hexdigest()}"}
+        {"STREAMGATE_CLIENT_KEY_HASHES": f"bench:{BENCH_CLIENT_KEY_SHA256}"}
         if args.client_key else {}
     )
     sim_port = free_port()
