@@ -34,8 +34,21 @@ LLM_PID=""
 # remove (and lab-destroy would only remove a lab that someone else made).
 make --no-print-directory venv deps
 
+# On a failure, what each app host's gateway logged about its 5xx answers (one JSON line each,
+# with the upstream's error), into the log directory, before the hosts are gone.
+save_gateway_errors() {
+    local host
+    for host in $(.venv/bin/python -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["all"]["children"]["app"]["hosts"]))' "$LAB_INVENTORY" 2>/dev/null); do
+        timeout 60 .venv/bin/python lab/labctl.py ssh "$host" sudo journalctl -u streamgate --no-pager -o cat --since -60min \
+            | grep -E '"status": ?5[0-9][0-9]' | tail -n 200 >"$LOG_DIR/gateway-5xx-$host.log" || true
+    done
+}
+
 teardown() {
     local status=$?
+    if [ "$status" != 0 ] && [ -f "${LAB_INVENTORY:-}" ]; then
+        save_gateway_errors
+    fi
     echo "== teardown (make lab-destroy)"
     if [ -n "$LLM_PID" ]; then
         kill "$LLM_PID" 2>/dev/null || true
