@@ -17,8 +17,12 @@ LAB_TOPOLOGY="${LAB_TOPOLOGY:-split}"
 LAB_RELEASE="${LAB_RELEASE:-bookworm}"
 LOADTEST_ARGS="${LOADTEST_ARGS:---users 100 --run-time 30s}"
 LAB_LLM_UPSTREAM="${LAB_LLM_UPSTREAM:-0}"
-# Fewer users than the server decodes at once (tools/llm/serve.py --parallel 32).
-LLM_LOADTEST_ARGS="${LLM_LOADTEST_ARGS:---users 8 --run-time 30s}"
+# Fewer users than the server decodes at once (tools/llm/serve.py --parallel 32). The model
+# decodes on one of the machine's two cores, beside the generator, the gateway and nginx: now and
+# then a starved moment merges a few tokens of the streams open then (2 of 193 answers at one
+# instant, the generator itself not lagging), so 3 % may look buffered; a buffering relay makes
+# every answer look so (tests/load: 100 %).
+LLM_LOADTEST_ARGS="${LLM_LOADTEST_ARGS:---users 8 --run-time 30s --slo-buffered-ratio 0.03}"
 LLM_PORT=8080
 LOG_DIR="$(mktemp -d -t streamgate-e2e-XXXXXX)"
 SUMMARY=()
