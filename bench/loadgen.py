@@ -3,7 +3,7 @@
 Each virtual client keeps one keep-alive connection and sends its next request the moment the
 previous response ends. Every read the kernel hands over (one `data_received`) is one arrival:
 its time is recorded, so "every token in its own read" can be counted rather than assumed.
-Work per read is kept small (no HTTP library; the tests' chunked decoder, bytes.find and a
+Work per read is kept small (no HTTP client package; the tests' chunked decoder, bytes.find and a
 regex per chunk line) so the load generator distorts the figures as little as possible; its own
 CPU is reported anyway.
 """
@@ -20,7 +20,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# One chunked decoder for the probe, the wire tests and the benchmark (standard library only).
+# One chunked decoder for the probe, the wire tests and the benchmark (stdlib only).
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 from support.stream_probe import ChunkedDecoder, ProtocolError
 

@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# One SSE parser for the tests, the benchmark and the load tests: tests/support/sse.py (standard
-# library only). The load test runs from the repository (run.py, make loadtest), never alone.
+# One SSE parser for the tests, the benchmark and the load tests: tests/support/sse.py (stdlib
+# only). The load test runs from the repository (run.py, make loadtest), never alone.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 from support import sse
 

@@ -2,7 +2,7 @@
 start with a log file, wait (bounded) until a URL answers, a port accepts or a line is logged,
 stop by process group with TERM then KILL, and the log's tail in every failure message.
 
-Standard library only: loadtest/capacity.py imports it from its own process.
+Stdlib only: loadtest/capacity.py imports it from its own process.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the value, a line without a colon is a field with an empty value; data lines joi
 a blank line dispatches the event, unless no data line came; an unknown field is ignored; the
 event cut off by the end of the stream is never dispatched.
 
-Standard library only: the load tests import it from their own process (loadtest/streamcheck.py).
+Stdlib only: the load tests import it from their own process (loadtest/streamcheck.py).
 """
 
 from __future__ import annotations
