@@ -433,9 +433,11 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         if self._closed:
             raise httpx2.ConnectError("transport is closed")
         # A reused connection may have been closed by the server while idle; such a failure
-        # (nothing received) is retried once on a fresh connection.
-        for _attempt in range(2):
-            connection = self._take_idle(origin)
+        # (nothing received) is retried once on a fresh connection, never another idle one: a
+        # server that closes after every answer (llama.cpp's does, while promising keep-alive)
+        # leaves every idle connection stale at once.
+        for attempt in range(2):
+            connection = self._take_idle(origin) if attempt == 0 else None
             fresh = connection is None
             if connection is None:
                 connection = await self._connect(origin, connect_timeout)

@@ -176,3 +176,40 @@ async def test_one_ca_policy_for_every_transport_system_store_or_ssl_cert_file(
             await one_request()
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         assert (await one_request()).status_code == 200
+
+
+async def test_a_request_dropped_on_reused_connections_is_retried_on_a_fresh_one():
+    """llama.cpp's server closes after each streamed answer while its headers promise keep-alive:
+    every idle connection may be stale at once, so the one retry must not take another idle one
+    (control: taking an idle connection on the retry fails this test with a 502-class error)."""
+    answered = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    both_in = asyncio.Event()
+    connections = 0
+
+    async def first_request_only(reader, writer):
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if connections == 2:
+            both_in.set()
+        await both_in.wait()  # two requests in flight: two connections end up idle
+        writer.write(answered)
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request on it is dropped unanswered
+        writer.close()
+
+    server = await asyncio.start_server(first_request_only, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = LeanTransport()
+    try:
+        async with httpx2.AsyncClient(transport=transport) as client:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            first = await asyncio.gather(*(client.post(url, content=b"{}") for _ in range(2)))
+            assert [response.content for response in first] == [b"ok", b"ok"]
+            assert len(transport._idle[LeanTransport.origin(httpx2.URL(url))]) == 2
+            third = await asyncio.wait_for(client.post(url, content=b"{}"), 5)
+            assert third.content == b"ok"
+        assert connections == 3  # the two pooled ones were dropped, the retry connected anew
+    finally:
+        server.close()
+        await transport.aclose()
