@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -290,7 +291,7 @@ def _check_tool_choice(value: Any) -> None:
 
 
 OPENAI_CHECKS: dict[str, Callable[[Any], None]] = {
-    **{key: (lambda value, key=key: _check_range(key, value)) for key in RANGES},
+    **{key: partial(_check_range, key) for key in RANGES},
     "stop": _check_stop,
     "user": _check_user,
     "logit_bias": _check_logit_bias,
