@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.config import JsonDict
 
 from .chat_request import MAX_TOKENS, RANGES, ROLES, STREAM_ROUTE_KEYS
+from .formats import CHAT_ROUTES, OPENAI, SSE, TEXT
 from .settings import Settings
 
 SECURITY_SCHEME = "clientKey"
@@ -137,21 +138,24 @@ def add_chat_routes(schema: dict[str, Any], settings: Settings, keys_required: b
               for status, text_ in ERROR_STATUSES.items()}
     if not keys_required:
         del errors["401"]
-    routes = {
-        "/v1/chat/stream": ("Stream an answer as plain text", stream_body,
+    # What each format answers; the paths come from the one route table.
+    by_format = {
+        TEXT: ("Stream an answer as plain text", stream_body,
                             {"text/plain": text},
                             "each delta written the moment it arrives; an upstream failure "
                             "mid-stream ends the body early"),
-        "/v1/chat/stream-sse": ("Stream an answer as server-sent events", stream_body,
+        SSE: ("Stream an answer as server-sent events", stream_body,
                                 {"text/event-stream": events},
                                 'data: {"content": ...} per delta, event: error, event: done'),
-        "/v1/chat/completions": ("OpenAI-compatible chat completion", completion_body,
+        OPENAI: ("OpenAI-compatible chat completion", completion_body,
                                  {"text/event-stream": events,
                                   "application/json": {"schema": {"type": "object"}}},
                                  "stream: true: OpenAI's chunks and data: [DONE]; "
                                  "otherwise the upstream's chat.completion object"),
     }
-    for path, (summary, body, content, answer) in routes.items():
+    for route in CHAT_ROUTES:
+        path = route.path
+        summary, body, content, answer = by_format[route.format.name]
         operation: dict[str, Any] = {
             "summary": summary,
             "operationId": "chat_" + path.rsplit("/", 1)[1].replace("-", "_"),
