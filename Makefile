@@ -76,6 +76,7 @@ loadtest: venv ## headless Locust through nginx (lab edge by default; TARGET=htt
 
 lint: venv ## ruff (every Python folder), mypy (service/), yamllint (every YAML file), ansible-lint (production profile)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/yamllint --strict .
 	cd ansible && PATH="$(abspath $(VENV))/bin:$$PATH" ../$(VENV)/bin/ansible-lint --strict --offline

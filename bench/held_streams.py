@@ -67,8 +67,14 @@ RESULTS_DIR = REPO / "bench" / "results"
 def request_body(route: str, tokens: int) -> bytes:
     prompt = "Think hard, then answer."
     if route == "completions":
-        return json.dumps({"model": "sim", "stream": True, "max_tokens": tokens,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        return json.dumps(
+            {
+                "model": "sim",
+                "stream": True,
+                "max_tokens": tokens,
+                "messages": [{"role": "user", "content": prompt}],
+            }
+        ).encode()
     return json.dumps({"prompt": prompt, "max_tokens": tokens}).encode()
 
 
@@ -109,16 +115,26 @@ def judge(conn: StreamConnection, route: str, expected: str) -> str:
     return ""
 
 
-async def held_stream(index: int, streams: int, port: int, request: bytes, route: str,
-                      expected: str, start: float, open_s: float, timeout_s: float,
-                      outcome: HeldOutcome) -> None:
+async def held_stream(
+    index: int,
+    streams: int,
+    port: int,
+    request: bytes,
+    route: str,
+    expected: str,
+    start: float,
+    open_s: float,
+    timeout_s: float,
+    outcome: HeldOutcome,
+) -> None:
     """One stream on its own keep-alive connection, opened at its slot of the open window."""
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start + open_s * index / streams - time.monotonic()))
     try:
         _, conn = await asyncio.wait_for(
             loop.create_connection(lambda: StreamConnection(sse=True), "127.0.0.1", port),
-            CONNECT_TIMEOUT_S)
+            CONNECT_TIMEOUT_S,
+        )
     except (OSError, TimeoutError):
         outcome.error("connect")
         return
@@ -143,16 +159,39 @@ async def held_stream(index: int, streams: int, port: int, request: bytes, route
     outcome.ttft_s.append(conn.t_first - sent)
 
 
-async def run_streams(port: int, route: str, tokens: int, key: str | None, expected: str,
-                      first: int, count: int, streams: int, start: float, open_s: float,
-                      timeout_s: float) -> HeldOutcome:
+async def run_streams(
+    port: int,
+    route: str,
+    tokens: int,
+    key: str | None,
+    expected: str,
+    first: int,
+    count: int,
+    streams: int,
+    start: float,
+    open_s: float,
+    timeout_s: float,
+) -> HeldOutcome:
     outcome = HeldOutcome()
     request = build_request("127.0.0.1", port, ROUTES[route], request_body(route, tokens), key)
     cpu_start = time.process_time()
-    await asyncio.gather(*(
-        held_stream(first + i, streams, port, request, route, expected, start, open_s,
-                    timeout_s, outcome)
-        for i in range(count)))
+    await asyncio.gather(
+        *(
+            held_stream(
+                first + i,
+                streams,
+                port,
+                request,
+                route,
+                expected,
+                start,
+                open_s,
+                timeout_s,
+                outcome,
+            )
+            for i in range(count)
+        )
+    )
     outcome.cpu_s = time.process_time() - cpu_start
     return outcome
 
@@ -171,15 +210,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttft-s", type=float, default=30.0, help="first-token delay")
     parser.add_argument("--open-s", type=float, default=5.0, help="spread the opens over this")
     parser.add_argument("--tokens", type=int, default=10, help="tokens per answer")
-    parser.add_argument("--gap-ms", type=float, default=1000.0,
-                        help="between tokens (10,000 streams x 1 per s = 10,000 chunks/s)")
-    parser.add_argument("--route", choices=sorted(ROUTES), default="completions",
-                        help="completions: the OpenAI route; stream-sse: heartbeats are sent")
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=1000.0,
+        help="between tokens (10,000 streams x 1 per s = 10,000 chunks/s)",
+    )
+    parser.add_argument(
+        "--route",
+        choices=sorted(ROUTES),
+        default="completions",
+        help="completions: the OpenAI route; stream-sse: heartbeats are sent",
+    )
     parser.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
     parser.add_argument("--nginx-workers", help="nginx worker_processes (default: auto)")
-    parser.add_argument("--nginx-set", action="append", default=[], metavar="VAR=VALUE",
-                        help="render nginx with this role variable changed (integers as such), "
-                        "e.g. nginx_worker_connections=4096 to see the old default bind")
+    parser.add_argument(
+        "--nginx-set",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="render nginx with this role variable changed (integers as such), "
+        "e.g. nginx_worker_connections=4096 to see the old default bind",
+    )
     parser.add_argument("--no-client-key", dest="client_key", action="store_false")
     parser.add_argument("--simulator", default=str(VENV_BIN / "streamgate-sim"))
     args = parser.parse_args(argv)
@@ -230,10 +282,14 @@ def wait_until_held(sim_port: int, streams: int, deadline: float) -> tuple[float
 def phase(before: Snapshot, after: Snapshot) -> dict:
     seconds = after.at - before.at
     cpu = {name: round(after.cpu[name] - before.cpu[name], 2) for name in after.cpu}
-    return {"seconds": round(seconds, 2), "cpu_s": cpu,
-            "cores": {name: round(value / seconds, 2) if seconds > 0 else None
-                      for name, value in cpu.items()},
-            "machine_cores": round((after.busy - before.busy) / seconds, 2) if seconds else None}
+    return {
+        "seconds": round(seconds, 2),
+        "cpu_s": cpu,
+        "cores": {
+            name: round(value / seconds, 2) if seconds > 0 else None for name, value in cpu.items()
+        },
+        "machine_cores": round((after.busy - before.busy) / seconds, 2) if seconds else None,
+    }
 
 
 def per_stream(rest: Snapshot, held: Snapshot, streams: int) -> dict:
@@ -241,20 +297,26 @@ def per_stream(rest: Snapshot, held: Snapshot, streams: int) -> dict:
     streams = max(streams, 1)
     out = {}
     for name in held.memory:
-        out[name] = {
-            f"{kind}_mib_rest": round(rest.memory[name].get(kind, 0) / 1024, 1)
-            for kind in ("rss", "pss")
-        } | {
-            f"{kind}_mib_held": round(held.memory[name].get(kind, 0) / 1024, 1)
-            for kind in ("rss", "pss")
-        } | {
-            f"{kind}_kib_per_stream": round(
-                (held.memory[name].get(kind, 0) - rest.memory[name].get(kind, 0)) / streams, 2)
-            for kind in ("rss", "pss")
-        }
+        out[name] = (
+            {
+                f"{kind}_mib_rest": round(rest.memory[name].get(kind, 0) / 1024, 1)
+                for kind in ("rss", "pss")
+            }
+            | {
+                f"{kind}_mib_held": round(held.memory[name].get(kind, 0) / 1024, 1)
+                for kind in ("rss", "pss")
+            }
+            | {
+                f"{kind}_kib_per_stream": round(
+                    (held.memory[name].get(kind, 0) - rest.memory[name].get(kind, 0)) / streams, 2
+                )
+                for kind in ("rss", "pss")
+            }
+        )
     out["kernel"] = {
         "tcp_buffers_kib_per_stream": round(
-            (held.tcp["tcp_mem_kib"] - rest.tcp["tcp_mem_kib"]) / streams, 2),
+            (held.tcp["tcp_mem_kib"] - rest.tcp["tcp_mem_kib"]) / streams, 2
+        ),
         "slab_kib_per_stream": round((held.tcp["slab_kib"] - rest.tcp["slab_kib"]) / streams, 2),
         "tcp_sockets_added": held.tcp["tcp_inuse"] - rest.tcp["tcp_inuse"],
     }
@@ -270,8 +332,17 @@ def log_problems(run_dir: Path) -> list[str]:
     found = []
     for path in sorted(run_dir.rglob("*.log")):
         for line in path.read_text(errors="replace").splitlines():
-            if any(word in line for word in ("[alert]", "[crit]", "[emerg]", "[error]",
-                                             "Too many open files", "Traceback")):
+            if any(
+                word in line
+                for word in (
+                    "[alert]",
+                    "[crit]",
+                    "[emerg]",
+                    "[error]",
+                    "Too many open files",
+                    "Traceback",
+                )
+            ):
                 found.append(f"{path.relative_to(run_dir)}: {line[:200]}")
                 if len(found) >= 20:
                     return found
@@ -281,14 +352,18 @@ def log_problems(run_dir: Path) -> list[str]:
 def markdown(report: dict) -> str:
     r = report
     lines = [
-        (f"held streams: {r['streams']} via nginx on {r['route']} ({ROUTES[r['route']]}), "
-         f"first token after {r['ttft_s']} s, {r['tokens']} tokens {r['gap_ms']:.0f} ms apart, "
-         f"opened over {r['open_s']} s"),
+        (
+            f"held streams: {r['streams']} via nginx on {r['route']} ({ROUTES[r['route']]}), "
+            f"first token after {r['ttft_s']} s, {r['tokens']} tokens {r['gap_ms']:.0f} ms apart, "
+            f"opened over {r['open_s']} s"
+        ),
         "",
-        ("| streams | completed | errors | all held at the simulator after "
-         "| TTFT p50 / p99 / max s | listen overflows | nginx KiB / stream (PSS) "
-         "| gateway KiB / stream (PSS) | simulator KiB / stream (PSS) "
-         "| kernel slab KiB / stream |"),
+        (
+            "| streams | completed | errors | all held at the simulator after "
+            "| TTFT p50 / p99 / max s | listen overflows | nginx KiB / stream (PSS) "
+            "| gateway KiB / stream (PSS) | simulator KiB / stream (PSS) "
+            "| kernel slab KiB / stream |"
+        ),
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     mem = r["memory"]
@@ -299,25 +374,46 @@ def markdown(report: dict) -> str:
         f"| {r['ttft_p50_s']} / {r['ttft_p99_s']} / {r['ttft_max_s']} "
         f"| {r['listen_overflows']} | {mem['nginx']['pss_kib_per_stream']} "
         f"| {mem['gateway']['pss_kib_per_stream']} | {mem['sim']['pss_kib_per_stream']} "
-        f"| {mem['kernel']['slab_kib_per_stream']} |")
-    lines += ["", ("| process tree | RSS MiB rest / held | PSS MiB rest / held "
-                   "| RSS KiB / stream | PSS KiB / stream |"), "|---|---:|---:|---:|---:|"]
+        f"| {mem['kernel']['slab_kib_per_stream']} |"
+    )
+    lines += [
+        "",
+        (
+            "| process tree | RSS MiB rest / held | PSS MiB rest / held "
+            "| RSS KiB / stream | PSS KiB / stream |"
+        ),
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in ("nginx", "gateway", "sim"):
         m = mem[name]
-        lines.append(f"| {name} | {m['rss_mib_rest']} / {m['rss_mib_held']} "
-                     f"| {m['pss_mib_rest']} / {m['pss_mib_held']} | {m['rss_kib_per_stream']} "
-                     f"| {m['pss_kib_per_stream']} |")
-    lines += ["", ("| phase | seconds | nginx | gateway | simulator | load generator "
-                   "| whole machine (cores) |"), "|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {m['rss_mib_rest']} / {m['rss_mib_held']} "
+            f"| {m['pss_mib_rest']} / {m['pss_mib_held']} | {m['rss_kib_per_stream']} "
+            f"| {m['pss_kib_per_stream']} |"
+        )
+    lines += [
+        "",
+        (
+            "| phase | seconds | nginx | gateway | simulator | load generator "
+            "| whole machine (cores) |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, p in r["phases"].items():
         cpu = p["cpu_s"]
         client = f"{r['client_cpu_s']} s" if name == "whole run" else ""
-        lines.append(f"| {name} (CPU s) | {p['seconds']} | {cpu['nginx']} | {cpu['gateway']} "
-                     f"| {cpu['sim']} | {client} | {p['machine_cores']} |")
+        lines.append(
+            f"| {name} (CPU s) | {p['seconds']} | {cpu['nginx']} | {cpu['gateway']} "
+            f"| {cpu['sim']} | {client} | {p['machine_cores']} |"
+        )
     if r["route"] == "stream-sse":
         lines += ["", f"heartbeats received: {r['pings']} ({r['pings_per_stream']} per stream)"]
-    lines += ["", (f"open files / limit per process while held (master first): "
-              f"{r['open_files_held']}"), "", f"deployed limits: {r['limits']}"]
+    lines += [
+        "",
+        (f"open files / limit per process while held (master first): {r['open_files_held']}"),
+        "",
+        f"deployed limits: {r['limits']}",
+    ]
     if r["deployed_shortfalls"]:
         lines += ["", f"deployed defaults do NOT fit {r['streams']}: {r['deployed_shortfalls']}"]
     if r["log_problems"]:
@@ -336,19 +432,27 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = "".join(expected_tokens(args.tokens))
     config = argparse.Namespace(
-        targets=["nginx"], client_key=args.client_key, simulator=args.simulator,
+        targets=["nginx"],
+        client_key=args.client_key,
+        simulator=args.simulator,
         gateway_workers=0,  # the product's default: one per CPU
-        nginx_workers=args.nginx_workers, tls_cafile=None)
-    services = build_services(config, run_dir,
-                              pace=(args.ttft_s * 1000, args.gap_ms, args.tokens))
+        nginx_workers=args.nginx_workers,
+        tls_cafile=None,
+    )
+    services = build_services(config, run_dir, pace=(args.ttft_s * 1000, args.gap_ms, args.tokens))
     # Each process with the open-files limit its unit gives it (nginx sets its own from
     # worker_rlimit_nofile).
     services["gateway"].nofile = capacity.unit_nofile(capacity.GATEWAY_UNIT)
     services["sim"].nofile = capacity.unit_nofile(capacity.SIMULATOR_UNIT)
     if args.nginx_overrides:  # the same nginx, rendered again with the variables changed
-        render_nginx(run_dir, services["nginx"].port, services["gateway"].port,
-                     worker_processes=args.nginx_workers, name="nginx",
-                     overrides=args.nginx_overrides)
+        render_nginx(
+            run_dir,
+            services["nginx"].port,
+            services["gateway"].port,
+            worker_processes=args.nginx_workers,
+            name="nginx",
+            overrides=args.nginx_overrides,
+        )
     limits = capacity.deployed_limits(args.nginx_overrides)
     key = BENCH_CLIENT_KEY if args.client_key else None
     procs = max(1, min(args.client_procs, args.streams))
@@ -368,25 +472,45 @@ def main(argv: list[str] | None = None) -> int:
             count = args.streams // procs + (1 if index < args.streams % procs else 0)
             receiver, sender = context.Pipe(duplex=False)
             process = context.Process(
-                target=run_process, daemon=True,
-                args=(sender, nginx_port, args.route, args.tokens, key, expected, first, count,
-                      args.streams, start, args.open_s, timeout_s))
+                target=run_process,
+                daemon=True,
+                args=(
+                    sender,
+                    nginx_port,
+                    args.route,
+                    args.tokens,
+                    key,
+                    expected,
+                    first,
+                    count,
+                    args.streams,
+                    start,
+                    args.open_s,
+                    timeout_s,
+                ),
+            )
             process.start()
             sender.close()
             workers.append((process, receiver))
             first += count
         first_token_due = start + args.ttft_s
-        held_at, held_active = wait_until_held(services["sim"].port, args.streams,
-                                               first_token_due - 1.0)
-        print(f"held at the simulator: {held_active} of {args.streams}"
-              + (f" after {held_at - start:.1f} s" if held_at else " (not all)"), flush=True)
+        held_at, held_active = wait_until_held(
+            services["sim"].port, args.streams, first_token_due - 1.0
+        )
+        print(
+            f"held at the simulator: {held_active} of {args.streams}"
+            + (f" after {held_at - start:.1f} s" if held_at else " (not all)"),
+            flush=True,
+        )
         if held_at is not None:
             time.sleep(max(0.0, min(SETTLE_S, first_token_due - 1.0 - time.monotonic())))
         held = Snapshot.take(services)
         # Open files and the limit in effect, per process (master first): how evenly the
         # streams spread over the workers, and how close each came to its limit.
-        files = {name: [open_files(pid) for pid in service.refresh_pids()]
-                 for name, service in services.items()}
+        files = {
+            name: [open_files(pid) for pid in service.refresh_pids()]
+            for name, service in services.items()
+        }
         stats = http_json(services["sim"].port, "/stats")
         held_at_sample = stats["active"] if stats else held_active
         time.sleep(max(0.0, first_token_due - 0.5 - time.monotonic()))
@@ -427,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         "error_count": sum(outcome.errors.values()),
         "held_at_sample": held_at_sample,
         "held_after_s": round(held_at - start, 2) if held_at else None,
-        "connected_after_s": round(outcome.connected_at - start, 2) if outcome.connected_at else None,
+        "connected_after_s": round(outcome.connected_at - start, 2)
+        if outcome.connected_at
+        else None,
         "ttft_p50_s": percentile_s(outcome.ttft_s, 50),
         "ttft_p99_s": percentile_s(outcome.ttft_s, 99),
         "ttft_max_s": round(max(outcome.ttft_s), 2) if outcome.ttft_s else None,
@@ -435,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         "pings_per_stream": round(outcome.pings / args.streams, 2),
         "memory": per_stream(rest, held, held_at_sample),
         "memory_after_kib": done.memory,
-        "open_files_held": {name: [f"{count}/{limit}" for count, limit in found if limit]
-                            for name, found in files.items()},
+        "open_files_held": {
+            name: [f"{count}/{limit}" for count, limit in found if limit]
+            for name, found in files.items()
+        },
         "listen_overflows": done.tcp["listen_overflows"] - rest.tcp["listen_overflows"],
         "listen_drops": done.tcp["listen_drops"] - rest.tcp["listen_drops"],
         "phases": {

@@ -245,8 +245,13 @@ async def virtual_client(
         if conn is None or conn.closed:
             try:
                 _, conn = await asyncio.wait_for(
-                    loop.create_connection(lambda: StreamConnection(sse), host, port, ssl=tls,
-                                           server_hostname=host if tls else None),
+                    loop.create_connection(
+                        lambda: StreamConnection(sse),
+                        host,
+                        port,
+                        ssl=tls,
+                        server_hostname=host if tls else None,
+                    ),
                     schedule.stream_timeout_s,
                 )
             except (OSError, TimeoutError, ssl.SSLError):
@@ -313,8 +318,16 @@ async def run_clients(
     tls = client_tls(cafile)
     tasks = [
         virtual_client(
-            first_index + i, total_clients, host, port, request, sse, expected_body, schedule,
-            outcome, tls,
+            first_index + i,
+            total_clients,
+            host,
+            port,
+            request,
+            sse,
+            expected_body,
+            schedule,
+            outcome,
+            tls,
         )
         for i in range(count)
     ]

@@ -169,7 +169,9 @@ def http_json(port: int, path: str, timeout_s: float = 5.0) -> dict | None:
     """GET a small JSON answer on loopback (Connection: close); None when nothing answers."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+            )
             parts = []
             for _ in range(1000):  # bounded: a /stats answer is a few KiB
                 data = sock.recv(65536)
@@ -209,11 +211,18 @@ class Service:
     pids: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        self.process = ManagedProcess(self.name, self.command, log_dir=self.log_dir,
-                                      env={**os.environ, **self.env}, cwd=REPO,
-                                      nofile=self.nofile).start()
-        self.process.wait_http(f"http://127.0.0.1:{self.ready_port or self.port}{self.ready_path}",
-                               timeout_s=READY_TIMEOUT_S)
+        self.process = ManagedProcess(
+            self.name,
+            self.command,
+            log_dir=self.log_dir,
+            env={**os.environ, **self.env},
+            cwd=REPO,
+            nofile=self.nofile,
+        ).start()
+        self.process.wait_http(
+            f"http://127.0.0.1:{self.ready_port or self.port}{self.ready_path}",
+            timeout_s=READY_TIMEOUT_S,
+        )
         self.pids = [self.process.pid, *child_pids(self.process.pid)]
 
     def memory_kib(self) -> dict[str, int]:
@@ -283,13 +292,16 @@ def render_nginx(
     for path in (run_dir, nginx_dir, nginx_dir / "temp"):
         path.chmod(0o755)  # nginx workers run as nobody when started by root
     (nginx_dir / "mime.types").write_text(MIME_TYPES)
-    variables = local_variables(
-        nginx_dir,
-        listen=f"127.0.0.1:{listen_port}",
-        listen_tls=f"127.0.0.1:{tls_port}" if tls_port else None,
-        upstream_servers=[f"127.0.0.1:{upstream_port}"],
-        pki=pki,
-    ) | LIFTED_LIMITS
+    variables = (
+        local_variables(
+            nginx_dir,
+            listen=f"127.0.0.1:{listen_port}",
+            listen_tls=f"127.0.0.1:{tls_port}" if tls_port else None,
+            upstream_servers=[f"127.0.0.1:{upstream_port}"],
+            pki=pki,
+        )
+        | LIFTED_LIMITS
+    )
     if worker_processes:
         variables["nginx_worker_processes"] = worker_processes
     variables.update(overrides or {})

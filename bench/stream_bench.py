@@ -104,8 +104,12 @@ class Target:
 
 
 # One gunicorn per upstream HTTP client measured (STREAMGATE_UPSTREAM_TRANSPORT), by service.
-GATEWAY_TRANSPORTS = {"gateway": "lean", "gateway-plain": "lean", "gateway-sdk": "sdk",
-                      "gateway-aiohttp": "aiohttp"}
+GATEWAY_TRANSPORTS = {
+    "gateway": "lean",
+    "gateway-plain": "lean",
+    "gateway-sdk": "sdk",
+    "gateway-aiohttp": "aiohttp",
+}
 # Gateways that run another app than the product's: gateway-plain sends every chunk from its
 # relay task, no callback send (bench/plain_send_app.py), to measure what that path saves.
 GATEWAY_APPS = {"gateway-plain": "bench.plain_send_app:create_app()"}
@@ -130,17 +134,31 @@ TARGETS = {
     ),
     # The gateway with every chunk sent by its relay task (a plain `await send`).
     "gateway-plain": Target(
-        "gateway-plain", "(b) gateway direct [plain send]", "gateway-plain", "/v1/chat/stream",
-        False, "gateway-plain",
+        "gateway-plain",
+        "(b) gateway direct [plain send]",
+        "gateway-plain",
+        "/v1/chat/stream",
+        False,
+        "gateway-plain",
     ),
     "nginx-plain": Target(
-        "nginx-plain", "(c) nginx -> gateway [plain send]", "nginx-plain", "/v1/chat/stream",
-        False, "gateway-plain", ("nginx-plain",),
+        "nginx-plain",
+        "(c) nginx -> gateway [plain send]",
+        "nginx-plain",
+        "/v1/chat/stream",
+        False,
+        "gateway-plain",
+        ("nginx-plain",),
     ),
     # The same gateway behind the HTTPS edge (nginx_tls on; HTTP/1.1 over TLS from the client).
     "nginx-tls": Target(
-        "nginx-tls", "(c) nginx TLS -> gateway", "nginx-tls", "/v1/chat/stream", False,
-        "gateway", ("nginx-tls",),
+        "nginx-tls",
+        "(c) nginx TLS -> gateway",
+        "nginx-tls",
+        "/v1/chat/stream",
+        False,
+        "gateway",
+        ("nginx-tls",),
     ),
     # The same gateway with the SDK's own HTTP clients instead of the lean transport.
     **{
@@ -155,14 +173,20 @@ TARGETS = {
         )
         for transport in COMPARED_TRANSPORTS
         for path, letter, title in (
-            ("gateway", "b", "gateway direct"), ("nginx", "c", "nginx -> gateway")
+            ("gateway", "b", "gateway direct"),
+            ("nginx", "c", "nginx -> gateway"),
         )
     },
     # Negative control, not run by default: the wire tests' broken nginx (buffering on, the
     # app's X-Accel-Buffering ignored, gzip on): reads per response must collapse.
     "nginx-buffered": Target(
-        "nginx-buffered", "(c-) control: nginx buffering+gzip", "nginx-buffered",
-        "/v1/chat/stream", False, "gateway", ("nginx-buffered",),
+        "nginx-buffered",
+        "(c-) control: nginx buffering+gzip",
+        "nginx-buffered",
+        "/v1/chat/stream",
+        False,
+        "gateway",
+        ("nginx-buffered",),
     ),
     "article": Target(
         "article", "(d) article design", "article", "/v1/chat/stream", False, "article"
@@ -193,15 +217,20 @@ def needed_services(targets: list[str]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--levels", default="10,200,500,1000", help="concurrent streams, comma list")
     parser.add_argument(
-        "--targets", default="sim,gateway,nginx,article",
+        "--levels", default="10,200,500,1000", help="concurrent streams, comma list"
+    )
+    parser.add_argument(
+        "--targets",
+        default="sim,gateway,nginx,article",
         help=f"comma list of {', '.join(TARGETS)} (nginx-buffered: the negative control)",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
     parser.add_argument(
-        "--client-procs", type=int, default=0,
+        "--client-procs",
+        type=int,
+        default=0,
         help="load-generator processes (0: 1 below 200 streams, else 2)",
     )
     parser.add_argument("--gateway-workers", type=int, default=2, help="gunicorn workers")
@@ -209,11 +238,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--nginx-workers", help="nginx worker_processes (default: the role's default, auto)"
     )
     parser.add_argument(
-        "--no-content-check", action="store_true",
+        "--no-content-check",
+        action="store_true",
         help="do not compare answers with the simulator's script (another simulator)",
     )
     parser.add_argument(
-        "--profile-with", metavar="PY_SPY",
+        "--profile-with",
+        metavar="PY_SPY",
         help="py-spy binary: after the run, measure --profile-target at --profile-level once "
         "more with py-spy recording each relay worker (collapsed stacks in the run dir)",
     )
@@ -222,7 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile-level", type=int, default=500)
     parser.add_argument(
-        "--no-client-key", dest="client_key", action="store_false",
+        "--no-client-key",
+        dest="client_key",
+        action="store_false",
         help="start the gateways without a client key and send none (keys off)",
     )
     parser.add_argument("--quick", action="store_true", help="levels 10,200, 4 s each")
@@ -265,7 +298,8 @@ def gateway_has_client_keys() -> bool:
 
 
 def build_services(
-    args: argparse.Namespace, run_dir: Path,
+    args: argparse.Namespace,
+    run_dir: Path,
     pace: tuple[float, float, int] = (TTFT_MS, GAP_MS, TOKENS),
 ) -> dict[str, Service]:
     """Only the services the chosen targets need (see needed_services), not started yet.
@@ -274,15 +308,28 @@ def build_services(
     ttft_ms, gap_ms, tokens = pace
     key_env = (
         {"STREAMGATE_CLIENT_KEY_HASHES": f"bench:{BENCH_CLIENT_KEY_SHA256}"}
-        if args.client_key else {}
+        if args.client_key
+        else {}
     )
     sim_port = free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
     services = {
         "sim": Service(
-            "sim", sim_port,
-            [*args.simulator.split(), "--host", "127.0.0.1", "--port", str(sim_port),
-             "--ttft-ms", str(ttft_ms), "--gap-ms", str(gap_ms), "--tokens", str(tokens)],
+            "sim",
+            sim_port,
+            [
+                *args.simulator.split(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sim_port),
+                "--ttft-ms",
+                str(ttft_ms),
+                "--gap-ms",
+                str(gap_ms),
+                "--tokens",
+                str(tokens),
+            ],
             log_dir=run_dir,
         )
     }
@@ -291,9 +338,14 @@ def build_services(
             continue
         port = free_port()
         services[name] = Service(
-            name, port,
-            [str(VENV_BIN / "gunicorn"), "-c", "python:streamgate.gunicorn_conf",
-             GATEWAY_APPS.get(name, "streamgate.app:create_app()")],
+            name,
+            port,
+            [
+                str(VENV_BIN / "gunicorn"),
+                "-c",
+                "python:streamgate.gunicorn_conf",
+                GATEWAY_APPS.get(name, "streamgate.app:create_app()"),
+            ],
             env={
                 "STREAMGATE_BIND": f"127.0.0.1:{port}",
                 "STREAMGATE_WORKERS": str(args.gateway_workers),
@@ -316,11 +368,18 @@ def build_services(
             tls_port, pki = free_port(), run_pki(run_dir)
             args.tls_cafile = str(pki.ca_certificate)
         conf = render_nginx(
-            run_dir, port, services[gateway].port, buffering_fault=name == "nginx-buffered",
-            worker_processes=args.nginx_workers, name=name, tls_port=tls_port, pki=pki,
+            run_dir,
+            port,
+            services[gateway].port,
+            buffering_fault=name == "nginx-buffered",
+            worker_processes=args.nginx_workers,
+            name=name,
+            tls_port=tls_port,
+            pki=pki,
         )
         services[name] = Service(
-            name, tls_port or port,
+            name,
+            tls_port or port,
             ["nginx", "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"],
             ready_path="/healthz",
             ready_port=port,  # plain HTTP answers /healthz in both modes
@@ -329,9 +388,18 @@ def build_services(
     if "article" in needed:
         port = free_port()
         services["article"] = Service(
-            "article", port,
-            [str(VENV_BIN / "gunicorn"), "bench.article_app:app", "-w", "2",
-             "-k", "uvicorn_worker.UvicornWorker", "-b", f"127.0.0.1:{port}"],
+            "article",
+            port,
+            [
+                str(VENV_BIN / "gunicorn"),
+                "bench.article_app:app",
+                "-w",
+                "2",
+                "-k",
+                "uvicorn_worker.UvicornWorker",
+                "-b",
+                f"127.0.0.1:{port}",
+            ],
             env={"OPENAI_BASE_URL": upstream, "OPENAI_API_KEY": "sk-bench-not-secret"},
             ready_path="/openapi.json",
             log_dir=run_dir,
@@ -356,9 +424,21 @@ def start_profilers(
     workers = [pid for pid in relay.refresh_pids() if pid != relay.pids[0]]
     return [
         subprocess.Popen(
-            [args.profile_with, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ),
-             "--duration", str(int(args.duration)), "--format", "raw", "--nonblocking",
-             "--output", str(profile_dir / f"{relay.name}-worker-{pid}.txt")],
+            [
+                args.profile_with,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(PROFILE_RATE_HZ),
+                "--duration",
+                str(int(args.duration)),
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(profile_dir / f"{relay.name}-worker-{pid}.txt"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -371,7 +451,10 @@ def sleep_until(moment: float) -> None:
 
 
 def measure(
-    target: Target, level: int, args: argparse.Namespace, services: dict[str, Service],
+    target: Target,
+    level: int,
+    args: argparse.Namespace,
+    services: dict[str, Service],
     expected: bytes | None,
     profile_dir: Path | None = None,
 ) -> dict:
@@ -399,8 +482,21 @@ def measure(
         receiver, sender = context.Pipe(duplex=False)
         process = context.Process(
             target=run_process,
-            args=(sender, "127.0.0.1", service.port, target.path, body, target.sse, check,
-                  first, count, level, schedule, key, cafile),
+            args=(
+                sender,
+                "127.0.0.1",
+                service.port,
+                target.path,
+                body,
+                target.sse,
+                check,
+                first,
+                count,
+                level,
+                schedule,
+                key,
+                cafile,
+            ),
             daemon=True,
         )
         process.start()
@@ -421,8 +517,7 @@ def measure(
     cpu_after = {name: services[name].cpu_by_pid() for name in costed}
     wait = {name: services[name].runqueue_wait() - wait_before[name] for name in costed}
     runs = {name: services[name].scheduled_runs() - runs_before[name] for name in costed}
-    runs["client"] = (sum(scheduled_runs(process.pid) for process, _ in workers)
-                      - client_runs_before)
+    runs["client"] = sum(scheduled_runs(process.pid) for process, _ in workers) - client_runs_before
     busy = busy_cpu_seconds() - busy_before
     clients_cpu = sum(cpu_seconds(process.pid) for process, _ in workers) - clients_before
     sim_conns_after = tcp_connections(services["sim"].port)
@@ -448,8 +543,7 @@ def measure(
     # Per process, to show whether one worker ran hot while the other idled.
     cpu_by_pid = {
         name: {
-            pid: after - cpu_before[name].get(pid, 0.0)
-            for pid, after in cpu_after[name].items()
+            pid: after - cpu_before[name].get(pid, 0.0) for pid, after in cpu_after[name].items()
         }
         for name in costed
     }
@@ -461,7 +555,8 @@ def measure(
     # Times each process tree was put on a CPU (about its wake-ups), per relayed chunk: fewer
     # means more chunks handled per wake-up.
     row["cpu_runs_per_chunk"] = {
-        name: round(count / chunks, 3) if chunks else None for name, count in runs.items()}
+        name: round(count / chunks, 3) if chunks else None for name, count in runs.items()
+    }
     # Connections into the simulator (from the relay, or the load generator for `sim`): open at
     # the end of the window, and closed during it (new TIME_WAIT pairs): a pool that keeps too
     # few idle connections opens a new one for many streams.
@@ -479,7 +574,12 @@ def percentile_ms(values, q: float) -> float | None:
 
 
 def summarize(
-    target: Target, level: int, procs: int, window: float, outcome: Outcome, chunks: int,
+    target: Target,
+    level: int,
+    procs: int,
+    window: float,
+    outcome: Outcome,
+    chunks: int,
     cpu_by_pid: dict[str, dict[int, float]],
 ) -> dict:
     arrivals = np.asarray(outcome.arrivals)
@@ -559,13 +659,15 @@ def verdicts(rows: list[dict]) -> list[dict]:
     checks = []
 
     def check(name: str, row: dict | None, value, limit, ok) -> None:
-        checks.append({
-            "check": name,
-            "value": None if row is None else value(row),
-            "limit": limit,
-            "pass": None if row is None or value(row) is None else ok(value(row), limit),
-            "others_cores": row and row["other_processes_cores"],
-        })
+        checks.append(
+            {
+                "check": name,
+                "value": None if row is None else value(row),
+                "limit": limit,
+                "pass": None if row is None or value(row) is None else ok(value(row), limit),
+                "others_cores": row and row["other_processes_cores"],
+            }
+        )
 
     def at_most(value, limit) -> bool:
         return value <= limit
@@ -580,26 +682,54 @@ def verdicts(rows: list[dict]) -> list[dict]:
         if not suffix or name in measured
     ]
     for target in relays:
-        check(f"gateway CPU per chunk, {target} @{TARGET_LEVEL} (us)",
-              row_of(target, TARGET_LEVEL), relay_cpu, TARGET_CPU_US_PER_CHUNK, at_most)
+        check(
+            f"gateway CPU per chunk, {target} @{TARGET_LEVEL} (us)",
+            row_of(target, TARGET_LEVEL),
+            relay_cpu,
+            TARGET_CPU_US_PER_CHUNK,
+            at_most,
+        )
     nginxes = [name for name in relays if name.startswith("nginx")]
     nginxes += [name for name in ("nginx-tls",) if name in measured]
     for nginx in nginxes:
         at = row_of(nginx, TARGET_LEVEL)
-        check(f"{nginx} @{TARGET_LEVEL}: streams/s vs simulator alone", at,
-              lambda r: r.get("throughput_vs_sim"), TARGET_THROUGHPUT_RATIO,
-              lambda v, lim: v >= lim)
-        check(f"{nginx} @{TARGET_LEVEL}: p99 inter-chunk gap (ms)", at,
-              lambda r: r["gap_p99_ms"], TARGET_GAP_P99_MS, at_most)
-        check(f"{nginx} @{TARGET_LEVEL}: p99 TTFT (ms)", at,
-              lambda r: r["ttft_p99_ms"], TARGET_TTFT_P99_MS, at_most)
+        check(
+            f"{nginx} @{TARGET_LEVEL}: streams/s vs simulator alone",
+            at,
+            lambda r: r.get("throughput_vs_sim"),
+            TARGET_THROUGHPUT_RATIO,
+            lambda v, lim: v >= lim,
+        )
+        check(
+            f"{nginx} @{TARGET_LEVEL}: p99 inter-chunk gap (ms)",
+            at,
+            lambda r: r["gap_p99_ms"],
+            TARGET_GAP_P99_MS,
+            at_most,
+        )
+        check(
+            f"{nginx} @{TARGET_LEVEL}: p99 TTFT (ms)",
+            at,
+            lambda r: r["ttft_p99_ms"],
+            TARGET_TTFT_P99_MS,
+            at_most,
+        )
         check(f"{nginx} @{TARGET_LEVEL}: errors", at, lambda r: r["error_count"], 0, at_most)
-        check(f"{nginx} @{TARGET_LEVEL}: fewest reads per response (every token its own read)",
-              at, lambda r: r["reads_min"], TOKENS, lambda v, lim: v >= lim)
+        check(
+            f"{nginx} @{TARGET_LEVEL}: fewest reads per response (every token its own read)",
+            at,
+            lambda r: r["reads_min"],
+            TOKENS,
+            lambda v, lim: v >= lim,
+        )
     for target in ("gateway", "nginx"):
-        check(f"{target} @{TARGET_ADDED_TTFT_LEVEL}: added TTFT p50 (ms)",
-              row_of(target, TARGET_ADDED_TTFT_LEVEL), lambda r: r.get("added_ttft_p50_ms"),
-              TARGET_ADDED_TTFT_P50_MS, at_most)
+        check(
+            f"{target} @{TARGET_ADDED_TTFT_LEVEL}: added TTFT p50 (ms)",
+            row_of(target, TARGET_ADDED_TTFT_LEVEL),
+            lambda r: r.get("added_ttft_p50_ms"),
+            TARGET_ADDED_TTFT_P50_MS,
+            at_most,
+        )
     return checks
 
 
@@ -615,16 +745,22 @@ def tls_cost(rows: list[dict]) -> list[dict]:
         plain_us, tls_us = proxy_cpu(plain), proxy_cpu(tls)
         if plain_us is None or tls_us is None:
             continue
-        entries.append({
-            "level": level,
-            "nginx_us": plain_us,
-            "nginx_tls_us": tls_us,
-            "tls_adds_us": round(tls_us - plain_us, 1),
-            "vs_sim": {"nginx": plain.get("throughput_vs_sim"),
-                       "nginx-tls": tls.get("throughput_vs_sim")},
-            "others_cores": {"nginx": plain["other_processes_cores"],
-                             "nginx-tls": tls["other_processes_cores"]},
-        })
+        entries.append(
+            {
+                "level": level,
+                "nginx_us": plain_us,
+                "nginx_tls_us": tls_us,
+                "tls_adds_us": round(tls_us - plain_us, 1),
+                "vs_sim": {
+                    "nginx": plain.get("throughput_vs_sim"),
+                    "nginx-tls": tls.get("throughput_vs_sim"),
+                },
+                "others_cores": {
+                    "nginx": plain["other_processes_cores"],
+                    "nginx-tls": tls["other_processes_cores"],
+                },
+            }
+        )
     return entries
 
 
@@ -647,16 +783,20 @@ def transport_comparison(rows: list[dict]) -> list[dict]:
     for path in ("gateway", "nginx"):
         for level in sorted({row["level"] for row in rows}):
             found = {
-                transport: by_key.get((path if transport == "lean" else f"{path}-{transport}",
-                                       level))
+                transport: by_key.get(
+                    (path if transport == "lean" else f"{path}-{transport}", level)
+                )
                 for transport in ("lean", *COMPARED_TRANSPORTS)
             }
             cpu = {t: relay_cpu(row) if row else None for t, row in found.items()}
             lean = cpu["lean"]
             if lean is None or all(cpu[t] is None for t in COMPARED_TRANSPORTS):
                 continue
-            entry = {"path": "direct" if path == "gateway" else "nginx", "level": level,
-                     "lean_us": lean}
+            entry = {
+                "path": "direct" if path == "gateway" else "nginx",
+                "level": level,
+                "lean_us": lean,
+            }
             for transport in COMPARED_TRANSPORTS:
                 value = cpu[transport]
                 entry[f"{transport}_us"] = value
@@ -680,8 +820,9 @@ def comparison_markdown(entries: list[dict]) -> list[str]:
         shown = []
         for transport in ("lean", *COMPARED_TRANSPORTS):
             conn = entry["upstream_connections"].get(transport)
-            shown.append("-" if not conn else
-                         f"{conn['open_at_end']} / {fmt(conn['closed_per_stream'])}")
+            shown.append(
+                "-" if not conn else f"{conn['open_at_end']} / {fmt(conn['closed_per_stream'])}"
+            )
         return " ; ".join(shown)
 
     lines = [
@@ -788,8 +929,13 @@ def machine() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "cpu_model": next(
-            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")), "unknown"),
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "unknown",
+        ),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
     }
 
@@ -831,9 +977,12 @@ def main(argv: list[str] | None = None) -> int:
                 sorted(profile_dir.glob("*.txt")), top=30, us_per_chunk=relay_cpu(row)
             )
             (profile_dir / "summary.txt").write_text(profile + "\n")
-            print(f"\nprofile of {target.relay} workers, {target.name} @{args.profile_level} "
-                  f"(under py-spy: {row['streams_per_s']} streams/s, "
-                  f"{row['cpu_us_per_chunk']} us/chunk)\n{profile}", flush=True)
+            print(
+                f"\nprofile of {target.relay} workers, {target.name} @{args.profile_level} "
+                f"(under py-spy: {row['streams_per_s']} streams/s, "
+                f"{row['cpu_us_per_chunk']} us/chunk)\n{profile}",
+                flush=True,
+            )
         transports = logged_transports(services)
     finally:
         for service in reversed(services.values()):
@@ -845,19 +994,29 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, checks, comparison)
     if tls:
         table += "\n\n" + "\n".join(tls_cost_lines(tls))
-    wrong = {name: seen for name, seen in transports.items()
-             if not seen or set(seen) != {GATEWAY_TRANSPORTS[name]}}
+    wrong = {
+        name: seen
+        for name, seen in transports.items()
+        if not seen or set(seen) != {GATEWAY_TRANSPORTS[name]}
+    }
     if wrong:
-        table += (f"\n\nWARNING: gateway workers logged other upstream clients than asked: "
-                  f"{wrong} (asked {GATEWAY_TRANSPORTS}): their rows are mislabelled.")
+        table += (
+            f"\n\nWARNING: gateway workers logged other upstream clients than asked: "
+            f"{wrong} (asked {GATEWAY_TRANSPORTS}): their rows are mislabelled."
+        )
     print()
     print(table)
     report = {
         "command": " ".join(["bench/stream_bench.py", *(argv or sys.argv[1:])]),
         "started_utc": stamp,
         "machine": info,
-        "load": {"tokens": TOKENS, "ttft_ms": TTFT_MS, "gap_ms": GAP_MS,
-                 "duration_s": args.duration, "warmup_s": args.warmup},
+        "load": {
+            "tokens": TOKENS,
+            "ttft_ms": TTFT_MS,
+            "gap_ms": GAP_MS,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+        },
         "content_checked": expected is not None,
         "rows": rows,
         "checks": checks,

@@ -23,7 +23,8 @@ def openai_body(tokens: list[str], *, done: bool = True, error: bool = False) ->
 
 def sse_body(tokens: list[str], *, done: bool = True) -> bytes:
     body = b": ping\n\n" + b"".join(
-        b"data: " + json.dumps({"content": token}).encode() + b"\n\n" for token in tokens)
+        b"data: " + json.dumps({"content": token}).encode() + b"\n\n" for token in tokens
+    )
     return body + (b'event: done\ndata: {"finish_reason": "stop"}\n\n' if done else b"")
 
 
@@ -33,8 +34,9 @@ def connection(body: bytes) -> StreamConnection:
     return conn
 
 
-@pytest.mark.parametrize(("route", "make"), [("completions", openai_body),
-                                             ("stream-sse", sse_body)])
+@pytest.mark.parametrize(
+    ("route", "make"), [("completions", openai_body), ("stream-sse", sse_body)]
+)
 def test_a_whole_exact_stream_passes_and_each_flaw_is_named(route, make):
     expected = "".join(TOKENS)
     assert judge(connection(make(TOKENS)), route, expected) == ""
@@ -47,4 +49,5 @@ def test_a_whole_exact_stream_passes_and_each_flaw_is_named(route, make):
 def test_an_in_band_error_is_an_error_even_with_done():
     expected = "".join(TOKENS)
     assert judge(connection(openai_body(TOKENS, error=True)), "completions", expected) == (
-        "error-event")
+        "error-event"
+    )

@@ -24,7 +24,10 @@ from stream_bench import (
 def test_default_targets_start_no_sdk_gateway():
     assert not any("sdk" in name or "aiohttp" in name for name in parse_args([]).targets)
     assert needed_services(["sim", "gateway", "nginx", "article"]) == [
-        "sim", "gateway", "nginx", "article",
+        "sim",
+        "gateway",
+        "nginx",
+        "article",
     ]
 
 
@@ -32,7 +35,12 @@ def test_an_nginx_target_brings_its_own_gateway_only():
     assert needed_services(["sim", "nginx-sdk"]) == ["sim", "gateway-sdk", "nginx-sdk"]
     assert needed_services(["gateway-aiohttp"]) == ["sim", "gateway-aiohttp"]
     assert needed_services(["nginx", "nginx-buffered", "nginx-aiohttp"]) == [
-        "sim", "gateway", "gateway-aiohttp", "nginx", "nginx-buffered", "nginx-aiohttp",
+        "sim",
+        "gateway",
+        "gateway-aiohttp",
+        "nginx",
+        "nginx-buffered",
+        "nginx-aiohttp",
     ]
 
 
@@ -59,9 +67,15 @@ def row(target: str, level: int, relay_us: float | None, vs_sim: float = 1.0) ->
         "level": level,
         "cpu_us_per_chunk": {"sim": 9.0, **({relay: relay_us} if relay else {})},
         "throughput_vs_sim": vs_sim,
-        "upstream_connections": {"open_at_end": level, "closed_in_window": 0,
-                                 "closed_per_stream": 0.0},
-        "gap_p99_ms": 30.0, "ttft_p99_ms": 80.0, "error_count": 0, "reads_min": 50,
+        "upstream_connections": {
+            "open_at_end": level,
+            "closed_in_window": 0,
+            "closed_per_stream": 0.0,
+        },
+        "gap_p99_ms": 30.0,
+        "ttft_p99_ms": 80.0,
+        "error_count": 0,
+        "reads_min": 50,
         "other_processes_cores": 0.1,
     }
 
@@ -116,7 +130,12 @@ def test_tcp_connections_counts_a_loopback_connection_once():
 
 
 def test_the_tls_edge_brings_the_lean_gateway_only():
-    assert needed_services(["sim", "nginx", "nginx-tls"]) == ["sim", "gateway", "nginx", "nginx-tls"]
+    assert needed_services(["sim", "nginx", "nginx-tls"]) == [
+        "sim",
+        "gateway",
+        "nginx",
+        "nginx-tls",
+    ]
 
 
 def test_tls_cost_is_nginx_tls_minus_nginx_at_the_same_level():
@@ -125,8 +144,12 @@ def test_tls_cost_is_nginx_tls_minus_nginx_at_the_same_level():
         base["cpu_us_per_chunk"][target] = nginx_us
         return base
 
-    rows = [row("sim", 500, None), nginx_row("nginx", 500, 14.0), nginx_row("nginx-tls", 500, 19.5),
-            nginx_row("nginx", 10, 22.0)]  # no TLS row at 10: nothing there
+    rows = [
+        row("sim", 500, None),
+        nginx_row("nginx", 500, 14.0),
+        nginx_row("nginx-tls", 500, 19.5),
+        nginx_row("nginx", 10, 22.0),
+    ]  # no TLS row at 10: nothing there
     entries = tls_cost(rows)
     assert [(e["level"], e["tls_adds_us"]) for e in entries] == [(500, 5.5)]
     assert tls_cost_lines(entries)[0].startswith(

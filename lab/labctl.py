@@ -60,8 +60,14 @@ TOPOLOGIES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
 INVENTORY_GROUPS = ("edge", "app", "simulator")
 RELEASES = ("bookworm", "trixie")
 BASE_PACKAGES = (
-    "systemd", "systemd-sysv", "dbus", "python3", "openssh-server",
-    "sudo", "iproute2", "ca-certificates",
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "python3",
+    "openssh-server",
+    "sudo",
+    "iproute2",
+    "ca-certificates",
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -83,8 +89,13 @@ INVENTORY_FILE = REPO_ROOT / "ansible" / "inventories" / "lab" / "hosts.yml"
 # (the simulator ignores it) that no log may ever show. The generated CA lives there too.
 CLIENT_KEY_FILE = INVENTORY_FILE.parent / "client-key"
 UPSTREAM_KEY_FILE = INVENTORY_FILE.parent / "upstream-key"
-LAB_GENERATED_FILES = (CLIENT_KEY_FILE, UPSTREAM_KEY_FILE, INVENTORY_FILE.parent / "ca.pem",
-                       INVENTORY_FILE.parent / "ca-key.pem", INVENTORY_FILE.parent / "ca.srl")
+LAB_GENERATED_FILES = (
+    CLIENT_KEY_FILE,
+    UPSTREAM_KEY_FILE,
+    INVENTORY_FILE.parent / "ca.pem",
+    INVENTORY_FILE.parent / "ca-key.pem",
+    INVENTORY_FILE.parent / "ca.srl",
+)
 # Ansible's SSH multiplexing sockets, one directory per lab: a new lab reuses the old lab's
 # addresses, and a master left attached to a hard-killed host could stall the next connection.
 # Under /tmp because a socket path must stay short (108 bytes).
@@ -103,9 +114,12 @@ SSH_TIMEOUT_S = 60
 STOP_GRACE_S = 10
 # Throwaway hosts get fresh host keys on every create: no prompts, no known_hosts entries.
 SSH_HOST_KEY_OPTIONS = (
-    "-o", "StrictHostKeyChecking=no",
-    "-o", "UserKnownHostsFile=/dev/null",
-    "-o", "LogLevel=ERROR",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
 )
 
 
@@ -136,7 +150,9 @@ def log(message: str) -> None:
 def run(argv: list[str], check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
     result = subprocess.run(argv, check=False, capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise LabError(f"`{shlex.join(argv)}` failed ({result.returncode}): {result.stderr.strip()}")
+        raise LabError(
+            f"`{shlex.join(argv)}` failed ({result.returncode}): {result.stderr.strip()}"
+        )
     if not quiet and result.returncode != 0:
         log(f"ignored: `{shlex.join(argv)}`: {result.stderr.strip()}")
     return result
@@ -164,6 +180,7 @@ def lab_lock():
 
 # ---------------------------------------------------------------- base image
 
+
 def image_tarball(release: str) -> Path:
     # The package list is part of the name so a changed list never reuses a stale image.
     digest = hashlib.sha256(",".join(BASE_PACKAGES).encode()).hexdigest()[:8]
@@ -182,8 +199,13 @@ def ensure_base_image(release: str) -> Path:
     log(f"base image {release}: debootstrap (first run only, about a minute)")
     started = time.monotonic()
     # No mirror argument: debootstrap's default mirror, never a host name in the repo.
-    argv = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-            release, str(build_dir)]
+    argv = [
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(BASE_PACKAGES)}",
+        release,
+        str(build_dir),
+    ]
     with open(build_log, "w") as out:
         if subprocess.run(argv, check=False, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
             tail = build_log.read_text(errors="replace").splitlines()[-15:]
@@ -191,8 +213,19 @@ def ensure_base_image(release: str) -> Path:
             raise LabError(f"debootstrap {release} failed:\n" + "\n".join(tail))
     prepare_base_image(build_dir)
     partial = tarball.with_suffix(".partial")
-    run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(build_dir),
-         "-cpf", str(partial), "."])
+    run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-C",
+            str(build_dir),
+            "-cpf",
+            str(partial),
+            ".",
+        ]
+    )
     partial.rename(tarball)
     remove_tree(build_dir)
     log(f"base image {release}: built in {time.monotonic() - started:.0f} s")
@@ -219,11 +252,24 @@ def prepare_base_image(root: Path) -> None:
 
 # ---------------------------------------------------------------- per host
 
+
 def ensure_ssh_key() -> Path:
     if not SSH_KEY.exists():
         SSH_KEY.parent.mkdir(parents=True, exist_ok=True)
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{NAME_PREFIX}lab",
-             "-f", str(SSH_KEY)])
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"{NAME_PREFIX}lab",
+                "-f",
+                str(SSH_KEY),
+            ]
+        )
     return SSH_KEY
 
 
@@ -234,8 +280,18 @@ def ensure_image_tree(tarball: Path) -> Path:
         partial = tarball.with_suffix(".rootfs-partial")
         remove_tree(partial)
         partial.mkdir()
-        run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(partial),
-             "-xpf", str(tarball)])
+        run(
+            [
+                "tar",
+                "--numeric-owner",
+                "--xattrs",
+                "--xattrs-include=*",
+                "-C",
+                str(partial),
+                "-xpf",
+                str(tarball),
+            ]
+        )
         partial.rename(tree)
     return tree
 
@@ -248,11 +304,25 @@ def mount_host_root(host: LabHost, tarball: Path) -> str:
     upper.mkdir()
     work.mkdir()
     layers = f"lowerdir={ensure_image_tree(tarball)},upperdir={upper},workdir={work}"
-    if run(["mount", "-t", "overlay", "overlay", "-o", layers, str(host.root)],
-           check=False).returncode == 0:
+    if (
+        run(
+            ["mount", "-t", "overlay", "overlay", "-o", layers, str(host.root)], check=False
+        ).returncode
+        == 0
+    ):
         return "overlay"
-    run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", str(host.root),
-         "-xpf", str(tarball)])
+    run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-C",
+            str(host.root),
+            "-xpf",
+            str(tarball),
+        ]
+    )
     return "copy"
 
 
@@ -285,8 +355,11 @@ def controller_resolv_conf() -> str:
         if not candidate.exists():
             continue
         text = candidate.read_text()
-        servers = [line.split()[1] for line in text.splitlines()
-                   if line.startswith("nameserver") and len(line.split()) > 1]
+        servers = [
+            line.split()[1]
+            for line in text.splitlines()
+            if line.startswith("nameserver") and len(line.split()) > 1
+        ]
         if any(not ipaddress.ip_address(server.split("%")[0]).is_loopback for server in servers):
             return text
     log("warning: the controller has no non-loopback nameserver; hosts will not resolve names")
@@ -300,8 +373,11 @@ def copy_trust_store(root: Path) -> None:
     bundle.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(CONTROLLER_CA_BUNDLE, bundle)
     if CONTROLLER_EXTRA_CA_DIR.is_dir():
-        shutil.copytree(CONTROLLER_EXTRA_CA_DIR, root / "usr" / "local" / "share" / "ca-certificates",
-                        dirs_exist_ok=True)
+        shutil.copytree(
+            CONTROLLER_EXTRA_CA_DIR,
+            root / "usr" / "local" / "share" / "ca-certificates",
+            dirs_exist_ok=True,
+        )
 
 
 def setup_network(hosts: list[LabHost]) -> None:
@@ -312,7 +388,21 @@ def setup_network(hosts: list[LabHost]) -> None:
     for host in hosts:
         netns = ["ip", "-n", host.name]
         run(["ip", "netns", "add", host.name])
-        run(["ip", "link", "add", host.name, "type", "veth", "peer", "name", "eth0", "netns", host.name])
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                host.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                host.name,
+            ]
+        )
         run(["ip", "link", "set", host.name, "master", BRIDGE_NAME, "up"])
         run([*netns, "addr", "add", f"{host.address}/{prefix}", "dev", "eth0"])
         run([*netns, "link", "set", "lo", "up"])
@@ -337,8 +427,21 @@ def lab_rules() -> list[list[str]]:
         # the answers come back. Nothing routed through the controller may open a connection
         # to a lab host: only the controller itself (OUTPUT, not FORWARD) and the hosts do.
         ["filter", "FORWARD", "-i", BRIDGE_NAME, "-s", subnet, *tag, "-j", "ACCEPT"],
-        ["filter", "FORWARD", "-o", BRIDGE_NAME, "-d", subnet, "-m", "conntrack", "--ctstate",
-         "ESTABLISHED,RELATED", *tag, "-j", "ACCEPT"],
+        [
+            "filter",
+            "FORWARD",
+            "-o",
+            BRIDGE_NAME,
+            "-d",
+            subnet,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            *tag,
+            "-j",
+            "ACCEPT",
+        ],
     ]
 
 
@@ -347,7 +450,7 @@ def cgroup_roots() -> list[Path]:
     roots = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
-        after = fields[fields.index("-") + 1:]
+        after = fields[fields.index("-") + 1 :]
         fstype, super_options = after[0], after[2].split(",")
         if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in super_options):
             roots.append(Path(fields[4]))
@@ -372,12 +475,25 @@ def boot_host(host: LabHost) -> None:
 
     with open(HOSTS_DIR / host.name / "console.log", "w") as console_log:
         process = subprocess.Popen(
-            ["systemd-nspawn", "-D", str(host.root), "-b", "-M", host.name,
-             "--register=no", "--keep-unit", f"--network-namespace-path={host.netns_path}",
-             # A VM's root may change its own firewall: nftables in the host's own namespace.
-             "--capability=CAP_NET_ADMIN",
-             "--console=read-only", "--resolv-conf=off", "--link-journal=no"],
-            stdin=subprocess.DEVNULL, stdout=console_log, stderr=subprocess.STDOUT,
+            [
+                "systemd-nspawn",
+                "-D",
+                str(host.root),
+                "-b",
+                "-M",
+                host.name,
+                "--register=no",
+                "--keep-unit",
+                f"--network-namespace-path={host.netns_path}",
+                # A VM's root may change its own firewall: nftables in the host's own namespace.
+                "--capability=CAP_NET_ADMIN",
+                "--console=read-only",
+                "--resolv-conf=off",
+                "--link-journal=no",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=console_log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # setsid: the host outlives this command
             preexec_fn=enter_own_cgroup,  # safe: the controller is single-threaded here
         )
@@ -409,8 +525,11 @@ def system_state(host: LabHost) -> str:
     leader = container_leader(host.nspawn_pid)
     if leader is None:
         return "no-leader"
-    result = run(["nsenter", "-t", str(leader), "-a", "systemctl", "is-system-running"],
-                 check=False, quiet=True)
+    result = run(
+        ["nsenter", "-t", str(leader), "-a", "systemctl", "is-system-running"],
+        check=False,
+        quiet=True,
+    )
     return result.stdout.strip() or "unknown"
 
 
@@ -432,17 +551,39 @@ def wait_for_boot(host: LabHost) -> None:
             raise LabError(f"{host.name}: systemd-nspawn exited during boot:\n{tail}")
         state = system_state(host)
         return True if state in ("running", "degraded") else state
+
     wait_until(f"{host.name} boot", BOOT_TIMEOUT_S, probe)
     state = system_state(host)
     if state == "degraded":
-        failed = run(["nsenter", "-t", str(container_leader(host.nspawn_pid)), "-a",
-                      "systemctl", "--failed", "--no-legend", "--plain"], check=False, quiet=True)
+        failed = run(
+            [
+                "nsenter",
+                "-t",
+                str(container_leader(host.nspawn_pid)),
+                "-a",
+                "systemctl",
+                "--failed",
+                "--no-legend",
+                "--plain",
+            ],
+            check=False,
+            quiet=True,
+        )
         log(f"{host.name}: degraded, failed units: {failed.stdout.strip()}")
 
 
 def ssh_argv(host_address: str, command: list[str] | None = None, *extra_options: str) -> list[str]:
-    return ["ssh", "-i", str(SSH_KEY), *SSH_HOST_KEY_OPTIONS, "-o", "BatchMode=yes", *extra_options,
-            f"{LAB_USER}@{host_address}", *(command or [])]
+    return [
+        "ssh",
+        "-i",
+        str(SSH_KEY),
+        *SSH_HOST_KEY_OPTIONS,
+        "-o",
+        "BatchMode=yes",
+        *extra_options,
+        f"{LAB_USER}@{host_address}",
+        *(command or []),
+    ]
 
 
 def wait_for_ssh(host: LabHost) -> None:
@@ -450,10 +591,12 @@ def wait_for_ssh(host: LabHost) -> None:
         argv = ssh_argv(host.address, ["sudo", "-n", "true"], "-o", "ConnectTimeout=3")
         result = run(argv, check=False, quiet=True)
         return True if result.returncode == 0 else result.stderr.strip()[-200:]
+
     wait_until(f"{host.name} ssh", SSH_TIMEOUT_S, probe)
 
 
 # ---------------------------------------------------------------- inventory
+
 
 def write_inventory(hosts: list[LabHost], topology: str, release: str, control_dir: Path) -> None:
     quote = json.dumps  # a JSON string is a valid YAML scalar
@@ -499,6 +642,7 @@ def write_lab_secrets() -> None:
 
 # ---------------------------------------------------------------- destroy
 
+
 def process_cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -514,7 +658,7 @@ def nspawn_machine_name(argv: list[str]) -> str | None:
             return argv[index + 1]
         for flag in ("--machine=", "-M"):
             if arg.startswith(flag) and len(arg) > len(flag):
-                return arg[len(flag):]
+                return arg[len(flag) :]
     return None
 
 
@@ -554,15 +698,22 @@ def send_signal(pid: int, signum: int) -> None:
 
 
 def stop_processes() -> None:
-    recorded = [int(p.read_text()) for p in HOSTS_DIR.glob(f"{NAME_PREFIX}*/nspawn.pid")
-                if p.read_text().strip().isdigit()]
+    recorded = [
+        int(p.read_text())
+        for p in HOSTS_DIR.glob(f"{NAME_PREFIX}*/nspawn.pid")
+        if p.read_text().strip().isdigit()
+    ]
     nspawns, _ = lab_processes()
     # A recorded PID counts only while it still is one of our nspawn processes (PIDs get reused).
     targets = sorted({pid for pid in recorded if pid in nspawns} | set(nspawns))
     for pid in targets:
         argv = process_cmdline(pid)
         origin = nspawn_directory(argv)
-        elsewhere = "" if origin.startswith(str(HOSTS_DIR) + "/") else f", started from another checkout: {origin}"
+        elsewhere = (
+            ""
+            if origin.startswith(str(HOSTS_DIR) + "/")
+            else f", started from another checkout: {origin}"
+        )
         log(f"stopping systemd-nspawn {pid} ({nspawn_machine_name(argv)}{elsewhere})")
         send_signal(pid, signal.SIGTERM)  # nspawn asks the container's systemd to power off
     deadline = time.monotonic() + STOP_GRACE_S
@@ -606,8 +757,10 @@ def tagged_rules(listing: str) -> list[list[str]]:
 def mounts_below(path: Path) -> list[str]:
     prefix = str(path) + "/"
     # mountinfo writes space, tab, newline and backslash as octal escapes (\040 ...)
-    mount_points = [re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), line.split()[4])
-                    for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    mount_points = [
+        re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), line.split()[4])
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    ]
     return sorted((m for m in mount_points if m.startswith(prefix)), key=len, reverse=True)
 
 
@@ -647,6 +800,7 @@ def destroy(purge_images: bool = False) -> None:
 
 # ---------------------------------------------------------------- commands
 
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise LabError("run as root: the lab makes network namespaces and boots containers")
@@ -684,8 +838,10 @@ def create(topology: str, release: str) -> None:
     done = time.monotonic()
     timings["ssh"] = done - phase_started - timings["copy"] - timings["boot"]
     phases = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
-    log(f"{topology} lab on {release} up: hosts in {done - phase_started:.1f} s ({phases}), "
-        f"total {done - started:.1f} s; inventory {INVENTORY_FILE.relative_to(REPO_ROOT)}")
+    log(
+        f"{topology} lab on {release} up: hosts in {done - phase_started:.1f} s ({phases}), "
+        f"total {done - started:.1f} s; inventory {INVENTORY_FILE.relative_to(REPO_ROOT)}"
+    )
     for host in hosts:
         print(f"{host.name}\t{host.address}\t{','.join(host.groups)}")
 
@@ -694,7 +850,10 @@ def load_hosts() -> list[LabHost]:
     if not STATE_FILE.exists():
         raise LabError("no lab: `make lab` creates one")
     state = json.loads(STATE_FILE.read_text())
-    return [LabHost(h["name"], h["address"], tuple(h["groups"]), h["nspawn_pid"]) for h in state["hosts"]]
+    return [
+        LabHost(h["name"], h["address"], tuple(h["groups"]), h["nspawn_pid"])
+        for h in state["hosts"]
+    ]
 
 
 def find_host(name_or_group: str) -> LabHost:
@@ -705,7 +864,9 @@ def find_host(name_or_group: str) -> LabHost:
     for host in hosts:
         if name_or_group in host.groups:
             return host
-    raise LabError(f"no lab host or group {name_or_group!r}; hosts: {', '.join(h.name for h in hosts)}")
+    raise LabError(
+        f"no lab host or group {name_or_group!r}; hosts: {', '.join(h.name for h in hosts)}"
+    )
 
 
 def status() -> None:
@@ -724,10 +885,16 @@ def main() -> int:
     create_parser = commands.add_parser("create", help="destroy any old lab, then create one")
     create_parser.add_argument("--topology", choices=sorted(TOPOLOGIES), default="split")
     create_parser.add_argument("--release", choices=RELEASES, default="bookworm")
-    destroy_parser = commands.add_parser("destroy", help="remove hosts, namespaces, links, NAT rules")
-    destroy_parser.add_argument("--purge-images", action="store_true", help="also drop cached base images")
+    destroy_parser = commands.add_parser(
+        "destroy", help="remove hosts, namespaces, links, NAT rules"
+    )
+    destroy_parser.add_argument(
+        "--purge-images", action="store_true", help="also drop cached base images"
+    )
     commands.add_parser("status", help="list hosts and their systemd state")
-    address_parser = commands.add_parser("address", help="print the address of a host or of a group's first host")
+    address_parser = commands.add_parser(
+        "address", help="print the address of a host or of a group's first host"
+    )
     address_parser.add_argument("host")
     ssh_parser = commands.add_parser("ssh", help="ssh into a lab host as the lab user")
     ssh_parser.add_argument("host")

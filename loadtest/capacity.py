@@ -36,10 +36,25 @@ CLEAN_BUFFERED_RATIO = 0.0
 
 def start_simulator() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamgate.simulator", "--host", "127.0.0.1", "--port", "0",
-         "--ttft-ms", "50", "--gap-ms", str(SIM_GAP_MS), "--jitter-ms", "0",
-         "--tokens", str(SIM_TOKENS)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "streamgate.simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--ttft-ms",
+            "50",
+            "--gap-ms",
+            str(SIM_GAP_MS),
+            "--jitter-ms",
+            "0",
+            "--tokens",
+            str(SIM_TOKENS),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     line = process.stdout.readline()  # "streamgate-sim listening on http://127.0.0.1:PORT"
     match = re.search(r"http://\S+", line)
@@ -105,8 +120,10 @@ def itl_percentiles(report: Path) -> tuple[float, float]:
     if not rows:
         return float("nan"), float("nan")
     weights = [int(row["Request Count"]) for row in rows]
+
     def weighted(column: str) -> float:
         return sum(float(r[column]) * w for r, w in zip(rows, weights, strict=True)) / sum(weights)
+
     return weighted("50%"), weighted("99%")
 
 
@@ -126,10 +143,24 @@ def run_seconds(run_time: str) -> float:
 
 
 def run_step(target: str, users: int, args, reports: Path, sim: psutil.Process) -> dict:
-    command = [sys.executable, str(HERE / "run.py"), "--target", target, "--routes", "openai",
-               "--users", str(users), "--spawn-rate", str(max(users / 5, 1)),
-               "--run-time", args.run_time, "--reports-dir", str(reports / "runs"),
-               "--processes", str(args.processes)]
+    command = [
+        sys.executable,
+        str(HERE / "run.py"),
+        "--target",
+        target,
+        "--routes",
+        "openai",
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(max(users / 5, 1)),
+        "--run-time",
+        args.run_time,
+        "--reports-dir",
+        str(reports / "runs"),
+        "--processes",
+        str(args.processes),
+    ]
     sim.cpu_percent(None)
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = CpuSampler(runner.pid)
@@ -145,18 +176,26 @@ def run_step(target: str, users: int, args, reports: Path, sim: psutil.Process) 
     responses = json.loads((report / "gates.json").read_text())["responses"]
     chunks_per_s = responses * SIM_TOKENS / run_seconds(args.run_time)
     return {
-        "users": users, "processes": args.processes or 1, "exit": runner.returncode,
-        "generator_cpu_pct": round(sampler.mean(), 1), "sim_cpu_pct": round(sim_cpu, 1),
+        "users": users,
+        "processes": args.processes or 1,
+        "exit": runner.returncode,
+        "generator_cpu_pct": round(sampler.mean(), 1),
+        "sim_cpu_pct": round(sim_cpu, 1),
         "generator_cpu_wait_pct": round(sampler.run_queue_wait_pct(wall_s), 1),
-        "itl_p50_ms": p50, "itl_p99_ms": p99, "ttft_p95_ms": gates["ttft_p95"]["value"],
+        "itl_p50_ms": p50,
+        "itl_p99_ms": p99,
+        "ttft_p95_ms": gates["ttft_p95"]["value"],
         "buffered_ratio": gates["buffered_ratio"]["value"],
         "generator_lagged": gates["generator_lagged"]["value"],
         "loop_lag_p99_ms": loop_lag_p99(report),
-        "responses": responses, "chunks_per_s": round(chunks_per_s),
+        "responses": responses,
+        "chunks_per_s": round(chunks_per_s),
         # CPU cost of measuring one chunk: what a quiet core's capacity follows from
         "cpu_us_per_chunk": round(sampler.mean() / 100 * 1e6 / chunks_per_s, 1)
-        if chunks_per_s else None,
-        "report": str(report), "tail": output[-300:],
+        if chunks_per_s
+        else None,
+        "report": str(report),
+        "tail": output[-300:],
     }
 
 
@@ -174,21 +213,25 @@ def main() -> int:
         for users in (int(step) for step in args.users.split(",")):
             result = run_step(target, users, args, args.reports_dir, sim)
             results.append(result)
-            clean = (result["itl_p99_ms"] <= CLEAN_ITL_P99_MS
-                     and (result["buffered_ratio"] or 0) <= CLEAN_BUFFERED_RATIO
-                     and (result["generator_lagged"] or 0) <= CLEAN_BUFFERED_RATIO)
+            clean = (
+                result["itl_p99_ms"] <= CLEAN_ITL_P99_MS
+                and (result["buffered_ratio"] or 0) <= CLEAN_BUFFERED_RATIO
+                and (result["generator_lagged"] or 0) <= CLEAN_BUFFERED_RATIO
+            )
             result["clean"] = clean
-            print(f"users {users:5d} x{result['processes']}  generator CPU "
-                  f"{result['generator_cpu_pct']:6.1f}% (waited for a CPU "
-                  f"{result['generator_cpu_wait_pct']:5.1f}%)  "
-                  f"sim CPU {result['sim_cpu_pct']:6.1f}%  "
-                  f"gap p50 {result['itl_p50_ms']:6.1f} p99 {result['itl_p99_ms']:6.1f} ms  "
-                  f"TTFT p95 {result['ttft_p95_ms']} ms  buffered {result['buffered_ratio']}  "
-                  f"generator lagged {result['generator_lagged']}  "
-                  f"loop lag p99 {result['loop_lag_p99_ms']} ms  "
-                  f"{result['chunks_per_s']} chunks/s  {result['cpu_us_per_chunk']} us/chunk  "
-                  f"{'clean' if clean else 'DISTORTED'}",
-                  flush=True)
+            print(
+                f"users {users:5d} x{result['processes']}  generator CPU "
+                f"{result['generator_cpu_pct']:6.1f}% (waited for a CPU "
+                f"{result['generator_cpu_wait_pct']:5.1f}%)  "
+                f"sim CPU {result['sim_cpu_pct']:6.1f}%  "
+                f"gap p50 {result['itl_p50_ms']:6.1f} p99 {result['itl_p99_ms']:6.1f} ms  "
+                f"TTFT p95 {result['ttft_p95_ms']} ms  buffered {result['buffered_ratio']}  "
+                f"generator lagged {result['generator_lagged']}  "
+                f"loop lag p99 {result['loop_lag_p99_ms']} ms  "
+                f"{result['chunks_per_s']} chunks/s  {result['cpu_us_per_chunk']} us/chunk  "
+                f"{'clean' if clean else 'DISTORTED'}",
+                flush=True,
+            )
             time.sleep(2)  # let sockets from the last step close
     finally:
         simulator.terminate()

@@ -13,9 +13,13 @@ OPTIONS = [
     ("--sim-tokens", int, 50, "tokens per response (sent as max_tokens)"),
     ("--sim-ttft-ms", float, 50.0, "the simulator's --ttft-ms: expected time to first token"),
     ("--sim-gap-ms", float, 20.0, "the simulator's --gap-ms: expected gap between tokens"),
-    ("--upstream-kind", str, "simulator",
-     "what the target streams from: 'simulator' (its exact text and pace are checked) or "
-     "'openai-compatible' (any other server: protocol, completeness and timing, no text)"),
+    (
+        "--upstream-kind",
+        str,
+        "simulator",
+        "what the target streams from: 'simulator' (its exact text and pace are checked) or "
+        "'openai-compatible' (any other server: protocol, completeness and timing, no text)",
+    ),
     ("--min-separate-reads-ratio", float, 0.8, "buffered below this share of tokens in own reads"),
     ("--min-span-ratio", float, 0.5, "buffered below this share of the expected arrival span"),
     ("--read-timeout-s", float, 30.0, "silence on a stream before the client aborts it"),
@@ -25,12 +29,21 @@ OPTIONS = [
     ("--slo-failure-ratio", float, 0.01, "gate: share of responses with an error"),
     ("--slo-buffered-ratio", float, 0.01, "gate: share of complete responses judged buffered"),
     ("--slo-corrupt-ratio", float, 0.0, "gate: share of complete responses judged corrupt"),
-    ("--max-generator-lagged-ratio", float, 0.05,
-     "validity: share of responses during which the generator itself stalled"),
+    (
+        "--max-generator-lagged-ratio",
+        float,
+        0.05,
+        "validity: share of responses during which the generator itself stalled",
+    ),
     ("--gates-json", str, "", "also write the gate results to this JSON file"),
     # A secret: give it through the environment (STREAMGATE_LOAD_API_KEY), not the command line.
     ("--api-key", str, "", "client key sent as 'Authorization: Bearer <key>' (empty: none)"),
-    ("--ca-file", str, "", "https: trust only this CA file (empty: the system store); always verified"),
+    (
+        "--ca-file",
+        str,
+        "",
+        "https: trust only this CA file (empty: the system store); always verified",
+    ),
 ]
 
 

@@ -73,7 +73,10 @@ def _configure_users(environment, **_kwargs) -> None:
     StreamUser.insecure = False
     StreamUser.ssl_context_factory = staticmethod(_tls_context_factory(options.ca_file or None))
     if options.api_key:
-        StreamUser.request_headers = {**REQUEST_HEADERS, "Authorization": f"Bearer {options.api_key}"}
+        StreamUser.request_headers = {
+            **REQUEST_HEADERS,
+            "Authorization": f"Bearer {options.api_key}",
+        }
     if environment.runner is not None and not isinstance(environment.runner, MasterRunner):
         # Two tokens share a read once the loop is away for a gap; the probe wakes up to
         # LAG_PROBE_S early within that, so a lag of gap - probe is already too much.
@@ -93,8 +96,14 @@ def _watch_own_lag(environment) -> None:
         woke = time.perf_counter()
         worst_s = max(worst_s, LAG_LOG.note(due, woke))
         if woke - window_start >= LAG_REPORT_EVERY_S:
-            fire(request_type=slo.LOOP_LAG, name="generator event loop",
-                 response_time=worst_s * 1000, response_length=0, exception=None, context={})
+            fire(
+                request_type=slo.LOOP_LAG,
+                name="generator event loop",
+                response_time=worst_s * 1000,
+                response_length=0,
+                exception=None,
+                context={},
+            )
             worst_s, window_start = 0.0, woke
 
 
@@ -166,8 +175,10 @@ REQUEST_HEADERS = {
 
 def _tls_context_factory(ca_file: str | None):
     """A factory of verifying TLS contexts (trusting `ca_file` only, when given)."""
+
     def make_context(*_args, **_kwargs):
         return gevent.ssl.create_default_context(cafile=ca_file)
+
     return make_context
 
 
@@ -243,30 +254,63 @@ class StreamUser(FastHttpUser):
             response.success()
         fire = self.environment.events.request.fire
         if record.ttft_ms is not None:
-            fire(request_type=slo.TTFT, name=self.path, response_time=record.ttft_ms,
-                 response_length=0, exception=None, context={})
+            fire(
+                request_type=slo.TTFT,
+                name=self.path,
+                response_time=record.ttft_ms,
+                response_length=0,
+                exception=None,
+                context={},
+            )
         for gap_ms in record.gaps_ms():
-            fire(request_type=slo.ITL, name=self.path, response_time=gap_ms,
-                 response_length=0, exception=None, context={})
+            fire(
+                request_type=slo.ITL,
+                name=self.path,
+                response_time=gap_ms,
+                response_length=0,
+                exception=None,
+                context={},
+            )
         if record.error:
             return
         duration_s = record.duration_ms() / 1000
         if duration_s > 0:
-            fire(request_type=slo.TOKENS_PER_S, name=self.path, response_time=tokens / duration_s,
-                 response_length=tokens, exception=None, context={})
+            fire(
+                request_type=slo.TOKENS_PER_S,
+                name=self.path,
+                response_time=tokens / duration_s,
+                response_length=tokens,
+                exception=None,
+                context={},
+            )
         timing = loadopts.timing_from(options)
         buffered = judge_buffered(record, tokens, timing)
         # Merged reads while this process itself stalled may be ours: not held against the target.
         lagged = buffered is not None and excused_by_lag(
-            record, tokens, timing, *LAG_LOG.within(record.started, record.ended))
-        verdicts = [(GENERATOR_LAGGED, f"{GENERATOR_LAGGED}: not judged buffered" if lagged else None)]
+            record, tokens, timing, *LAG_LOG.within(record.started, record.ended)
+        )
+        verdicts = [
+            (GENERATOR_LAGGED, f"{GENERATOR_LAGGED}: not judged buffered" if lagged else None)
+        ]
         if not lagged:
             verdicts.append((BUFFERED, buffered))
-        verdicts.append((CORRUPT, judge_corrupt(record, expected) if expected is not None
-                         else judge_protocol(record, decoder)))
+        verdicts.append(
+            (
+                CORRUPT,
+                judge_corrupt(record, expected)
+                if expected is not None
+                else judge_protocol(record, decoder),
+            )
+        )
         for kind, failure in verdicts:
-            fire(request_type=kind, name=self.path, response_time=0,
-                 response_length=tokens, exception=failure, context={})
+            fire(
+                request_type=kind,
+                name=self.path,
+                response_time=0,
+                response_length=tokens,
+                exception=failure,
+                context={},
+            )
 
 
 _expected_cache: dict[int, list[str]] = {}

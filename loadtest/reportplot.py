@@ -50,8 +50,11 @@ def plot_history(history_csv: Path, png: Path) -> Path:
         axis.grid(True, alpha=0.3)
         if series:
             axis.legend(fontsize="small")
-    users = [(int(r["Timestamp"]) - start, int(r["User Count"])) for r in rows
-             if r["Name"] == "Aggregated"]
+    users = [
+        (int(r["Timestamp"]) - start, int(r["User Count"]))
+        for r in rows
+        if r["Name"] == "Aggregated"
+    ]
     if users:
         axes[-1].plot(*zip(*users, strict=True), color="black")
     axes[-1].set_ylabel("active users")

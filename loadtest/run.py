@@ -77,19 +77,29 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--spawn-rate", type=float, default=50.0, help="users started per second")
     parser.add_argument("--run-time", default="60s")
-    parser.add_argument("--routes", default="text,sse,openai",
-                        help=f"comma-separated, of {','.join(ROUTE_USERS)}")
-    parser.add_argument("--processes", default="auto",
-                        help="Locust worker processes on this host: a number (0: one process, "
-                             f"no master) or auto (one per {USERS_PER_PROCESS} users, at most "
-                             "one per CPU)")
+    parser.add_argument(
+        "--routes", default="text,sse,openai", help=f"comma-separated, of {','.join(ROUTE_USERS)}"
+    )
+    parser.add_argument(
+        "--processes",
+        default="auto",
+        help="Locust worker processes on this host: a number (0: one process, "
+        f"no master) or auto (one per {USERS_PER_PROCESS} users, at most "
+        "one per CPU)",
+    )
     parser.add_argument("--reports-dir", type=Path, default=HERE / "reports")
-    parser.add_argument("--api-key-file", type=Path,
-                        help="file holding the client key to send (default: client-key next to "
-                             "the inventory; STREAMGATE_LOAD_API_KEY also works)")
-    parser.add_argument("--ca-file", type=Path,
-                        help="CA file to verify HTTPS with (default: ca.pem next to the inventory, "
-                             "else the system store)")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the client key to send (default: client-key next to "
+        "the inventory; STREAMGATE_LOAD_API_KEY also works)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help="CA file to verify HTTPS with (default: ca.pem next to the inventory, "
+        "else the system store)",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -101,16 +111,36 @@ def worker_processes(setting: str, users: int) -> int:
     return 0 if wanted <= 1 else min(wanted, os.cpu_count() or 1)
 
 
-def locust_command(args: argparse.Namespace, target: str, report: Path, extra: list[str]) -> list[str]:
+def locust_command(
+    args: argparse.Namespace, target: str, report: Path, extra: list[str]
+) -> list[str]:
     users = [ROUTE_USERS[route.strip()] for route in args.routes.split(",") if route.strip()]
     command = [
-        sys.executable, "-m", "locust",
-        "-f", str(HERE / "locustfile.py"), "--config", str(HERE / "locust.conf"),
-        "--headless", "--host", target.rstrip("/"),
-        "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
-        "--run-time", args.run_time,
-        "--csv", str(report / "stats"), "--csv-full-history", "--html", str(report / "report.html"),
-        "--gates-json", str(report / "gates.json"), "--logfile", str(report / "locust.log"),
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(HERE / "locustfile.py"),
+        "--config",
+        str(HERE / "locust.conf"),
+        "--headless",
+        "--host",
+        target.rstrip("/"),
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate),
+        "--run-time",
+        args.run_time,
+        "--csv",
+        str(report / "stats"),
+        "--csv-full-history",
+        "--html",
+        str(report / "report.html"),
+        "--gates-json",
+        str(report / "gates.json"),
+        "--logfile",
+        str(report / "locust.log"),
     ]
     processes = worker_processes(args.processes, args.users)
     if processes:
@@ -137,12 +167,21 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--ca-file", str(ca_file), *extra]
     if args.inventory and not any(option.startswith("--upstream-kind") for option in extra):
         ansible_inventory = str(Path(sys.executable).with_name("ansible-inventory"))
-        extra = ["--upstream-kind", deployment_upstream_kind(inventory_listing(args.inventory, ansible_inventory)), *extra]
+        extra = [
+            "--upstream-kind",
+            deployment_upstream_kind(inventory_listing(args.inventory, ansible_inventory)),
+            *extra,
+        ]
     command = locust_command(args, target, report, extra)
-    kind = extra[extra.index("--upstream-kind") + 1] if "--upstream-kind" in extra else "as configured"
-    print(f"load test: {args.users} users for {args.run_time} against {target} (upstream: {kind})"
-          f"{' with a client key' if env.get('STREAMGATE_LOAD_API_KEY') else ''}"
-          f"{f', CA {ca_file}' if ca_file else ''}", flush=True)
+    kind = (
+        extra[extra.index("--upstream-kind") + 1] if "--upstream-kind" in extra else "as configured"
+    )
+    print(
+        f"load test: {args.users} users for {args.run_time} against {target} (upstream: {kind})"
+        f"{' with a client key' if env.get('STREAMGATE_LOAD_API_KEY') else ''}"
+        f"{f', CA {ca_file}' if ca_file else ''}",
+        flush=True,
+    )
     exit_code = subprocess.run(command, check=False, env=env).returncode
 
     # Plot only after Locust has exited: matplotlib stays out of the generator's process.

@@ -60,8 +60,11 @@ def evaluate(stats: RequestStats, limits) -> list[Gate]:
         Gate("buffered_ratio", failure_ratio(merged(stats, BUFFERED)), limits.slo_buffered_ratio),
         Gate("corrupt_ratio", failure_ratio(merged(stats, CORRUPT)), limits.slo_corrupt_ratio),
         # Validity, not service quality: above this the generator distorted its own figures.
-        Gate("generator_lagged", failure_ratio(merged(stats, GENERATOR_LAGGED)),
-             limits.max_generator_lagged_ratio),
+        Gate(
+            "generator_lagged",
+            failure_ratio(merged(stats, GENERATOR_LAGGED)),
+            limits.max_generator_lagged_ratio,
+        ),
     ]
 
 

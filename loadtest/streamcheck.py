@@ -235,7 +235,9 @@ def judge_buffered(record: StreamRecord, tokens: int, timing: StreamTiming) -> s
     return None
 
 
-def span_too_short(record: StreamRecord, tokens: int, timing: StreamTiming, slack_ms: float = 0.0) -> bool:
+def span_too_short(
+    record: StreamRecord, tokens: int, timing: StreamTiming, slack_ms: float = 0.0
+) -> bool:
     """At a known pace: the content arrived over less than `min_span_ratio` of the time its
     tokens take. At an unknown pace: its reads at their typical gap would cover less than that
     share of the span they did cover, i.e. most of them came in a burst after a long hold.
@@ -261,8 +263,10 @@ def judge_protocol(record: StreamRecord, decoder: TextDecoder) -> str | None:
     if decoder.finish_reason is None:
         return f"{CORRUPT}: no finish_reason"
     if decoder.tokens_reported is not None and decoder.tokens_reported < record.units:
-        return (f"{CORRUPT}: usage says {decoder.tokens_reported} tokens, "
-                f"{record.units} content chunks arrived")
+        return (
+            f"{CORRUPT}: usage says {decoder.tokens_reported} tokens, "
+            f"{record.units} content chunks arrived"
+        )
     return None
 
 
@@ -311,8 +315,9 @@ class LagLog:
         return stalled_s, count
 
 
-def excused_by_lag(record: StreamRecord, tokens: int, timing: StreamTiming,
-                   stalled_s: float, stalls: int) -> bool:
+def excused_by_lag(
+    record: StreamRecord, tokens: int, timing: StreamTiming, stalled_s: float, stalls: int
+) -> bool:
     """Would the response have passed as streamed, had the generator not stalled?
 
     A stall of L seconds can merge up to L / gap + 1 tokens into one read and shorten the
@@ -326,5 +331,6 @@ def excused_by_lag(record: StreamRecord, tokens: int, timing: StreamTiming,
     gap_ms = timing.gap_ms or record.duration_ms() / max(tokens, 1)
     mergeable = stalls + stalled_s * 1000 / gap_ms if gap_ms > 0 else tokens
     reads_ok = min(len(record.content_times) + mergeable, tokens) >= (
-        timing.min_separate_reads_ratio * tokens)
+        timing.min_separate_reads_ratio * tokens
+    )
     return reads_ok and not span_too_short(record, tokens, timing, slack_ms=stalled_s * 1000)

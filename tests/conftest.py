@@ -79,11 +79,15 @@ def nginx_factory(running: ExitStack) -> Callable[..., LocalNginx]:
     """start(upstream_service, buffering_fault=False, **role_variables) -> a local nginx from
     nginx/*.j2 (role_variables override the role's, e.g. nginx_worker_shutdown_timeout="2s")."""
 
-    def start(upstream: services.Service, *, buffering_fault: bool = False,
-              **overrides) -> LocalNginx:
+    def start(
+        upstream: services.Service, *, buffering_fault: bool = False, **overrides
+    ) -> LocalNginx:
         binary = require_nginx()
-        proxy = LocalNginx([f"{upstream.host}:{upstream.port}"], buffering_fault=buffering_fault,
-                           overrides=overrides)
+        proxy = LocalNginx(
+            [f"{upstream.host}:{upstream.port}"],
+            buffering_fault=buffering_fault,
+            overrides=overrides,
+        )
         running.callback(proxy.stop)
         return proxy.start(binary)
 

@@ -58,14 +58,15 @@ ROLE: dict[str, RoleSpecific] = {
         default="{{ __streamgate_default_upstream_base_url }}",
         shown_default="the first simulator host without a key, else https://api.openai.com/v1",
         note="The role's default: the first simulator host when no key is set and the inventory "
-             "has a `simulator` group, else OpenAI.",
+        "has a `simulator` group, else OpenAI.",
     ),
     "upstream_api_key": RoleSpecific(
         default="",
         note="Keep it in a vault: the role writes it with `no_log`, to the env file only when set.",
     ),
     "upstream_transport": RoleSpecific(
-        left_out=("aiohttp",), note="The role does not install the `aiohttp` extra."),
+        left_out=("aiohttp",), note="The role does not install the `aiohttp` extra."
+    ),
     "client_key_hashes": RoleSpecific(
         variable=False,
         note="Written from `streamgate_client_auth` and `streamgate_client_keys`.",
@@ -82,7 +83,7 @@ ROLE: dict[str, RoleSpecific] = {
     "bind": RoleSpecific(
         default="{{ streamgate_advertise_host }}:{{ streamgate_port }}",
         note="The role's default: only the address the edge uses (`streamgate_advertise_host`), "
-             "on `streamgate_port` (`validate.yml` requires that port).",
+        "on `streamgate_port` (`validate.yml` requires that port).",
     ),
 }
 
@@ -164,8 +165,11 @@ class Setting:
 
 
 def settings() -> list[Setting]:
-    return [Setting(name, field, ROLE.get(name, RoleSpecific()))
-            for name, field in Settings.model_fields.items() if not field.exclude]
+    return [
+        Setting(name, field, ROLE.get(name, RoleSpecific()))
+        for name, field in Settings.model_fields.items()
+        if not field.exclude
+    ]
 
 
 def role_settings() -> list[Setting]:
@@ -178,8 +182,14 @@ def yaml_value(value: Any) -> str:
 
 
 def wrap(text: str, indent: str, width: int = WIDTH) -> list[str]:
-    return textwrap.wrap(text, width=width, initial_indent=indent, subsequent_indent=indent,
-                         break_on_hyphens=False, break_long_words=False)
+    return textwrap.wrap(
+        text,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def shown_default(setting: Setting) -> str:
@@ -264,16 +274,36 @@ class Target:
 
 NOTE = f"generated from {SOURCE} by tools/settings_docs.py (make settings-docs): edit it there"
 TARGETS = [
-    Target(REPO / "README.md", f"<!-- BEGIN settings: {NOTE} -->", "<!-- END settings -->",
-           readme_table),
-    Target(ROLE_DIR / "defaults" / "main.yml", f"# BEGIN settings: {NOTE}", "# END settings",
-           role_defaults),
-    Target(ROLE_DIR / "meta" / "argument_specs.yml", f"      # BEGIN settings: {NOTE}",
-           "      # END settings", argument_specs),
-    Target(ROLE_DIR / "templates" / "streamgate.env.j2", f"{{# BEGIN settings: {NOTE} #}}",
-           "{# END settings #}", env_template),
-    Target(ROLE_DIR / "README.md", f"<!-- BEGIN settings: {NOTE} -->", "<!-- END settings -->",
-           role_readme),
+    Target(
+        REPO / "README.md",
+        f"<!-- BEGIN settings: {NOTE} -->",
+        "<!-- END settings -->",
+        readme_table,
+    ),
+    Target(
+        ROLE_DIR / "defaults" / "main.yml",
+        f"# BEGIN settings: {NOTE}",
+        "# END settings",
+        role_defaults,
+    ),
+    Target(
+        ROLE_DIR / "meta" / "argument_specs.yml",
+        f"      # BEGIN settings: {NOTE}",
+        "      # END settings",
+        argument_specs,
+    ),
+    Target(
+        ROLE_DIR / "templates" / "streamgate.env.j2",
+        f"{{# BEGIN settings: {NOTE} #}}",
+        "{# END settings #}",
+        env_template,
+    ),
+    Target(
+        ROLE_DIR / "README.md",
+        f"<!-- BEGIN settings: {NOTE} -->",
+        "<!-- END settings -->",
+        role_readme,
+    ),
 ]
 
 
@@ -283,15 +313,17 @@ def rendered(target: Target, text: str) -> str:
     try:
         start, stop = lines.index(target.begin), lines.index(target.end)
     except ValueError:
-        raise SystemExit(f"{target.path.relative_to(REPO)}: no line {target.begin!r} "
-                         f"followed by {target.end!r}") from None
+        raise SystemExit(
+            f"{target.path.relative_to(REPO)}: no line {target.begin!r} followed by {target.end!r}"
+        ) from None
     return "\n".join([*lines[: start + 1], *target.body(), *lines[stop:]])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 naming each file that differs")
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 naming each file that differs"
+    )
     args = parser.parse_args(argv)
     stale = []
     for target in TARGETS:
@@ -302,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.check:
                 target.path.write_text(wanted)
     if stale and args.check:
-        print(f"not as {SOURCE} says: {', '.join(stale)}; run make settings-docs",
-              file=sys.stderr)
+        print(f"not as {SOURCE} says: {', '.join(stale)}; run make settings-docs", file=sys.stderr)
         return 1
     for path in stale:
         print(f"wrote {path}")

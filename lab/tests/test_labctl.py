@@ -61,20 +61,34 @@ def test_nspawn_machine_name_only_from_nspawn_command_lines(argv, expected):
 
 def test_only_rules_tagged_with_the_lab_comment_are_removed():
     tag = labctl.NAT_COMMENT
-    listing = "\n".join([
-        "-P POSTROUTING ACCEPT",
-        f"-A POSTROUTING -s 10.231.0.0/24 ! -d 10.231.0.0/24 -m comment --comment {tag} "
-        "-j MASQUERADE",
-        # Same subnet, no tag: someone else's rule, must stay.
-        "-A POSTROUTING -s 10.231.0.0/24 -j MASQUERADE",
-        # A tag that merely starts with ours is not ours.
-        f'-A POSTROUTING -s 10.9.0.0/24 -m comment --comment "{tag}-other" -j MASQUERADE',
-        "-A POSTROUTING -s 10.9.0.0/24 -m comment --comment other -j MASQUERADE "
-        f"-m comment --comment x{tag}",
-    ])
+    listing = "\n".join(
+        [
+            "-P POSTROUTING ACCEPT",
+            f"-A POSTROUTING -s 10.231.0.0/24 ! -d 10.231.0.0/24 -m comment --comment {tag} "
+            "-j MASQUERADE",
+            # Same subnet, no tag: someone else's rule, must stay.
+            "-A POSTROUTING -s 10.231.0.0/24 -j MASQUERADE",
+            # A tag that merely starts with ours is not ours.
+            f'-A POSTROUTING -s 10.9.0.0/24 -m comment --comment "{tag}-other" -j MASQUERADE',
+            "-A POSTROUTING -s 10.9.0.0/24 -m comment --comment other -j MASQUERADE "
+            f"-m comment --comment x{tag}",
+        ]
+    )
     assert labctl.tagged_rules(listing) == [
-        ["POSTROUTING", "-s", "10.231.0.0/24", "!", "-d", "10.231.0.0/24",
-         "-m", "comment", "--comment", tag, "-j", "MASQUERADE"],
+        [
+            "POSTROUTING",
+            "-s",
+            "10.231.0.0/24",
+            "!",
+            "-d",
+            "10.231.0.0/24",
+            "-m",
+            "comment",
+            "--comment",
+            tag,
+            "-j",
+            "MASQUERADE",
+        ],
     ]
 
 
@@ -89,19 +103,34 @@ def test_forward_rules_let_nothing_open_a_connection_into_the_lab():
 
     Negative control: the rule the lab used to add (`FORWARD -d <subnet> -j ACCEPT`) is caught.
     """
+
     def opens_into_the_lab(match: list[str]) -> bool:
         words = list(match)
         into = "-d" in words and words[words.index("-d") + 1] == str(labctl.LAB_SUBNET)
-        answers_only = "--ctstate" in words and set(words[words.index("--ctstate") + 1].split(",")) <= {
-            "ESTABLISHED", "RELATED"}
+        answers_only = "--ctstate" in words and set(
+            words[words.index("--ctstate") + 1].split(",")
+        ) <= {"ESTABLISHED", "RELATED"}
         return words[-2:] == ["-j", "ACCEPT"] and into and not answers_only
 
-    forward = [match for table, chain, *match in labctl.lab_rules() if (table, chain) == ("filter", "FORWARD")]
+    forward = [
+        match
+        for table, chain, *match in labctl.lab_rules()
+        if (table, chain) == ("filter", "FORWARD")
+    ]
     assert forward, "no FORWARD rules: hosts behind a FORWARD DROP policy could not reach apt"
     assert [match for match in forward if opens_into_the_lab(match)] == []
     for match in forward:  # each rule names the bridge: nothing else routed here is accepted
         assert labctl.BRIDGE_NAME in match, match
-    old_rule = ["-d", str(labctl.LAB_SUBNET), "-m", "comment", "--comment", labctl.NAT_COMMENT, "-j", "ACCEPT"]
+    old_rule = [
+        "-d",
+        str(labctl.LAB_SUBNET),
+        "-m",
+        "comment",
+        "--comment",
+        labctl.NAT_COMMENT,
+        "-j",
+        "ACCEPT",
+    ]
     assert opens_into_the_lab(old_rule)
 
 

@@ -40,11 +40,14 @@ def parse_key_hashes(text: str) -> dict[str, str]:
         name, sep, digest = (part.strip() for part in entry.partition(":"))
         where = f"{SETTING}: entry {number}"
         if not sep or not NAME.fullmatch(name):
-            raise ValueError(f"{where} must be name:sha256-hex, the name 1-64 letters, digits, "
-                             "'.', '_' or '-'")
+            raise ValueError(
+                f"{where} must be name:sha256-hex, the name 1-64 letters, digits, '.', '_' or '-'"
+            )
         if not SHA256_HEX.fullmatch(digest):
-            raise ValueError(f"{where} ({name}) must have the key's SHA-256 as 64 hex digits "
-                             "after the colon (a hash, never the key itself)")
+            raise ValueError(
+                f"{where} ({name}) must have the key's SHA-256 as 64 hex digits "
+                "after the colon (a hash, never the key itself)"
+            )
         if name in hashes:
             raise ValueError(f"{where}: the name {name} is listed twice")
         digest = digest.lower()
@@ -90,13 +93,13 @@ class ClientKeys:
                 value = field
                 break
         if value is None:
-            raise Unauthorized("missing API key: send it as 'Authorization: Bearer <key>'",
-                               CHALLENGE_MISSING)
+            raise Unauthorized(
+                "missing API key: send it as 'Authorization: Bearer <key>'", CHALLENGE_MISSING
+            )
         scheme, _, key = value.strip().partition(b" ")
         key = key.strip()
         if scheme.lower() != b"bearer" or not key:
-            raise Unauthorized("the Authorization header must be 'Bearer <key>'",
-                               CHALLENGE_INVALID)
+            raise Unauthorized("the Authorization header must be 'Bearer <key>'", CHALLENGE_INVALID)
         presented = hashlib.sha256(key).digest()
         found = None
         for name, digest in self._digests:  # every one, no early exit: see the module docstring

@@ -61,8 +61,15 @@ __all__ = ["OPENAI", "SSE", "TEXT", "ChatRequest", "InvalidRequest", "parse_chat
 GRANULARITIES = ("token", "word")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # Top-level fields of the two stream routes; any other one is refused there.
-STREAM_ROUTE_KEYS = ("prompt", "messages", "model", "max_tokens", "temperature", "granularity",
-                     "stream")
+STREAM_ROUTE_KEYS = (
+    "prompt",
+    "messages",
+    "model",
+    "max_tokens",
+    "temperature",
+    "granularity",
+    "stream",
+)
 # Fields the gateway consumes itself (never passed upstream as sent).
 _CONSUMED = {"prompt", "messages", "model", "granularity", "stream", "stream_options"}
 TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
@@ -91,8 +98,9 @@ MEDIA_PARTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 class InvalidRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
 
@@ -117,12 +125,12 @@ class ChatRequest:
 def _shown(value: Any) -> str:
     """A client's value as a message may show it: its repr, cut to about 40 characters."""
     text = repr(value[:_SHOWN_CHARS] if isinstance(value, str) else value)
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 def _cut(name: str) -> str:
     """A client's key as a param may name it."""
-    return name if len(name) <= _SHOWN_CHARS else name[:_SHOWN_CHARS - 3] + "..."
+    return name if len(name) <= _SHOWN_CHARS else name[: _SHOWN_CHARS - 3] + "..."
 
 
 def _is_number(value: Any) -> bool:
@@ -148,8 +156,9 @@ def _depth(value: Any, limit: int) -> int:
 # --- messages -----------------------------------------------------------------------------
 
 
-def _string_fields(value: Any, where: str, required: tuple[str, ...],
-                   optional: tuple[str, ...] = ()) -> dict[str, Any]:
+def _string_fields(
+    value: Any, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """`value` must be an object whose `required` fields (and `optional` ones, when present and
     not null) are strings."""
     names = ", ".join(required + optional)
@@ -157,7 +166,8 @@ def _string_fields(value: Any, where: str, required: tuple[str, ...],
         raise InvalidRequest(f"{where} must be an object with string fields ({names})", where)
     for name in required + optional:
         if (name in required or value.get(name) is not None) and not isinstance(
-                value.get(name), str):
+            value.get(name), str
+        ):
             raise InvalidRequest(f"{where}.{name} must be a string", f"{where}.{name}")
     return value
 
@@ -165,8 +175,7 @@ def _string_fields(value: Any, where: str, required: tuple[str, ...],
 def _part(part: Any, where: str, route: str) -> tuple[int, bool]:
     """(text characters, whether it holds anything) of one content part."""
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-        raise InvalidRequest(f"{where} must be a content part: an object with a string type",
-                             where)
+        raise InvalidRequest(f"{where} must be a content part: an object with a string type", where)
     kind = part["type"]
     if kind in ("text", "refusal"):
         text = part.get(kind)
@@ -181,7 +190,8 @@ def _part(part: Any, where: str, route: str) -> tuple[int, bool]:
     if route != OPENAI:
         raise InvalidRequest(
             f"{where}.type {_shown(kind)} is not one of text, refusal, {', '.join(MEDIA_PARTS)}",
-            f"{where}.type")
+            f"{where}.type",
+        )
     return 0, True  # an upstream's own part type (e.g. video_url): its business
 
 
@@ -206,19 +216,23 @@ def _messages(messages: Any, route: str) -> int:
             raise InvalidRequest(f"{where} must be an object with a string role", where)
         role = message.get("role")
         if not isinstance(role, str):
-            raise InvalidRequest(f"{where} must be an object with a string role: one of "
-                                 f"{', '.join(ROLES)}", f"{where}.role")
+            raise InvalidRequest(
+                f"{where} must be an object with a string role: one of {', '.join(ROLES)}",
+                f"{where}.role",
+            )
         if role not in ROLES:
-            raise InvalidRequest(f"{where}.role {_shown(role)} is not one of {', '.join(ROLES)}",
-                                 f"{where}.role")
+            raise InvalidRequest(
+                f"{where}.role {_shown(role)} is not one of {', '.join(ROLES)}", f"{where}.role"
+            )
         for name in ("name", "tool_call_id"):
             if message.get(name) is not None and not isinstance(message[name], str):
                 raise InvalidRequest(f"{where}.{name} must be a string", f"{where}.{name}")
         if message.get("tool_calls") is not None:
             _tool_calls(message["tool_calls"], f"{where}.tool_calls")
         if message.get("function_call") is not None:
-            _string_fields(message["function_call"], f"{where}.function_call",
-                           ("name", "arguments"))
+            _string_fields(
+                message["function_call"], f"{where}.function_call", ("name", "arguments")
+            )
         content = message.get("content")
         if isinstance(content, str):
             chars += len(content)
@@ -229,13 +243,15 @@ def _messages(messages: Any, route: str) -> int:
                 chars += part_chars
                 anything = anything or holds
         elif content is not None:
-            raise InvalidRequest(f"{where}.content must be a string or a list of content parts",
-                                 f"{where}.content")
-        elif role != "assistant" or not (message.get("tool_calls") or
-                                         message.get("function_call")):
-            raise InvalidRequest(f"{where}.content must be a string or a list of content parts "
-                                 "(null only on an assistant message with tool_calls)",
-                                 f"{where}.content")
+            raise InvalidRequest(
+                f"{where}.content must be a string or a list of content parts", f"{where}.content"
+            )
+        elif role != "assistant" or not (message.get("tool_calls") or message.get("function_call")):
+            raise InvalidRequest(
+                f"{where}.content must be a string or a list of content parts "
+                "(null only on an assistant message with tool_calls)",
+                f"{where}.content",
+            )
     if not anything:
         raise InvalidRequest("messages hold no text", "messages")
     return chars
@@ -246,8 +262,11 @@ def _messages(messages: Any, route: str) -> int:
 
 def _check_range(key: str, value: Any) -> None:
     low, high, integer = RANGES[key]
-    if not _is_number(value) or (integer and not isinstance(value, int)) or not (
-            low <= value <= high):
+    if (
+        not _is_number(value)
+        or (integer and not isinstance(value, int))
+        or not (low <= value <= high)
+    ):
         kind = "an integer" if integer else "a number"
         raise InvalidRequest(f"{key} must be {kind} from {low} to {high}", key)
 
@@ -255,8 +274,11 @@ def _check_range(key: str, value: Any) -> None:
 def _check_stop(value: Any) -> None:
     if isinstance(value, str):
         return
-    if not isinstance(value, list) or len(value) > 4 or not all(
-            isinstance(item, str) for item in value):
+    if (
+        not isinstance(value, list)
+        or len(value) > 4
+        or not all(isinstance(item, str) for item in value)
+    ):
         raise InvalidRequest("stop must be a string or a list of at most 4 strings", "stop")
 
 
@@ -267,9 +289,11 @@ def _check_user(value: Any) -> None:
 
 def _check_logit_bias(value: Any) -> None:
     if not isinstance(value, dict) or not all(
-            _is_number(bias) and -100 <= bias <= 100 for bias in value.values()):
-        raise InvalidRequest("logit_bias must be an object of token id to a number from -100 "
-                             "to 100", "logit_bias")
+        _is_number(bias) and -100 <= bias <= 100 for bias in value.values()
+    ):
+        raise InvalidRequest(
+            "logit_bias must be an object of token id to a number from -100 to 100", "logit_bias"
+        )
 
 
 def _check_response_format(value: Any) -> None:
@@ -320,9 +344,13 @@ def _apply_policy(data: dict[str, Any], model: str, settings: Settings) -> str:
         return model
     upstream = allowed.get(model)
     if upstream is None:
-        raise InvalidRequest(f"model {_shown(model)} is not available on this gateway: use one "
-                             f"of {', '.join(allowed)}", "model", status=403,
-                             code="model_not_allowed")
+        raise InvalidRequest(
+            f"model {_shown(model)} is not available on this gateway: use one "
+            f"of {', '.join(allowed)}",
+            "model",
+            status=403,
+            code="model_not_allowed",
+        )
     return upstream
 
 
@@ -357,8 +385,11 @@ def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatReque
     if route != OPENAI:
         for key in data:
             if key not in STREAM_ROUTE_KEYS:
-                raise InvalidRequest(f"unrecognized request argument {_shown(key)}: this route "
-                                     f"takes {', '.join(STREAM_ROUTE_KEYS)}", _cut(key))
+                raise InvalidRequest(
+                    f"unrecognized request argument {_shown(key)}: this route "
+                    f"takes {', '.join(STREAM_ROUTE_KEYS)}",
+                    _cut(key),
+                )
 
     prompt, messages = data.get("prompt"), data.get("messages")
     if prompt is not None and messages is not None:
@@ -385,8 +416,9 @@ def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatReque
     if model is None:
         model = settings.default_model
     elif not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS:
-        raise InvalidRequest(f"model must be a non-empty string of at most {MAX_MODEL_CHARS} "
-                             "characters", "model")
+        raise InvalidRequest(
+            f"model must be a non-empty string of at most {MAX_MODEL_CHARS} characters", "model"
+        )
     granularity = data.get("granularity")
     if granularity is None:
         granularity = "token"
@@ -406,10 +438,14 @@ def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatReque
 
     if route != OPENAI:
         if stream is False:
-            raise InvalidRequest("stream must be true on this route: it always streams "
-                                 "(/v1/chat/completions can answer in one piece)", "stream")
-        extra = {key: data[key] for key in ("max_tokens", "temperature")
-                 if data.get(key) is not None}
+            raise InvalidRequest(
+                "stream must be true on this route: it always streams "
+                "(/v1/chat/completions can answer in one piece)",
+                "stream",
+            )
+        extra = {
+            key: data[key] for key in ("max_tokens", "temperature") if data.get(key) is not None
+        }
         _cap_tokens(extra, settings)
         return ChatRequest(messages, model, granularity, True, True, extra)
 
@@ -417,12 +453,17 @@ def parse_chat_request(body: bytes, settings: Settings, route: str) -> ChatReque
     options = data.get("stream_options")
     if options is not None:
         if not isinstance(options, dict) or not isinstance(
-                options.get("include_usage", False), bool | None):
-            raise InvalidRequest("stream_options must be {\"include_usage\": true or false}",
-                                 "stream_options")
+            options.get("include_usage", False), bool | None
+        ):
+            raise InvalidRequest(
+                'stream_options must be {"include_usage": true or false}', "stream_options"
+            )
         include_usage = bool(options.get("include_usage"))
     # Every other field goes upstream as sent; a null one of ours counts as left out.
-    extra = {key: value for key, value in data.items()
-             if key not in _CONSUMED and not (value is None and key in OPENAI_CHECKS)}
+    extra = {
+        key: value
+        for key, value in data.items()
+        if key not in _CONSUMED and not (value is None and key in OPENAI_CHECKS)
+    }
     _cap_tokens(extra, settings)
     return ChatRequest(messages, model, granularity, bool(stream), include_usage, extra)

@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ)
-    env.update(STREAMGATE_BIND=f"{args.host}:{args.gateway_port}",
-               STREAMGATE_WORKERS=str(args.workers))
+    env.update(
+        STREAMGATE_BIND=f"{args.host}:{args.gateway_port}", STREAMGATE_WORKERS=str(args.workers)
+    )
     external = bool(os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"))
     processes: list[subprocess.Popen] = []
     try:
@@ -68,28 +69,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"upstream: {upstream} (from OPENAI_* variables; no simulator)")
         else:
             simulator = subprocess.Popen(
-                [str(bin_dir / "streamgate-sim"), "--host", args.host,
-                 "--port", str(args.sim_port)], env=env)
+                [
+                    str(bin_dir / "streamgate-sim"),
+                    "--host",
+                    args.host,
+                    "--port",
+                    str(args.sim_port),
+                ],
+                env=env,
+            )
             processes.append(simulator)
             _wait_ready(f"http://{args.host}:{args.sim_port}/healthz", simulator, "simulator")
             env["STREAMGATE_UPSTREAM_BASE_URL"] = f"http://{args.host}:{args.sim_port}/v1"
             print(f"simulator: http://{args.host}:{args.sim_port} (pid {simulator.pid})")
         gateway = subprocess.Popen(
             [str(bin_dir / "gunicorn"), "-c", "python:streamgate.gunicorn_conf"],
-            env=env, cwd=SERVICE_DIR)
+            env=env,
+            cwd=SERVICE_DIR,
+        )
         processes.append(gateway)
         base = f"http://{args.host}:{args.gateway_port}"
         _wait_ready(f"{base}/readyz", gateway, "gateway")
         print(f"gateway:   {base} (gunicorn pid {gateway.pid}, {args.workers} workers)\n")
         print("Try (word by word; -N turns off curl's own buffering):")
-        print(f"  curl -N {base}/v1/chat/stream -H 'Content-Type: application/json' "
-              "-d '{\"prompt\": \"Tell me a story\", \"max_tokens\": 60}'\n")
+        print(
+            f"  curl -N {base}/v1/chat/stream -H 'Content-Type: application/json' "
+            '-d \'{"prompt": "Tell me a story", "max_tokens": 60}\'\n'
+        )
         print("Ctrl-C stops everything.", flush=True)
         while all(process.poll() is None for process in processes):
             time.sleep(0.5)
         failed = next(process for process in processes if process.poll() is not None)
-        print(f"a child exited (pid {failed.pid}, code {failed.returncode}); stopping",
-              file=sys.stderr)
+        print(
+            f"a child exited (pid {failed.pid}, code {failed.returncode}); stopping",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 0

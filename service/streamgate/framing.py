@@ -96,12 +96,14 @@ def openai_error(kind: str, message: str) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n" + OPENAI_DONE
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> bytes:
+def error_body(
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> bytes:
     """JSON error body for a real HTTP error status, in OpenAI's shape."""
-    return orjson.dumps(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    )
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 class WordCoalescer:

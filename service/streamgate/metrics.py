@@ -33,9 +33,7 @@ CHUNK_GAP = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 5),
 )
 TOKENS = Counter("streamgate_tokens_relayed_total", "Content deltas relayed", ["route"])
-UPSTREAM_ERRORS = Counter(
-    "streamgate_upstream_errors_total", "Upstream failures by kind", ["kind"]
-)
+UPSTREAM_ERRORS = Counter("streamgate_upstream_errors_total", "Upstream failures by kind", ["kind"])
 DISCONNECTS = Counter(
     "streamgate_client_disconnects_total",
     "Clients that left before the end, by phase (first_token, streaming)",

@@ -72,31 +72,52 @@ def _request_models(settings: Settings) -> tuple[type[BaseModel], type[BaseModel
     temperature = (float | None, Field(None, ge=0, le=2))
     xor: JsonDict = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
     common: dict[str, Any] = {
-        "prompt": (str, Field(None, min_length=1, pattern=r"\S",
-                              description="a user message; or send messages")),
+        "prompt": (
+            str,
+            Field(
+                None, min_length=1, pattern=r"\S", description="a user message; or send messages"
+            ),
+        ),
         "messages": (list[Message], Field(None, min_length=1)),
         "model": (model_type | None, Field(None, description="default: the gateway's")),
         "max_tokens": tokens,
         "temperature": temperature,
-        "granularity": (Literal["token", "word"] | None,
-                        Field(None, description="word: each chunk ends on a word boundary")),
+        "granularity": (
+            Literal["token", "word"] | None,
+            Field(None, description="word: each chunk ends on a word boundary"),
+        ),
     }
     stream_request = create_model(
-        "StreamRequest", __config__=ConfigDict(extra="forbid", json_schema_extra=xor),
-        stream=(Literal[True] | None, None), **common)
+        "StreamRequest",
+        __config__=ConfigDict(extra="forbid", json_schema_extra=xor),
+        stream=(Literal[True] | None, None),
+        **common,
+    )
     assert set(stream_request.model_fields) == set(STREAM_ROUTE_KEYS)
     completion_request = create_model(
-        "ChatCompletionRequest", __config__=ConfigDict(
-            extra="allow", json_schema_extra={**xor, "description": (
-                "OpenAI's chat completion request; fields not listed pass to the upstream "
-                "as sent")}),
-        stream=(bool | None, None), stream_options=(StreamOptions | None, None),
-        max_completion_tokens=tokens, top_p=(float | None, Field(None, ge=0, le=1)),
+        "ChatCompletionRequest",
+        __config__=ConfigDict(
+            extra="allow",
+            json_schema_extra={
+                **xor,
+                "description": (
+                    "OpenAI's chat completion request; fields not listed pass to the upstream "
+                    "as sent"
+                ),
+            },
+        ),
+        stream=(bool | None, None),
+        stream_options=(StreamOptions | None, None),
+        max_completion_tokens=tokens,
+        top_p=(float | None, Field(None, ge=0, le=1)),
         n=(int | None, Field(None, ge=1, le=max_n)),
         stop=(str | list[str] | None, Field(None, max_length=4)),
         presence_penalty=(float | None, Field(None, ge=-2, le=2)),
         frequency_penalty=(float | None, Field(None, ge=-2, le=2)),
-        seed=(int | None, None), user=(str | None, None), **common)
+        seed=(int | None, None),
+        user=(str | None, None),
+        **common,
+    )
     return stream_request, completion_request
 
 
@@ -125,33 +146,56 @@ def add_chat_routes(schema: dict[str, Any], settings: Settings, keys_required: b
     """Describe the chat routes in `schema` (FastAPI's generated OpenAPI document)."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     stream_request, completion_request = _request_models(settings)
-    stream_body, completion_body = (_schema(stream_request, components),
-                                    _schema(completion_request, components))
+    stream_body, completion_body = (
+        _schema(stream_request, components),
+        _schema(completion_request, components),
+    )
     error = {"application/json": {"schema": _schema(Error, components)}}
     text = {"schema": {"type": "string"}}
     # Each event as a client's SSE parser reads it (schemathesis checks them one by one).
-    events = {"schema": {"type": "object", "properties": {
-        "event": {"type": "string", "description": "message, or error / done on stream-sse"},
-        "data": {"type": "string", "description": "a JSON object, or [DONE] on completions"},
-    }, "required": ["data"]}}
-    errors = {status: {"description": text_, "content": error}
-              for status, text_ in ERROR_STATUSES.items()}
+    events = {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "event": {
+                    "type": "string",
+                    "description": "message, or error / done on stream-sse",
+                },
+                "data": {
+                    "type": "string",
+                    "description": "a JSON object, or [DONE] on completions",
+                },
+            },
+            "required": ["data"],
+        }
+    }
+    errors = {
+        status: {"description": text_, "content": error} for status, text_ in ERROR_STATUSES.items()
+    }
     if not keys_required:
         del errors["401"]
     # What each format answers; the paths come from the one route table.
     by_format = {
-        TEXT: ("Stream an answer as plain text", stream_body,
-                            {"text/plain": text},
-                            "each delta written the moment it arrives; an upstream failure "
-                            "mid-stream ends the body early"),
-        SSE: ("Stream an answer as server-sent events", stream_body,
-                                {"text/event-stream": events},
-                                'data: {"content": ...} per delta, event: error, event: done'),
-        OPENAI: ("OpenAI-compatible chat completion", completion_body,
-                                 {"text/event-stream": events,
-                                  "application/json": {"schema": {"type": "object"}}},
-                                 "stream: true: OpenAI's chunks and data: [DONE]; "
-                                 "otherwise the upstream's chat.completion object"),
+        TEXT: (
+            "Stream an answer as plain text",
+            stream_body,
+            {"text/plain": text},
+            "each delta written the moment it arrives; an upstream failure "
+            "mid-stream ends the body early",
+        ),
+        SSE: (
+            "Stream an answer as server-sent events",
+            stream_body,
+            {"text/event-stream": events},
+            'data: {"content": ...} per delta, event: error, event: done',
+        ),
+        OPENAI: (
+            "OpenAI-compatible chat completion",
+            completion_body,
+            {"text/event-stream": events, "application/json": {"schema": {"type": "object"}}},
+            "stream: true: OpenAI's chunks and data: [DONE]; "
+            "otherwise the upstream's chat.completion object",
+        ),
     }
     for route in CHAT_ROUTES:
         path = route.path
@@ -160,8 +204,7 @@ def add_chat_routes(schema: dict[str, Any], settings: Settings, keys_required: b
             "summary": summary,
             "operationId": "chat_" + path.rsplit("/", 1)[1].replace("-", "_"),
             "tags": ["chat"],
-            "requestBody": {"required": True,
-                            "content": {"application/json": {"schema": body}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
             "responses": {"200": {"description": answer, "content": content}, **errors},
         }
         if keys_required:
@@ -169,5 +212,7 @@ def add_chat_routes(schema: dict[str, Any], settings: Settings, keys_required: b
         schema.setdefault("paths", {})[path] = {"post": operation}
     if keys_required:
         schema["components"].setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
-            "type": "http", "scheme": "bearer",
-            "description": "a client key: `Authorization: Bearer <key>`"}
+            "type": "http",
+            "scheme": "bearer",
+            "description": "a client key: `Authorization: Bearer <key>`",
+        }

@@ -73,8 +73,7 @@ class Settings(BaseSettings):
     """Seconds a client may take no byte of its answer before it is cut and its upstream request
     released (logged `send_timeout`)."""
 
-    client_key_hashes: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
-                                                                   repr=False)
+    client_key_hashes: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, repr=False)
     """Client keys as `name:sha256-hex` entries, comma-separated (hashes only, never keys); the
     chat routes then need `Authorization: Bearer <key>` (401 otherwise). Empty: no key is asked
     for. A malformed entry stops the start, naming the setting."""
@@ -163,8 +162,11 @@ class Settings(BaseSettings):
             return self.workers
         if cpu_count is None:
             # The CPUs this process may run on (cgroup/affinity aware), not the host's total.
-            cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-                os.cpu_count() or 1)
+            cpu_count = (
+                len(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity")
+                else (os.cpu_count() or 1)
+            )
         return max(1, cpu_count)
 
     def public_dict(self) -> dict[str, object]:
@@ -196,8 +198,10 @@ def parse_model_map(text: str) -> dict[str, str]:
             continue
         alias, sep, upstream = (part.strip() for part in entry.partition("="))
         if not alias or (sep and not upstream) or alias in models:
-            raise ValueError(f"STREAMGATE_ALLOWED_MODELS: entry {number} ({entry!r}) must be a "
-                             "model name or alias=upstream-model, each name once")
+            raise ValueError(
+                f"STREAMGATE_ALLOWED_MODELS: entry {number} ({entry!r}) must be a "
+                "model name or alias=upstream-model, each name once"
+            )
         models[alias] = upstream if sep else alias
     return models
 

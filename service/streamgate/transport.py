@@ -121,8 +121,9 @@ class _Connection(asyncio.Protocol):
         if not self.headers_done:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
-                self._fail(UpstreamHeadTooLarge(
-                    f"upstream response head over {MAX_HEAD_BYTES} bytes"))
+                self._fail(
+                    UpstreamHeadTooLarge(f"upstream response head over {MAX_HEAD_BYTES} bytes")
+                )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -394,8 +395,12 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         return connection
 
     # Headers that are per request (or ours to set), never part of a learned request head.
-    _PER_REQUEST_HEADERS = (b"accept-encoding", b"transfer-encoding", b"content-length",
-                            b"x-request-id")
+    _PER_REQUEST_HEADERS = (
+        b"accept-encoding",
+        b"transfer-encoding",
+        b"content-length",
+        b"x-request-id",
+    )
 
     def _head_of(self, request: httpx2.Request) -> bytes:
         """The request line and the headers that stay the same from one request to the next."""
@@ -410,8 +415,7 @@ class LeanTransport(httpx2.AsyncBaseTransport):
     @staticmethod
     def encode(head: bytes, body: bytes, request_id: bytes | None) -> bytes:
         extra = b"X-Request-ID: " + request_id + b"\r\n" if request_id else b""
-        return (head + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-                + body)
+        return head + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
 
     @staticmethod
     def origin(url: httpx2.URL) -> tuple[str, str, int]:
@@ -426,7 +430,10 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         return learned[0]
 
     async def exchange(
-        self, origin: tuple, payload: bytes, connect_timeout: float | None,
+        self,
+        origin: tuple,
+        payload: bytes,
+        connect_timeout: float | None,
         read_timeout: float | None,
     ) -> _Connection:
         """Send one request; return its connection once the response headers are in."""
@@ -468,8 +475,9 @@ class LeanTransport(httpx2.AsyncBaseTransport):
             self._learned[(origin, request.url.raw_path)] = (head, time.monotonic())
         request_id = request.headers.get("x-request-id")
         payload = self.encode(head, body, request_id.encode("latin-1") if request_id else None)
-        connection = await self.exchange(origin, payload, timeouts.get("connect"),
-                                         timeouts.get("read"))
+        connection = await self.exchange(
+            origin, payload, timeouts.get("connect"), timeouts.get("read")
+        )
         return httpx2.Response(
             status_code=connection.status,
             headers=connection.raw_headers,

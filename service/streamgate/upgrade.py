@@ -113,8 +113,13 @@ def new_master_of(old: int) -> int | None:
 # -- systemd and the gateway -------------------------------------------------------------------
 def main_pid(unit: str) -> int:
     """systemd's MainPID of the unit (0 when it is not running)."""
-    result = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", unit],
-                            capture_output=True, text=True, timeout=10, check=False)
+    result = subprocess.run(
+        ["systemctl", "show", "-p", "MainPID", "--value", unit],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     if result.returncode != 0:
         raise Abort(NOTHING_DONE, f"systemctl show {unit} failed: {result.stderr.strip()}")
     value = result.stdout.strip()
@@ -137,21 +142,32 @@ def check_before(unit: str, old: int, ready_url: str) -> None:
         usr2_parent = started_by_usr2_of(old)
         earlier_new_master = new_master_of(old)
     except PermissionError:
-        raise Abort(NOTHING_DONE, f"cannot read the environment of {unit}'s processes: "
-                                  "run as root") from None
+        raise Abort(
+            NOTHING_DONE, f"cannot read the environment of {unit}'s processes: run as root"
+        ) from None
     if usr2_parent is not None and usr2_parent == parent(old) and alive(usr2_parent):
-        raise Abort(NOTHING_DONE, f"the old master {usr2_parent} of an earlier upgrade still "
-                                  f"drains its streams; gunicorn ignores USR2 until it exits")
+        raise Abort(
+            NOTHING_DONE,
+            f"the old master {usr2_parent} of an earlier upgrade still "
+            f"drains its streams; gunicorn ignores USR2 until it exits",
+        )
     if earlier_new_master is not None:
-        raise Abort(NOTHING_DONE, f"a new master {earlier_new_master} of an earlier USR2 runs next "
-                                  f"to the main process {old}: finish or stop that one first")
+        raise Abort(
+            NOTHING_DONE,
+            f"a new master {earlier_new_master} of an earlier USR2 runs next "
+            f"to the main process {old}: finish or stop that one first",
+        )
     if not ready(ready_url):
-        raise Abort(NOTHING_DONE, f"{ready_url} does not answer 200 before the upgrade: is it "
-                                  "the gateway's own address and port?")
+        raise Abort(
+            NOTHING_DONE,
+            f"{ready_url} does not answer 200 before the upgrade: is it "
+            "the gateway's own address and port?",
+        )
 
 
-def wait_for_new_generation(unit: str, old: int, ready_url: str, timeout_s: float,
-                            say: Callable[[str], None]) -> int:
+def wait_for_new_generation(
+    unit: str, old: int, ready_url: str, timeout_s: float, say: Callable[[str], None]
+) -> int:
     """The new master's pid once it is the unit's main process and serves."""
     deadline = time.monotonic() + timeout_s
     new: int | None = None
@@ -165,11 +181,17 @@ def wait_for_new_generation(unit: str, old: int, ready_url: str, timeout_s: floa
                 say(f"new master {new} started")
         elif not alive(new):
             if handed_over:
-                raise Abort(HALF_WAY, f"the new master {new} died after systemd took it as "
-                                      f"{unit}'s main process: systemd stops the unit and "
-                                      "restarts it (Restart=on-failure); see its journal")
-            raise Abort(ROLLED_BACK, f"the new master {new} exited while starting (see the "
-                                     f"journal of {unit}); the old master {old} still serves")
+                raise Abort(
+                    HALF_WAY,
+                    f"the new master {new} died after systemd took it as "
+                    f"{unit}'s main process: systemd stops the unit and "
+                    "restarts it (Restart=on-failure); see its journal",
+                )
+            raise Abort(
+                ROLLED_BACK,
+                f"the new master {new} exited while starting (see the "
+                f"journal of {unit}); the old master {old} still serves",
+            )
         else:
             if not handed_over and main_pid(unit) == new:
                 handed_over = True
@@ -177,33 +199,51 @@ def wait_for_new_generation(unit: str, old: int, ready_url: str, timeout_s: floa
             now_workers = children(new)
             if now_workers != workers:
                 workers, stable_since = now_workers, time.monotonic()
-            if (handed_over and workers and time.monotonic() - stable_since >= STABLE_S
-                    and ready(ready_url)):
+            if (
+                handed_over
+                and workers
+                and time.monotonic() - stable_since >= STABLE_S
+                and ready(ready_url)
+            ):
                 say(f"new master {new} serves with workers {', '.join(map(str, workers))}")
                 return new
         if not alive(old) and not handed_over:
-            raise Abort(HALF_WAY, f"the old master {old} exited during the upgrade (stopped by "
-                                  "someone else?); see `systemctl status "
-                                  f"{unit}`")
+            raise Abort(
+                HALF_WAY,
+                f"the old master {old} exited during the upgrade (stopped by "
+                "someone else?); see `systemctl status "
+                f"{unit}`",
+            )
         if time.monotonic() >= deadline:
             break
         time.sleep(POLL_S)
     if new is None:
-        raise Abort(ROLLED_BACK, f"no new master appeared within {timeout_s:.0f} s of USR2 (see "
-                                 f"the journal of {unit}); the old master {old} still serves")
+        raise Abort(
+            ROLLED_BACK,
+            f"no new master appeared within {timeout_s:.0f} s of USR2 (see "
+            f"the journal of {unit}); the old master {old} still serves",
+        )
     if handed_over:
-        raise Abort(HALF_WAY, f"the new master {new} is {unit}'s main process but did not serve "
-                              f"within {timeout_s:.0f} s (live workers: {workers or 'none'}); "
-                              f"the old master {old} still serves too")
+        raise Abort(
+            HALF_WAY,
+            f"the new master {new} is {unit}'s main process but did not serve "
+            f"within {timeout_s:.0f} s (live workers: {workers or 'none'}); "
+            f"the old master {old} still serves too",
+        )
     os.kill(new, signal.SIGTERM)  # still a child of the old one, not the main process: harmless
-    reason = ("systemd never took it as the main process: does the unit have NotifyAccess=all?"
-              if workers else "it started no worker")
-    raise Abort(ROLLED_BACK, f"the new master {new} did not take over within {timeout_s:.0f} s: "
-                             f"{reason}; it was sent TERM, the old master {old} still serves")
+    reason = (
+        "systemd never took it as the main process: does the unit have NotifyAccess=all?"
+        if workers
+        else "it started no worker"
+    )
+    raise Abort(
+        ROLLED_BACK,
+        f"the new master {new} did not take over within {timeout_s:.0f} s: "
+        f"{reason}; it was sent TERM, the old master {old} still serves",
+    )
 
 
-def upgrade(unit: str, ready_url: str, timeout_s: float,
-            say: Callable[[str], None] = print) -> int:
+def upgrade(unit: str, ready_url: str, timeout_s: float, say: Callable[[str], None] = print) -> int:
     old = main_pid(unit)
     check_before(unit, old, ready_url)
     say(f"USR2 to {unit}'s master {old}")
@@ -218,18 +258,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m streamgate.upgrade",
         description="Upgrade the running gateway to the code now in its venv without losing a "
-                    "stream (gunicorn USR2, systemd MainPID handed over, then TERM to the old "
-                    "master). Exit 0 upgraded, 1 failed and rolled back, 2 nothing done, "
-                    "3 half-way (needs a person).")
-    parser.add_argument("--ready-url", required=True,
-                        help="the gateway's own /readyz, e.g. http://10.0.0.5:8000/readyz")
+        "stream (gunicorn USR2, systemd MainPID handed over, then TERM to the old "
+        "master). Exit 0 upgraded, 1 failed and rolled back, 2 nothing done, "
+        "3 half-way (needs a person).",
+    )
+    parser.add_argument(
+        "--ready-url",
+        required=True,
+        help="the gateway's own /readyz, e.g. http://10.0.0.5:8000/readyz",
+    )
     parser.add_argument("--unit", default="streamgate.service", help="default: %(default)s")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds for the new generation to serve (default: %(default)s)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds for the new generation to serve (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
-        return upgrade(args.unit, args.ready_url, args.timeout,
-                       say=lambda line: print(line, flush=True))
+        return upgrade(
+            args.unit, args.ready_url, args.timeout, say=lambda line: print(line, flush=True)
+        )
     except Abort as exc:
         print(f"upgrade failed: {exc}", file=sys.stderr, flush=True)
         return exc.status

@@ -44,8 +44,13 @@ __all__ = [
 # Upstream statuses the client can act on are passed on; anything else is our upstream failing.
 # Not 401/403: the upstream's credentials are the operator's, never the client's (clients have
 # their own keys, checked by the gateway): a refusal there is a gateway fault, 502.
-_PASSED_ON_STATUSES = {400: "bad_request", 404: "not_found", 413: "bad_request",
-                       422: "bad_request", 429: "rate_limited"}
+_PASSED_ON_STATUSES = {
+    400: "bad_request",
+    404: "not_found",
+    413: "bad_request",
+    422: "bad_request",
+    429: "rate_limited",
+}
 _RETRYABLE_STATUSES = {500, 502, 503}
 # One SSE event from the upstream larger than this is refused (502), not buffered: a chunk of
 # a chat completion is a few hundred bytes.
@@ -118,7 +123,8 @@ def make_client(settings: Settings, transport: str | None = None) -> openai.Asyn
         connect=settings.connect_timeout_s,
         # Lean: until the response headers (the relay times the body). The SDK's transport
         # applies it to every socket read: there it must not cut a gap the relay allows.
-        read=settings.first_token_timeout_s if lean
+        read=settings.first_token_timeout_s
+        if lean
         else max(settings.first_token_timeout_s, settings.token_gap_timeout_s),
         write=settings.connect_timeout_s,
         pool=settings.connect_timeout_s,
@@ -130,11 +136,13 @@ def make_client(settings: Settings, transport: str | None = None) -> openai.Asyn
         )
     elif name == "aiohttp":
         http_client = openai.DefaultAioHttpClient(
-            timeout=timeout, follow_redirects=False, verify=trusted)
+            timeout=timeout, follow_redirects=False, verify=trusted
+        )
     else:
         # The SDK's default client: its pool limits, and proxies from the environment.
         http_client = openai.DefaultAsyncHttpxClient(
-            timeout=timeout, follow_redirects=False, verify=trusted)
+            timeout=timeout, follow_redirects=False, verify=trusted
+        )
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else ""
     return openai.AsyncOpenAI(
         base_url=settings.upstream_base_url,
@@ -152,22 +160,33 @@ def _error_from_status(status: int, body: Any, retry_after: str | None) -> Upstr
         # About the client's own request (bad model, rate limit): the upstream's words help it.
         client_status = {429: 429, 404: 404}.get(status, 400)
         message = upstream_says or f"upstream refused the request (HTTP {status})"
-        return UpstreamError(_PASSED_ON_STATUSES[status], client_status,
-                             message[:MAX_PASSED_ON_MESSAGE_CHARS], retry_after=retry_after,
-                             detail=detail)
+        return UpstreamError(
+            _PASSED_ON_STATUSES[status],
+            client_status,
+            message[:MAX_PASSED_ON_MESSAGE_CHARS],
+            retry_after=retry_after,
+            detail=detail,
+        )
     if status in (408, 504):
         return UpstreamError("timeout", 504, "upstream timed out", detail=detail)
     if status in (401, 403):
-        return UpstreamError("upstream_auth", 502, "upstream refused the gateway's credentials",
-                             detail=detail)
-    return UpstreamError(f"status_{status}", 502, f"upstream failed (HTTP {status})",
-                         retryable=status in _RETRYABLE_STATUSES, detail=detail)
+        return UpstreamError(
+            "upstream_auth", 502, "upstream refused the gateway's credentials", detail=detail
+        )
+    return UpstreamError(
+        f"status_{status}",
+        502,
+        f"upstream failed (HTTP {status})",
+        retryable=status in _RETRYABLE_STATUSES,
+        detail=detail,
+    )
 
 
 def _error_from_sdk(exc: Exception) -> UpstreamError:
     if isinstance(exc, openai.APIStatusError):
-        return _error_from_status(exc.status_code, exc.body,
-                                  exc.response.headers.get("retry-after"))
+        return _error_from_status(
+            exc.status_code, exc.body, exc.response.headers.get("retry-after")
+        )
     cause = exc.__cause__ if isinstance(exc, openai.APIConnectionError) and exc.__cause__ else exc
     detail = f"{type(cause).__name__}: {cause}"[:1000]
     if isinstance(exc, openai.APITimeoutError) or isinstance(cause, httpx2.TimeoutException):
@@ -175,8 +194,7 @@ def _error_from_sdk(exc: Exception) -> UpstreamError:
     if isinstance(cause, httpx2.RemoteProtocolError):  # bad HTTP, an oversized head
         return _invalid_response(detail)
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
-        return UpstreamError("connect", 502, "upstream unreachable", retryable=True,
-                             detail=detail)
+        return UpstreamError("connect", 502, "upstream unreachable", retryable=True, detail=detail)
     return _invalid_response(detail)
 
 
@@ -240,8 +258,12 @@ def _chat_endpoint(client: openai.AsyncOpenAI) -> tuple[LeanTransport, tuple, by
 
 
 async def _post_learned(
-    transport: LeanTransport, origin: tuple, head: bytes, settings: Settings,
-    payload: dict[str, Any], request_id: str,
+    transport: LeanTransport,
+    origin: tuple,
+    head: bytes,
+    settings: Settings,
+    payload: dict[str, Any],
+    request_id: str,
 ) -> ChatStream:
     """The SDK's request, replayed: its head (auth, headers) with this request's body.
 
@@ -250,8 +272,9 @@ async def _post_learned(
     """
     message = LeanTransport.encode(head, orjson.dumps(payload), request_id.encode())
     try:
-        connection = await transport.exchange(origin, message, settings.connect_timeout_s,
-                                              settings.first_token_timeout_s)
+        connection = await transport.exchange(
+            origin, message, settings.connect_timeout_s, settings.first_token_timeout_s
+        )
     except httpx2.HTTPError as exc:
         raise _error_from_sdk(exc) from exc
     stream = LeanResponseStream(transport, origin, connection)
@@ -271,8 +294,14 @@ async def _post_learned(
             body = orjson.loads(b"".join(parts))
         except orjson.JSONDecodeError:
             body = None
-        retry_after = next((value.decode("latin-1") for name, value in raw_headers
-                            if name.lower() == b"retry-after"), None)
+        retry_after = next(
+            (
+                value.decode("latin-1")
+                for name, value in raw_headers
+                if name.lower() == b"retry-after"
+            ),
+            None,
+        )
         raise _error_from_status(status, body, retry_after)
     return ChatStream(None, stream)
 
@@ -281,7 +310,13 @@ class ChatStream:
     """One streaming chat completion, read as raw SSE and parsed one `data:` payload at a time."""
 
     __slots__ = (
-        "_buffer", "_fallback_iter", "_fallback_next", "_lean", "_loop", "finished", "response",
+        "_buffer",
+        "_fallback_iter",
+        "_fallback_next",
+        "_lean",
+        "_loop",
+        "finished",
+        "response",
     )
 
     def __init__(
@@ -345,8 +380,9 @@ class ChatStream:
         except UpstreamReadTimeout:
             raise
         except httpx2.HTTPError as exc:
-            raise UpstreamError("midstream", 502, "upstream stream broke",
-                                detail=f"{type(exc).__name__}: {exc}") from exc
+            raise UpstreamError(
+                "midstream", 502, "upstream stream broke", detail=f"{type(exc).__name__}: {exc}"
+            ) from exc
         if chunk is None:
             return []
         if not chunk:
@@ -382,8 +418,9 @@ class ChatStream:
             except orjson.JSONDecodeError as exc:
                 raise _invalid_response("an unparsable chunk") from exc
             if event_name == b"error" or (isinstance(event, dict) and "error" in event):
-                raise UpstreamError("midstream", 502, "upstream error mid-stream",
-                                    detail=_midstream_message(event))
+                raise UpstreamError(
+                    "midstream", 502, "upstream error mid-stream", detail=_midstream_message(event)
+                )
             events.append(event)
         return events
 
@@ -463,8 +500,10 @@ async def open_chat_stream(
         transport, origin, target = endpoint
         head = transport.learned_head(origin, target, LEARNED_HEAD_MAX_AGE_S)
         if head is not None:
-            return await _with_retries(settings, lambda: _post_learned(
-                transport, origin, head, settings, payload, request_id))
+            return await _with_retries(
+                settings,
+                lambda: _post_learned(transport, origin, head, settings, payload, request_id),
+            )
     return ChatStream(await _post(client, settings, payload, request_id))
 
 
@@ -490,11 +529,13 @@ async def complete_chat(
             if size > MAX_COMPLETION_BYTES:
                 raise _invalid_response(f"completion over {MAX_COMPLETION_BYTES} bytes")
     except UpstreamReadTimeout as exc:
-        raise UpstreamError("timeout", 504, "upstream timed out",
-                            detail="completion not finished in time") from exc
+        raise UpstreamError(
+            "timeout", 504, "upstream timed out", detail="completion not finished in time"
+        ) from exc
     except httpx2.HTTPError as exc:
-        raise UpstreamError("midstream", 502, "upstream stream broke",
-                            detail=f"{type(exc).__name__}: {exc}") from exc
+        raise UpstreamError(
+            "midstream", 502, "upstream stream broke", detail=f"{type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         await stream.aclose()
     content_type = response.headers.get("content-type", "application/json")

@@ -143,4 +143,6 @@ class StreamgateWorker(UvicornWorker):
     """gunicorn's worker_class (see gunicorn_conf.py): uvloop, httptools, and the deadlines."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
-        **UvicornWorker.CONFIG_KWARGS, "http": GuardedHttpToolsProtocol}
+        **UvicornWorker.CONFIG_KWARGS,
+        "http": GuardedHttpToolsProtocol,
+    }

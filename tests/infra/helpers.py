@@ -58,14 +58,23 @@ def connect_from(host, address: str, port: int) -> str:
 
 def connect_from_controller(address: str, port: int) -> str:
     """The same probe from the machine that runs the tests (the lab's controller)."""
-    result = subprocess.run([sys.executable, "-c", CONNECT_PROBE, address, str(port)],
-                            capture_output=True, text=True, timeout=30, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CONNECT_PROBE, address, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return result.stdout.strip()
 
 
 def private_address(hostvars: dict) -> str:
     """A host's address on the stack's shared network, as the roles derive it."""
-    return hostvars.get("streamgate_private_address") or hostvars.get("ansible_host") or hostvars["inventory_hostname"]
+    return (
+        hostvars.get("streamgate_private_address")
+        or hostvars.get("ansible_host")
+        or hostvars["inventory_hostname"]
+    )
 
 
 def other_hosts(hostvars: dict, excluded_groups: tuple[str, ...]) -> list[str]:
@@ -75,20 +84,26 @@ def other_hosts(hostvars: dict, excluded_groups: tuple[str, ...]) -> list[str]:
     return sorted({name for name in groups.get("all", []) if name not in excluded})
 
 
-def assert_only_group_reaches(hostvars: dict, inventory_host, group: str, address: str,
-                              port: int) -> None:
+def assert_only_group_reaches(
+    hostvars: dict, inventory_host, group: str, address: str, port: int
+) -> None:
     """Every host of `group` connects to address:port; every other host of the inventory (but
     the one under test) and the controller are refused."""
     for member in hostvars["groups"][group]:
         assert connect_from(inventory_host(member), address, port) == "open", member
-    outsiders = [name for name in other_hosts(hostvars, (group,)) if name != hostvars["inventory_hostname"]]
+    outsiders = [
+        name for name in other_hosts(hostvars, (group,)) if name != hostvars["inventory_hostname"]
+    ]
     for outsider in outsiders:
         assert connect_from(inventory_host(outsider), address, port) == "refused", outsider
     assert connect_from_controller(address, port) == "refused"
 
 
-DECODERS = {chat.TEXT: streamcheck.TextDecoder, chat.SSE: streamcheck.SSEDecoder,
-            chat.OPENAI: streamcheck.OpenAIDecoder}
+DECODERS = {
+    chat.TEXT: streamcheck.TextDecoder,
+    chat.SSE: streamcheck.SSEDecoder,
+    chat.OPENAI: streamcheck.OpenAIDecoder,
+}
 # A real model's pace is not known in advance: judged against the stream's own (streamcheck).
 UNKNOWN_PACE = streamcheck.StreamTiming(gap_ms=None)
 
@@ -109,8 +124,9 @@ def any_upstream_verdict(route: str, trace: Trace) -> str | None:
     if decoder.has_end_event and not decoder.done:
         return streamcheck.NO_END
     tokens = streamcheck.count_tokens(record, decoder, None)
-    return (streamcheck.judge_protocol(record, decoder)
-            or streamcheck.judge_buffered(record, tokens, UNKNOWN_PACE))
+    return streamcheck.judge_protocol(record, decoder) or streamcheck.judge_buffered(
+        record, tokens, UNKNOWN_PACE
+    )
 
 
 def any_upstream_whole_answer_verdict(trace: Trace) -> str | None:

@@ -113,7 +113,9 @@ def test_firewall_table_guards_the_gateway_port(host, gateway_port):
     assert host.service("streamgate-firewall@gateway").is_enabled
 
 
-def test_only_the_edge_reaches_the_gateway(host, hostvars, bind_address, inventory_host, gateway_port):
+def test_only_the_edge_reaches_the_gateway(
+    host, hostvars, bind_address, inventory_host, gateway_port
+):
     """Every edge host connects; every other host of the inventory and the controller are
     refused."""
     if bind_address == "127.0.0.1":
@@ -144,7 +146,9 @@ def test_unit_property(host, unit_property, expected):
 
 def test_stop_timeout_outlasts_the_graceful_timeout(host, paths):
     env = check_output_as_root(host, f"cat {paths['env_file']}")
-    graceful_s = float(re.search(r'^STREAMGATE_GRACEFUL_TIMEOUT_S="([0-9.]+)"$', env, re.MULTILINE)[1])
+    graceful_s = float(
+        re.search(r'^STREAMGATE_GRACEFUL_TIMEOUT_S="([0-9.]+)"$', env, re.MULTILINE)[1]
+    )
     stop_s = parse_systemd_timespan(
         host.check_output("systemctl show -p TimeoutStopUSec --value streamgate")
     )
@@ -189,7 +193,11 @@ def test_proxy_variables_reach_the_process_intact(host, hostvars, paths):
 
 @pytest.mark.parametrize(
     ("unit_property", "pattern"),
-    [("MemoryMax", r"^[0-9]+$"), ("TasksMax", r"^[0-9]+$"), ("Wants", r"streamgate-firewall@gateway\.service")],
+    [
+        ("MemoryMax", r"^[0-9]+$"),
+        ("TasksMax", r"^[0-9]+$"),
+        ("Wants", r"streamgate-firewall@gateway\.service"),
+    ],
 )
 def test_unit_resource_bounds_and_firewall(host, unit_property, pattern):
     value = host.check_output(f"systemctl show -p {unit_property} --value streamgate")

@@ -43,6 +43,7 @@ MIN_ARRIVAL_SPAN_S = 0.7
 
 # ---------------------------------------------------------------- the effective nginx config
 
+
 def location_blocks(config: str) -> dict[str, str]:
     """{location argument: body} for every `location` block in `nginx -T` output."""
     blocks = {}
@@ -84,7 +85,9 @@ def test_config_parser_accepts_unbuffered_streaming_locations():
 
 def test_config_parser_catches_a_buffered_streaming_location():
     """Negative control: drop the directive from one location and the check must name it."""
-    bad = SAMPLE_GOOD.replace("location / {", "location /v1/chat/stream {\n proxy_buffering on;\n}\nlocation / {")
+    bad = SAMPLE_GOOD.replace(
+        "location / {", "location /v1/chat/stream {\n proxy_buffering on;\n}\nlocation / {"
+    )
     assert unbuffered_violations(bad) == ["/v1/chat/stream"]
 
 
@@ -138,6 +141,7 @@ def test_upstream_lists_every_app_host(host, effective_config):
 
 # ---------------------------------------------------------------- streaming through nginx
 
+
 @pytest.fixture(scope="module")
 def edge_url(host, hostvars, request) -> tuple[str, list[str]]:
     """(base URL on the edge host, probe options to verify it): https with the inventory's CA."""
@@ -159,29 +163,49 @@ def probe_on_host(host, edge_url, path: str, body: dict, key: str | None) -> str
     command = " ".join(
         shlex.quote(part)
         for part in [
-            "python3", "-c", PROBE_SOURCE,
-            "--url", f"{base}{path}", "--body", json.dumps(body), "--timeout", "30",
-            "--header", "Accept-Encoding: gzip", *auth, *tls_options,
+            "python3",
+            "-c",
+            PROBE_SOURCE,
+            "--url",
+            f"{base}{path}",
+            "--body",
+            json.dumps(body),
+            "--timeout",
+            "30",
+            "--header",
+            "Accept-Encoding: gzip",
+            *auth,
+            *tls_options,
         ]
     )
     result = host.run(command)
-    assert result.rc == 0, f"probe exited {result.rc}: {result.stderr[-1000:]} {result.stdout[-1000:]}"
+    assert result.rc == 0, (
+        f"probe exited {result.rc}: {result.stderr[-1000:]} {result.stdout[-1000:]}"
+    )
     seen = json.loads(result.stdout)
     trace = stream_probe.Trace(
-        status=seen["status"], headers=seen["headers"], chunked=seen["chunked"],
-        complete=seen["complete"], body=base64.b64decode(seen["body_b64"]), error=seen["error"],
+        status=seen["status"],
+        headers=seen["headers"],
+        chunked=seen["chunked"],
+        complete=seen["complete"],
+        body=base64.b64decode(seen["body_b64"]),
+        error=seen["error"],
     )
     # The probe reports sizes and times per read; each read's payload is its slice of the body.
     trace.reads, offset = [], 0
     for read in seen["reads"]:
         data = trace.body[offset : offset + read["data_bytes"]]
         offset += read["data_bytes"]
-        trace.reads.append(stream_probe.Read(at_s=read["at_s"], raw_bytes=read["raw_bytes"], data=data))
+        trace.reads.append(
+            stream_probe.Read(at_s=read["at_s"], raw_bytes=read["raw_bytes"], data=data)
+        )
     return trace
 
 
 def describe(trace: stream_probe.Trace) -> str:
-    return f"{stream_probe.summarize(trace)} reads={[f'{r.at_s * 1000:.0f}ms' for r in trace.reads]}"
+    return (
+        f"{stream_probe.summarize(trace)} reads={[f'{r.at_s * 1000:.0f}ms' for r in trace.reads]}"
+    )
 
 
 def verdict(trace: stream_probe.Trace) -> str:
@@ -208,7 +232,9 @@ def test_tokens_arrive_through_nginx_one_by_one(host, edge_url, route, client_ke
     assert chat.decode(route, trace).content == expected_text(STREAM_TOKENS)
 
 
-def test_negative_control_a_whole_answer_is_judged_buffered(host, edge_url, client_key, upstream_kind):
+def test_negative_control_a_whole_answer_is_judged_buffered(
+    host, edge_url, client_key, upstream_kind
+):
     """The same detector on the non-streamed completion (one JSON body) must say BUFFERED."""
     body = chat.body(chat.OPENAI, max_tokens=STREAM_TOKENS, stream=False)
     trace = probe_on_host(host, edge_url, chat.ROUTES[chat.OPENAI], body, client_key)
@@ -225,14 +251,19 @@ def test_negative_control_a_whole_answer_is_judged_buffered(host, edge_url, clie
 
 # ---------------------------------------------------------------- client keys
 
+
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 @pytest.mark.parametrize("sent", ["no key", "wrong key"])
 def test_chat_routes_refuse_a_request_without_a_valid_key(host, edge_url, route, sent, client_key):
     """With keys configured, no key or a wrong one is a 401 in OpenAI's shape, through nginx.
     (The streaming tests above, with the lab's key, are the control: the key is what differs.)"""
     if client_key is None:
-        skip_unless_ci("no client key known: STREAMGATE_CLIENT_KEY or a client-key file next to the inventory")
+        skip_unless_ci(
+            "no client key known: STREAMGATE_CLIENT_KEY or a client-key file next to the inventory"
+        )
     key = None if sent == "no key" else "not-the-key-" + "x" * 32
-    trace = probe_on_host(host, edge_url, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), key)
+    trace = probe_on_host(
+        host, edge_url, chat.ROUTES[route], chat.body(route, max_tokens=STREAM_TOKENS), key
+    )
     assert trace.status == 401, (trace.status, trace.body[:300])
     assert json.loads(trace.body)["error"]["code"], trace.body[:300]

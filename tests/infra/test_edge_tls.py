@@ -46,7 +46,9 @@ def ca_file(request) -> Path:
     inventory = request.config.option.ansible_inventory
     path = Path(inventory).parent / "ca.pem" if inventory else None
     if not path or not path.is_file():
-        skip_unless_ci("no ca.pem next to the inventory (the play writes it when it makes the certificate)")
+        skip_unless_ci(
+            "no ca.pem next to the inventory (the play writes it when it makes the certificate)"
+        )
     return path
 
 
@@ -86,13 +88,17 @@ def test_certificate_and_key_files(host, path, mode):
 
 
 def handshake(address: str, port: int, context: ssl.SSLContext) -> tuple[str, dict]:
-    with socket.create_connection((address, port), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname=address) as tls:
+    with (
+        socket.create_connection((address, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=address) as tls,
+    ):
         return tls.version(), tls.getpeercert()
 
 
 def test_handshake_from_the_controller_verifies_with_the_ca(edge_address, tls_port, ca_file):
-    version, certificate = handshake(edge_address, tls_port, ssl.create_default_context(cafile=str(ca_file)))
+    version, certificate = handshake(
+        edge_address, tls_port, ssl.create_default_context(cafile=str(ca_file))
+    )
     assert version in ("TLSv1.2", "TLSv1.3")
     names = [value for _, value in certificate.get("subjectAltName", ())]
     assert edge_address in names, names
@@ -105,7 +111,8 @@ def test_negative_control_handshake_without_the_ca_fails(edge_address, tls_port)
 
 def test_plain_http_redirects_to_https(host):
     answer = host.check_output(
-        "curl -s -o /dev/null -w '%{http_code} %{redirect_url}' --max-time 5 http://127.0.0.1/v1/chat/stream")
+        "curl -s -o /dev/null -w '%{http_code} %{redirect_url}' --max-time 5 http://127.0.0.1/v1/chat/stream"
+    )
     status, location = answer.split(" ", 1)
     assert status == "301" and location.startswith("https://"), answer
 
@@ -114,8 +121,13 @@ def gixy_findings(dump: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "nginx-T.conf"
         path.write_text(dump)
-        completed = subprocess.run([str(GIXY), "--format", "json", str(path)],
-                                   capture_output=True, text=True, timeout=120, check=False)
+        completed = subprocess.run(
+            [str(GIXY), "--format", "json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     try:
         return json.loads(completed.stdout)
     except json.JSONDecodeError:
@@ -131,7 +143,9 @@ def test_gixy_finds_nothing_in_the_effective_config(effective_config):
 def test_negative_control_gixy_reports_a_header_that_drops_hsts(effective_config):
     marker = "    location /v1/ {\n"
     assert marker in effective_config
-    findings = gixy_findings(effective_config.replace(marker, marker + "        add_header X-Probe 1;\n"))
+    findings = gixy_findings(
+        effective_config.replace(marker, marker + "        add_header X-Probe 1;\n")
+    )
     assert "add_header_redefinition" in [finding["plugin"] for finding in findings], findings
 
 
@@ -181,8 +195,10 @@ def burst(host, ca_on_host, tls_port, upstream_kind):
     tokens = BURST_TOKENS.get(upstream_kind, BURST_TOKENS_ANY_UPSTREAM)
 
     def send(count: int, key: str) -> list:
-        result = host.run(f"python3 -c {shlex.quote(BURST)} {count} {shlex.quote(key)} "
-                          f"{ca_on_host} {tokens} {tls_port}")
+        result = host.run(
+            f"python3 -c {shlex.quote(BURST)} {count} {shlex.quote(key)} "
+            f"{ca_on_host} {tokens} {tls_port}"
+        )
         assert result.rc == 0, result.stderr[-2000:]
         return json.loads(result.stdout)
 
@@ -228,23 +244,33 @@ def h2_trace(edge_address, tls_port, ca_file, client_key):
     headers = {"Authorization": f"Bearer {client_key}"} if client_key else {}
 
     def send(body: dict):
-        return h2_probe.request(edge_address, tls_port, chat.ROUTES[chat.OPENAI], body,
-                                headers=headers, tls=ssl.create_default_context(cafile=str(ca_file)),
-                                timeout_s=30)
+        return h2_probe.request(
+            edge_address,
+            tls_port,
+            chat.ROUTES[chat.OPENAI],
+            body,
+            headers=headers,
+            tls=ssl.create_default_context(cafile=str(ca_file)),
+            timeout_s=30,
+        )
 
     return send
 
 
 def test_tokens_arrive_one_by_one_over_http2(h2_trace, upstream_kind):
-    trace = h2_trace(chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS,
-                               stream_options={"include_usage": True}))
+    trace = h2_trace(
+        chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS, stream_options={"include_usage": True})
+    )
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
     if upstream_kind != SIMULATOR:
         assert any_upstream_verdict(chat.OPENAI, trace) is None, stream_probe.summarize(trace)
         return
-    assert stream_probe.streaming_verdict(
-        trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
-    ) == stream_probe.STREAMED, stream_probe.summarize(trace)
+    assert (
+        stream_probe.streaming_verdict(
+            trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
+        )
+        == stream_probe.STREAMED
+    ), stream_probe.summarize(trace)
     assert chat.decode(chat.OPENAI, trace).content == expected_text(H2_STREAM_TOKENS)
 
 
@@ -253,8 +279,14 @@ def test_negative_control_a_whole_answer_over_http2_is_judged_buffered(h2_trace,
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
     if upstream_kind != SIMULATOR:
         judged = any_upstream_whole_answer_verdict(trace)
-        assert judged and judged.startswith(stream_probe.BUFFERED), (judged, stream_probe.summarize(trace))
+        assert judged and judged.startswith(stream_probe.BUFFERED), (
+            judged,
+            stream_probe.summarize(trace),
+        )
         return
-    assert stream_probe.streaming_verdict(
-        trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
-    ) == stream_probe.BUFFERED, stream_probe.summarize(trace)
+    assert (
+        stream_probe.streaming_verdict(
+            trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
+        )
+        == stream_probe.BUFFERED
+    ), stream_probe.summarize(trace)

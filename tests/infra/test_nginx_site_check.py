@@ -27,11 +27,26 @@ def test_a_site_nginx_refuses_never_replaces_the_live_one(host, request):
     before = check_output_as_root(host, f"sha256sum {SITE}")
     inventory = request.config.option.ansible_inventory
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", inventory, str(PLAYBOOK),
-         "--limit", host.ansible.get_variables()["inventory_hostname"],
-         "-e", "__nginx_access_log=/nonexistent-streamgate-dir/access.log"],
-        cwd=ANSIBLE_DIR, capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"), "ANSIBLE_NOCOLOR": "1"},
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            inventory,
+            str(PLAYBOOK),
+            "--limit",
+            host.ansible.get_variables()["inventory_hostname"],
+            "-e",
+            "__nginx_access_log=/nonexistent-streamgate-dir/access.log",
+        ],
+        cwd=ANSIBLE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={
+            **os.environ,
+            "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"),
+            "ANSIBLE_NOCOLOR": "1",
+        },
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]

@@ -48,16 +48,28 @@ def known_secrets(request) -> dict[str, str]:
             found[name] = path.read_text().strip()
     # Private keys the play made (the CA's, each edge's): their first line of key material.
     if inventory:
-        for path in [Path(inventory).parent / "ca-key.pem", *sorted((Path(inventory).parent / "tls").glob("*.key"))]:
-            material = [line for line in path.read_text().splitlines() if line and not line.startswith("-----")] \
-                if path.is_file() else []
+        for path in [
+            Path(inventory).parent / "ca-key.pem",
+            *sorted((Path(inventory).parent / "tls").glob("*.key")),
+        ]:
+            material = (
+                [
+                    line
+                    for line in path.read_text().splitlines()
+                    if line and not line.startswith("-----")
+                ]
+                if path.is_file()
+                else []
+            )
             if material:
                 found[f"private key {path.name}"] = material[0]
     if os.environ.get("STREAMGATE_CLIENT_KEY"):
         found["STREAMGATE_CLIENT_KEY"] = os.environ["STREAMGATE_CLIENT_KEY"]
     if not found:
-        skip_unless_ci("no secrets known (client-key / upstream-key next to the inventory, "
-                       "STREAMGATE_CLIENT_KEY)")
+        skip_unless_ci(
+            "no secrets known (client-key / upstream-key next to the inventory, "
+            "STREAMGATE_CLIENT_KEY)"
+        )
     return found
 
 
@@ -67,16 +79,19 @@ def collect_logs(inventory_host, groups: dict[str, list[str]]) -> dict[str, str]
     for name in groups["app"]:
         app = inventory_host(name)
         logs[f"{name}: journal of streamgate"] = check_output_as_root(
-            app, "journalctl -u streamgate --no-pager -o cat")
+            app, "journalctl -u streamgate --no-pager -o cat"
+        )
         logs[f"{name}: systemctl show streamgate"] = app.check_output("systemctl show streamgate")
     for name in groups["simulator"]:
         logs[f"{name}: journal of streamgate-sim"] = check_output_as_root(
-            inventory_host(name), "journalctl -u streamgate-sim --no-pager -o cat")
+            inventory_host(name), "journalctl -u streamgate-sim --no-pager -o cat"
+        )
     for name in groups["edge"]:
         edge = inventory_host(name)
         for path in check_output_as_root(edge, "ls /var/log/nginx").split():
             logs[f"{name}: /var/log/nginx/{path}"] = check_output_as_root(
-                edge, f"cat /var/log/nginx/{shlex.quote(path)}")
+                edge, f"cat /var/log/nginx/{shlex.quote(path)}"
+            )
     run_logs = os.environ.get("STREAMGATE_E2E_LOG_DIR")
     if run_logs:
         for path in sorted(Path(run_logs).glob("*.log")):
@@ -86,8 +101,12 @@ def collect_logs(inventory_host, groups: dict[str, list[str]]) -> dict[str, str]
 
 def leaks(logs: dict[str, str], wanted: dict[str, str]) -> list[str]:
     """'<secret name> in <where>' for every secret found in every log."""
-    return [f"{secret} in {where}" for secret, value in wanted.items()
-            for where, text in logs.items() if value in text]
+    return [
+        f"{secret} in {where}"
+        for secret, value in wanted.items()
+        for where, text in logs.items()
+        if value in text
+    ]
 
 
 def app_address(inventory_host, name: str, groups: dict[str, list[str]]) -> str:
@@ -108,14 +127,20 @@ def test_collection_sees_what_requests_put_in_the_logs(inventory_host, inventory
     edge = inventory_host(inventory_groups["edge"][0])
     # Plain HTTP /healthz is proxied with TLS on or off; the app host is reached as nginx does.
     plain_port = setting(edge.ansible.get_variables(), "nginx_listen")
-    edge.run_expect([0], f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
-                    f"http://127.0.0.1:{plain_port}/healthz")
+    edge.run_expect(
+        [0],
+        f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
+        f"http://127.0.0.1:{plain_port}/healthz",
+    )
     for name in inventory_groups["app"]:
         address = app_address(inventory_host, name, inventory_groups)
         port = setting(inventory_host(name).ansible.get_variables(), "streamgate_port")
-        edge.run_expect([0], f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
-                        f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"hi\"}}' "
-                        f"http://{address}:{port}/v1/chat/stream")
+        edge.run_expect(
+            [0],
+            f"curl -s -o /dev/null --max-time 5 -H 'X-Request-ID: {canary}' "
+            f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"hi\"}}' "
+            f"http://{address}:{port}/v1/chat/stream",
+        )
     logs = collect_logs(inventory_host, inventory_groups)
     seen = [where for where, text in logs.items() if canary in text]
     assert any("nginx" in where for where in seen), sorted(logs)

@@ -54,7 +54,9 @@ def test_firewall_table_guards_the_simulator_port(host, sim_port):
     assert re.search(rf"tcp dport {sim_port} .*reject with tcp reset", ruleset), ruleset
 
 
-def test_only_the_app_hosts_reach_the_simulator(host, hostvars, sim_address, inventory_host, sim_port):
+def test_only_the_app_hosts_reach_the_simulator(
+    host, hostvars, sim_address, inventory_host, sim_port
+):
     """Every app host connects; the edge, other hosts and the controller are refused."""
     if sim_address == "127.0.0.1":
         pytest.skip("the simulator serves only this host, on loopback")
@@ -63,7 +65,11 @@ def test_only_the_app_hosts_reach_the_simulator(host, hostvars, sim_address, inv
 
 @pytest.mark.parametrize(
     ("unit_property", "pattern"),
-    [("MemoryMax", r"^[0-9]+$"), ("TasksMax", r"^[0-9]+$"), ("Wants", r"streamgate-firewall@simulator\.service")],
+    [
+        ("MemoryMax", r"^[0-9]+$"),
+        ("TasksMax", r"^[0-9]+$"),
+        ("Wants", r"streamgate-firewall@simulator\.service"),
+    ],
 )
 def test_unit_resource_bounds_and_firewall(host, unit_property, pattern):
     value = host.check_output(f"systemctl show -p {unit_property} --value streamgate-sim")
@@ -75,7 +81,9 @@ def test_simulator_runs_as_a_dynamic_user(host):
 
 
 def test_simulator_security_exposure_is_at_most_two(host):
-    report = check_output_as_root(host, "systemd-analyze security --no-pager streamgate-sim.service")
+    report = check_output_as_root(
+        host, "systemd-analyze security --no-pager streamgate-sim.service"
+    )
     match = re.search(r"Overall exposure level for streamgate-sim\.service:\s*([0-9.]+)", report)
     assert match, report[-500:]
     assert float(match[1]) <= MAX_EXPOSURE, report

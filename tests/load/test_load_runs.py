@@ -52,16 +52,38 @@ class LoadResult:
         return f"exit {self.exit_code}, {self.responses} responses\n{self.output[-4000:]}"
 
 
-def run_load(target: str, tmp_path: Path, *, users=20, run_time="8s", routes="openai",
-             extra=(), env=None, during=None) -> LoadResult:
+def run_load(
+    target: str,
+    tmp_path: Path,
+    *,
+    users=20,
+    run_time="8s",
+    routes="openai",
+    extra=(),
+    env=None,
+    during=None,
+) -> LoadResult:
     """run.py to the end; `during(popen)` runs meanwhile (to disturb the generator)."""
     command = [
-        sys.executable, str(RUN), "--target", target, "--routes", routes,
-        "--users", str(users), "--spawn-rate", str(users), "--run-time", run_time,
-        "--reports-dir", str(tmp_path), *extra,
+        sys.executable,
+        str(RUN),
+        "--target",
+        target,
+        "--routes",
+        routes,
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(users),
+        "--run-time",
+        run_time,
+        "--reports-dir",
+        str(tmp_path),
+        *extra,
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env) as runner:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as runner:
         try:
             if during is not None:
                 during(runner)
@@ -107,8 +129,11 @@ def test_run_through_the_chain_passes_every_gate(chain, tmp_path):
     assert "gate itl_p99" in result.output and "PASS" in result.output
     stats = (result.report / "stats_stats.csv").read_text()
     for route in routes.split(","):
-        path = {"text": "/v1/chat/stream", "sse": "/v1/chat/stream-sse",
-                "openai": "/v1/chat/completions"}[route]
+        path = {
+            "text": "/v1/chat/stream",
+            "sse": "/v1/chat/stream-sse",
+            "openai": "/v1/chat/completions",
+        }[route]
         for metric in ("POST", "ttft_ms", "itl_ms", "tokens_per_s", "buffered", "corrupt"):
             assert f"{metric},{path}," in stats, (metric, path)
     assert "itl_ms" in (result.report / "report.html").read_text()  # Locust's report carries it
@@ -126,8 +151,13 @@ def test_nginx_with_buffering_on_fails_buffered(simulator_factory, nginx_factory
 
 def test_simulator_stalling_midstream_fails_the_gap_gate(simulator_factory, tmp_path):
     stalling = simulator_factory(stall_s=2)
-    result = run_load(stalling.base_url, tmp_path, users=10, run_time="8s",
-                      extra=["--model", "sim-fault-stall-midstream"])
+    result = run_load(
+        stalling.base_url,
+        tmp_path,
+        users=10,
+        run_time="8s",
+        extra=["--model", "sim-fault-stall-midstream"],
+    )
     assert result.exit_code != 0, result.explain()
     assert "itl_p99" in result.failed_gates(), result.explain()
     assert result.gates["itl_p99"]["value"] >= 1500, result.explain()
@@ -136,8 +166,13 @@ def test_simulator_stalling_midstream_fails_the_gap_gate(simulator_factory, tmp_
 
 
 def test_simulator_dropping_a_token_fails_corrupt(simulator, tmp_path):
-    result = run_load(simulator.base_url, tmp_path, users=10, run_time="5s",
-                      extra=["--model", "sim-fault-drop-token"])
+    result = run_load(
+        simulator.base_url,
+        tmp_path,
+        users=10,
+        run_time="5s",
+        extra=["--model", "sim-fault-drop-token"],
+    )
     assert result.exit_code != 0, result.explain()
     assert "corrupt_ratio" in result.failed_gates(), result.explain()
     assert result.gates["corrupt_ratio"]["value"] == 1, result.explain()
@@ -145,8 +180,13 @@ def test_simulator_dropping_a_token_fails_corrupt(simulator, tmp_path):
 
 
 def test_errors_fail_the_failure_gate(simulator, tmp_path):
-    result = run_load(simulator.base_url, tmp_path, users=5, run_time="4s",
-                      extra=["--model", "sim-fault-error-midstream"])
+    result = run_load(
+        simulator.base_url,
+        tmp_path,
+        users=5,
+        run_time="4s",
+        extra=["--model", "sim-fault-error-midstream"],
+    )
     assert "failure_ratio" in result.failed_gates(), result.explain()
     assert "in-band error event" in (result.report / "stats_failures.csv").read_text()
 
@@ -156,15 +196,22 @@ def test_limits_come_from_env_and_command_line_wins(simulator, tmp_path):
     from_env = run_load(simulator.base_url, tmp_path / "env", users=5, run_time="3s", env=env)
     assert from_env.failed_gates() == {"ttft_p95"}, from_env.explain()
     assert from_env.gates["ttft_p95"]["limit"] == 1
-    overridden = run_load(simulator.base_url, tmp_path / "cli", users=5, run_time="3s", env=env,
-                          extra=["--slo-ttft-p95-ms", "5000"])
+    overridden = run_load(
+        simulator.base_url,
+        tmp_path / "cli",
+        users=5,
+        run_time="3s",
+        env=env,
+        extra=["--slo-ttft-p95-ms", "5000"],
+    )
     assert overridden.exit_code == 0, overridden.explain()
     assert overridden.gates["ttft_p95"]["limit"] == 5000
 
 
 def test_distributed_mode_master_judges_the_workers_streams(simulator, tmp_path):
-    result = run_load(simulator.base_url, tmp_path, users=20, run_time="8s",
-                      extra=["--processes", "2"])
+    result = run_load(
+        simulator.base_url, tmp_path, users=20, run_time="8s", extra=["--processes", "2"]
+    )
     assert result.exit_code == 0, result.explain()
     assert result.responses >= 20, result.explain()
     # The master spread the users over both worker processes (Locust's own log line).
@@ -189,8 +236,9 @@ def stall_the_generator(runner: subprocess.Popen, *, stalls=12, stall_s=0.3, bet
 
 
 def test_a_stalled_generator_fails_validity_not_the_target(simulator, tmp_path):
-    result = run_load(simulator.base_url, tmp_path, users=10, run_time="10s",
-                      during=stall_the_generator)
+    result = run_load(
+        simulator.base_url, tmp_path, users=10, run_time="10s", during=stall_the_generator
+    )
     assert result.exit_code != 0, result.explain()
     assert "generator_lagged" in result.failed_gates(), result.explain()
     # the merged reads are the generator's: not blamed on the (healthy) simulator
@@ -199,19 +247,34 @@ def test_a_stalled_generator_fails_validity_not_the_target(simulator, tmp_path):
 
 # ------------------------------------------------------- an upstream that is not the simulator
 
+
 @pytest.fixture(scope="module")
 def llama_server(process_logs, running, tmp_path_factory) -> services.Service:
     """llama.cpp's server (tools/llm/serve.py) on the generated paced model, on loopback."""
     if find_spec("xllamacpp") is None:  # pinned in requirements-dev: CI must have it
         skip_unless_ci("xllamacpp not installed (make venv installs it)")
     model = tmp_path_factory.mktemp("llm") / "paced.gguf"
-    subprocess.run([sys.executable, str(LLM_TOOLS / "make_test_model.py"), str(model), "--size", "paced"],
-                   check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(LLM_TOOLS / "make_test_model.py"), str(model), "--size", "paced"],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
 
     def start(port: int) -> services.Service:
-        process = ManagedProcess(f"llama-{port}", [
-            sys.executable, str(LLM_TOOLS / "serve.py"), "--model", str(model), "--port", str(port)],
-            log_dir=process_logs, env=services.clean_environ())
+        process = ManagedProcess(
+            f"llama-{port}",
+            [
+                sys.executable,
+                str(LLM_TOOLS / "serve.py"),
+                "--model",
+                str(model),
+                "--port",
+                str(port),
+            ],
+            log_dir=process_logs,
+            env=services.clean_environ(),
+        )
         process.start()
         running.callback(process.stop)
         process.wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60)
@@ -220,23 +283,27 @@ def llama_server(process_logs, running, tmp_path_factory) -> services.Service:
     return on_a_free_port(start)
 
 
-def test_run_through_the_chain_from_llama_cpp_passes_every_gate(llama_server, gateway_factory,
-                                                                 nginx_factory, tmp_path):
+def test_run_through_the_chain_from_llama_cpp_passes_every_gate(
+    llama_server, gateway_factory, nginx_factory, tmp_path
+):
     proxy = nginx_factory(gateway_factory(llama_server, workers=2))
-    result = run_load(proxy.base_url, tmp_path, users=6, run_time="10s", routes=ALL_ROUTES,
-                      extra=ANY_UPSTREAM)
+    result = run_load(
+        proxy.base_url, tmp_path, users=6, run_time="10s", routes=ALL_ROUTES, extra=ANY_UPSTREAM
+    )
     assert result.exit_code == 0, result.explain()
     assert result.failed_gates() == set(), result.explain()
     assert result.responses >= 30, result.explain()
     assert result.gates["corrupt_ratio"]["value"] == 0, result.explain()  # judged: protocol
 
 
-def test_any_upstream_nginx_with_buffering_on_fails_buffered(llama_server, gateway_factory,
-                                                              nginx_factory, tmp_path):
+def test_any_upstream_nginx_with_buffering_on_fails_buffered(
+    llama_server, gateway_factory, nginx_factory, tmp_path
+):
     buffering_proxy = nginx_factory(gateway_factory(llama_server, workers=2), buffering_fault=True)
-    result = run_load(buffering_proxy.base_url, tmp_path, users=8, run_time="6s", extra=ANY_UPSTREAM)
+    result = run_load(
+        buffering_proxy.base_url, tmp_path, users=8, run_time="6s", extra=ANY_UPSTREAM
+    )
     assert result.exit_code != 0, result.explain()
     assert "buffered_ratio" in result.failed_gates(), result.explain()
     assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
     assert result.gates["corrupt_ratio"]["passed"], result.explain()
-

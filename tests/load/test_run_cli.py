@@ -37,19 +37,30 @@ def test_inventory_without_edge_hosts_is_refused(tmp_path):
 
 
 def test_command_carries_reports_routes_and_unknown_options_to_locust(tmp_path):
-    args, extra = run.parse_args(["--target", "http://x", "--routes", "sse,openai",
-                                  "--processes", "2", "--slo-itl-p99-ms", "150"])
+    args, extra = run.parse_args(
+        [
+            "--target",
+            "http://x",
+            "--routes",
+            "sse,openai",
+            "--processes",
+            "2",
+            "--slo-itl-p99-ms",
+            "150",
+        ]
+    )
     command = run.locust_command(args, "http://x/", tmp_path, extra)
     assert command[-2:] == ["SSEStreamUser", "OpenAIStreamUser"]
-    assert ["--slo-itl-p99-ms", "150"] == command[command.index("--slo-itl-p99-ms"):][:2]
-    assert ["--processes", "2"] == command[command.index("--processes"):][:2]
+    assert ["--slo-itl-p99-ms", "150"] == command[command.index("--slo-itl-p99-ms") :][:2]
+    assert ["--processes", "2"] == command[command.index("--processes") :][:2]
     assert str(tmp_path / "report.html") in command and "--csv-full-history" in command
     assert args.users == 200 and args.run_time == "60s"  # make loadtest's defaults
 
 
-@pytest.mark.parametrize(("setting", "users", "expected"),
-                         [("auto", 50, 0), ("auto", 100, 0), ("auto", 101, 2), ("0", 500, 0),
-                          ("3", 10, 3)])
+@pytest.mark.parametrize(
+    ("setting", "users", "expected"),
+    [("auto", 50, 0), ("auto", 100, 0), ("auto", 101, 2), ("0", 500, 0), ("3", 10, 3)],
+)
 def test_worker_processes(setting, users, expected, monkeypatch):
     monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
     assert run.worker_processes(setting, users) == expected
@@ -87,7 +98,9 @@ def locust_call(tmp_path, monkeypatch, inventory_text: str) -> dict:
 
     monkeypatch.setattr(run.subprocess, "run", fake_run)
     monkeypatch.setattr(run, "time", type("T", (), {"strftime": staticmethod(lambda _: "r")}))
-    exit_code = run.main(["--inventory", str(inventory), "--reports-dir", str(tmp_path / "reports")])
+    exit_code = run.main(
+        ["--inventory", str(inventory), "--reports-dir", str(tmp_path / "reports")]
+    )
     assert exit_code == LOCUST_EXIT  # Locust's verdict is run.py's exit code
     return seen
 
@@ -125,5 +138,7 @@ def test_client_key_goes_to_locust_through_the_environment_only(tmp_path, monkey
     seen = locust_call(tmp_path, monkeypatch, LAB_INVENTORY)
     assert seen["env"]["STREAMGATE_LOAD_API_KEY"] == "a-lab-client-key-of-more-than-32-chars"
     assert not any("a-lab-client-key" in part for part in seen["command"])
-    assert ["--ca-file", str(tmp_path / "ca.pem")] == seen["command"][seen["command"].index("--ca-file"):][:2]
+    assert ["--ca-file", str(tmp_path / "ca.pem")] == seen["command"][
+        seen["command"].index("--ca-file") :
+    ][:2]
     assert "--host" in seen["command"] and "https://10.231.0.10" in seen["command"]

@@ -90,7 +90,10 @@ def test_text_decoder_joins_a_character_split_across_reads():
     encoded = "".join(TOKENS).encode()
     split_inside_emoji = encoded.index("🙂".encode()) + 2
     decoder = TextDecoder()
-    text = decoder.feed(encoded[:split_inside_emoji])[0] + decoder.feed(encoded[split_inside_emoji:])[0]
+    text = (
+        decoder.feed(encoded[:split_inside_emoji])[0]
+        + decoder.feed(encoded[split_inside_emoji:])[0]
+    )
     assert text == "".join(TOKENS)
 
 
@@ -140,8 +143,10 @@ def test_plain_text_tokens_counted_from_the_expected_text():
 
 def test_sse_decoder_reads_the_usage_of_the_done_event():
     decoder = SSEDecoder()
-    wire = (b'data: {"content": "a\\r\\nb"}\n\n'
-            b'event: done\ndata: {"usage": {"completion_tokens": 2}}\n\n')
+    wire = (
+        b'data: {"content": "a\\r\\nb"}\n\n'
+        b'event: done\ndata: {"usage": {"completion_tokens": 2}}\n\n'
+    )
     assert decoder.feed(wire) == ("a\r\nb", 1)
     assert decoder.done and decoder.tokens_reported == 2
 
@@ -191,15 +196,21 @@ def test_unknown_pace_token_by_token_stream_is_not_buffered():
 
 def test_unknown_pace_whole_answer_in_one_read_is_buffered():
     record = record_of([(0.25, "".join(TOKENS))])
-    assert judge_buffered(record, len(TOKENS), UNKNOWN_PACE) == f"{BUFFERED}: too few separate reads"
+    assert (
+        judge_buffered(record, len(TOKENS), UNKNOWN_PACE) == f"{BUFFERED}: too few separate reads"
+    )
 
 
 def test_unknown_pace_first_token_then_a_late_burst_is_buffered():
     """The first token passed at once, the rest held and flushed together 1 s later."""
-    arrivals = [(0.05, TOKENS[0])] + [(1.0 + i * 0.0002, token) for i, token in enumerate(TOKENS[1:])]
+    arrivals = [(0.05, TOKENS[0])] + [
+        (1.0 + i * 0.0002, token) for i, token in enumerate(TOKENS[1:])
+    ]
     record = record_of(arrivals)
     record.ended = 1.01
-    assert judge_buffered(record, len(TOKENS), UNKNOWN_PACE) == f"{BUFFERED}: arrival span too short"
+    assert (
+        judge_buffered(record, len(TOKENS), UNKNOWN_PACE) == f"{BUFFERED}: arrival span too short"
+    )
 
 
 def openai_events(*payloads: dict, done: bool = True) -> bytes:
@@ -208,12 +219,16 @@ def openai_events(*payloads: dict, done: bool = True) -> bytes:
 
 
 def chunk(delta: dict, finish_reason=None) -> dict:
-    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
 
 
 WHOLE_OPENAI_STREAM = [
     chunk({"role": "assistant", "content": None}),  # llama.cpp's first chunk
-    chunk({"content": " light"}), chunk({"content": " river"}),
+    chunk({"content": " light"}),
+    chunk({"content": " river"}),
     chunk({}, finish_reason="length"),
     {"object": "chat.completion.chunk", "choices": [], "usage": {"completion_tokens": 2}},
 ]
@@ -237,9 +252,21 @@ def test_a_whole_openai_stream_passes_the_protocol_verdict():
     [
         (WHOLE_OPENAI_STREAM[1:], "role"),  # no role chunk first
         (WHOLE_OPENAI_STREAM[:3] + WHOLE_OPENAI_STREAM[4:], "finish_reason"),
-        ([*WHOLE_OPENAI_STREAM[:4], {**WHOLE_OPENAI_STREAM[4], "usage": {"completion_tokens": 1}}], "usage"),
-        ([WHOLE_OPENAI_STREAM[0], {**WHOLE_OPENAI_STREAM[1], "object": "chat.completion"}, *WHOLE_OPENAI_STREAM[2:]],
-         "not chat.completion.chunk"),
+        (
+            [
+                *WHOLE_OPENAI_STREAM[:4],
+                {**WHOLE_OPENAI_STREAM[4], "usage": {"completion_tokens": 1}},
+            ],
+            "usage",
+        ),
+        (
+            [
+                WHOLE_OPENAI_STREAM[0],
+                {**WHOLE_OPENAI_STREAM[1], "object": "chat.completion"},
+                *WHOLE_OPENAI_STREAM[2:],
+            ],
+            "not chat.completion.chunk",
+        ),
         ([WHOLE_OPENAI_STREAM[0], WHOLE_OPENAI_STREAM[3]], "no content"),
     ],
     ids=["no-role", "no-finish-reason", "usage-short", "wrong-object", "empty"],
@@ -255,5 +282,14 @@ def test_unknown_pace_one_read_is_not_excused_by_a_short_stall():
     record = record_of([(1.0, "".join(TOKENS))])
     assert not excused_by_lag(record, len(TOKENS), UNKNOWN_PACE, stalled_s=0.010, stalls=1)
     spread = streamed(TOKENS, gap_s=0.02)
-    merged = record_of([(at, text) for at, text in zip(spread.content_times[::2], ["".join(TOKENS[i:i + 2]) for i in range(0, len(TOKENS), 2)], strict=True)])
+    merged = record_of(
+        [
+            (at, text)
+            for at, text in zip(
+                spread.content_times[::2],
+                ["".join(TOKENS[i : i + 2]) for i in range(0, len(TOKENS), 2)],
+                strict=True,
+            )
+        ]
+    )
     assert excused_by_lag(merged, len(TOKENS), UNKNOWN_PACE, stalled_s=0.1, stalls=4)

@@ -46,8 +46,10 @@ def inventory(request) -> Path:
 def groups(inventory) -> dict[str, dict[str, dict]]:
     """group -> {host: its inventory variables} (the lab's inventory is one YAML file)."""
     children = yaml.safe_load(inventory.read_text())["all"]["children"]
-    return {name: {host: values or {} for host, values in (group.get("hosts") or {}).items()}
-            for name, group in children.items()}
+    return {
+        name: {host: values or {} for host, values in (group.get("hosts") or {}).items()}
+        for name, group in children.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +62,10 @@ def edge_url(groups, inventory) -> str:
 @pytest.fixture(scope="session")
 def load_options(inventory) -> dict:
     """What the load needs to be let in: the lab's CA and client key."""
-    return {"cafile": str(inventory.parent / "ca.pem"),
-            "key": (inventory.parent / "client-key").read_text().strip()}
+    return {
+        "cafile": str(inventory.parent / "ca.pem"),
+        "key": (inventory.parent / "client-key").read_text().strip(),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -88,15 +92,27 @@ def run_site(inventory, ops_log_dir) -> Callable[..., subprocess.CompletedProces
     (to the e2e's log directory: the secret scan reads it too); fails on a failed play."""
 
     def run(name: str, *arguments: str, timeout_s: float = 900) -> subprocess.CompletedProcess:
-        command = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
-                   "site.yml", *arguments]
+        command = [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            "site.yml",
+            *arguments,
+        ]
         started = time.monotonic()
-        result = subprocess.run(command, cwd=REPO / "ansible", capture_output=True, text=True,
-                                timeout=timeout_s, check=False)
+        result = subprocess.run(
+            command,
+            cwd=REPO / "ansible",
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
         (ops_log_dir / f"ops-{name}.log").write_text(result.stdout + result.stderr)
         assert result.returncode == 0, (
             f"site.yml ({name}) failed after {time.monotonic() - started:.0f} s:\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}")
+            f"{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+        )
         return result
 
     return run
@@ -109,11 +125,15 @@ def changed_build(tmp_path_factory) -> Callable[[str], Path]:
 
     def make(marker: str) -> Path:
         source = tmp_path_factory.mktemp("build") / "service"
-        shutil.copytree(REPO / "service", source, ignore=shutil.ignore_patterns(
-            "build", "dist", "*.egg-info", "__pycache__", ".venv"))
+        shutil.copytree(
+            REPO / "service",
+            source,
+            ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".venv"),
+        )
         (source / "streamgate" / "build_marker.py").write_text(
             f'"""Which build of the code this is (the operations tests\' releases)."""\n'
-            f"BUILD = {json.dumps(marker)}\n")
+            f"BUILD = {json.dumps(marker)}\n"
+        )
         return source
 
     return make

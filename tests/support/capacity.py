@@ -83,10 +83,12 @@ def nginx_limits(rendered: dict[str, str]) -> dict:
         backlog = re.search(r"\bbacklog=(\d+)", listen)
         backlogs.append(int(backlog.group(1)) if backlog else NGINX_DEFAULT_BACKLOG)
     return {
-        "nginx_worker_connections": int(_one(r"^\s*worker_connections\s+(\d+);", main,
-                                             "worker_connections")),
-        "nginx_worker_rlimit_nofile": int(_one(r"^worker_rlimit_nofile\s+(\d+);", main,
-                                               "worker_rlimit_nofile")),
+        "nginx_worker_connections": int(
+            _one(r"^\s*worker_connections\s+(\d+);", main, "worker_connections")
+        ),
+        "nginx_worker_rlimit_nofile": int(
+            _one(r"^worker_rlimit_nofile\s+(\d+);", main, "worker_rlimit_nofile")
+        ),
         "nginx_listen_backlogs": tuple(backlogs),
         "nginx_upstream_keepalive": int(_one(r"^\s*keepalive\s+(\d+);", site, "keepalive")),
     }
@@ -111,11 +113,13 @@ def shortfalls(limits: DeployedLimits, streams: int = HELD_STREAMS_TARGET) -> li
     if limits.nginx_worker_connections < nginx_connections:
         problems.append(
             f"nginx worker_connections {limits.nginx_worker_connections} < {nginx_connections} "
-            f"(two per stream, the listeners, the idle upstream connections, in one worker)")
+            f"(two per stream, the listeners, the idle upstream connections, in one worker)"
+        )
     if limits.nginx_worker_rlimit_nofile < limits.nginx_worker_connections + FILES_MARGIN:
         problems.append(
             f"nginx worker_rlimit_nofile {limits.nginx_worker_rlimit_nofile} < worker_connections "
-            f"{limits.nginx_worker_connections} + {FILES_MARGIN} (every connection is a file)")
+            f"{limits.nginx_worker_connections} + {FILES_MARGIN} (every connection is a file)"
+        )
     short = [backlog for backlog in limits.nginx_listen_backlogs if backlog < MIN_LISTEN_BACKLOG]
     if short:
         problems.append(f"nginx listen backlog {short} < {MIN_LISTEN_BACKLOG}")
@@ -124,8 +128,10 @@ def shortfalls(limits: DeployedLimits, streams: int = HELD_STREAMS_TARGET) -> li
     if limits.gateway_nofile < 2 * streams + FILES_MARGIN:
         problems.append(
             f"gateway LimitNOFILE {limits.gateway_nofile} < {2 * streams + FILES_MARGIN} "
-            f"(two sockets per stream, in one worker)")
+            f"(two sockets per stream, in one worker)"
+        )
     if limits.simulator_nofile < streams + FILES_MARGIN:
         problems.append(
-            f"simulator LimitNOFILE {limits.simulator_nofile} < {streams + FILES_MARGIN}")
+            f"simulator LimitNOFILE {limits.simulator_nofile} < {streams + FILES_MARGIN}"
+        )
     return problems

@@ -59,8 +59,10 @@ def request(
             ("accept", "*/*"),
         ]
         if payload:
-            request_headers += [("content-type", "application/json"),
-                                ("content-length", str(len(payload)))]
+            request_headers += [
+                ("content-type", "application/json"),
+                ("content-length", str(len(payload))),
+            ]
         request_headers += [(name.lower(), value) for name, value in (headers or {}).items()]
         conn.send_headers(stream_id, request_headers, end_stream=not payload)
         if payload:

@@ -43,12 +43,21 @@ BEHAVIOURS = (
 def sse_answer(prompt: str, model: str) -> list[bytes]:
     events = []
     for word in prompt.split(" "):
-        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
-                 "choices": [{"index": 0, "delta": {"content": word + " "},
-                              "finish_reason": None}]}
+        chunk = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}],
+        }
         events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-    last = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    last = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    }
     events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
@@ -63,10 +72,18 @@ def chunked(parts: list[bytes], extension: bytes = b"", trailers: bytes = b"") -
     return body + b"0\r\n" + trailers + b"\r\n"
 
 
-def response(prompt: str, model: str, *, head_extra: bytes = b"", extension: bytes = b"",
-             trailers: bytes = b"") -> tuple[bytes, bytes]:
-    head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"transfer-encoding: chunked\r\n" + head_extra + b"\r\n")
+def response(
+    prompt: str,
+    model: str,
+    *,
+    head_extra: bytes = b"",
+    extension: bytes = b"",
+    trailers: bytes = b"",
+) -> tuple[bytes, bytes]:
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n" + head_extra + b"\r\n"
+    )
     return head, chunked(sse_answer(prompt, model), extension, trailers)
 
 
@@ -91,7 +108,8 @@ class HostileUpstream:
         def run() -> None:
             self._loop = asyncio.new_event_loop()
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, self.host, 0))
+                asyncio.start_server(self._handle, self.host, 0)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
@@ -160,20 +178,26 @@ class HostileUpstream:
             "interim-100": b"HTTP/1.1 100 Continue\r\n\r\n",
             "interim-103": b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
             "interim-several": b"HTTP/1.1 100 Continue\r\n\r\n"
-                               b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
-                               b"HTTP/1.1 103 Early Hints\r\nlink: </b.js>; rel=preload\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nlink: </b.js>; rel=preload\r\n\r\n",
         }.get(model, b"")
         if model == "huge-head":
-            head, body = response(prompt, model,
-                                  head_extra=b"x-padding: " + b"a" * HUGE_HEAD_BYTES + b"\r\n")
+            head, body = response(
+                prompt, model, head_extra=b"x-padding: " + b"a" * HUGE_HEAD_BYTES + b"\r\n"
+            )
         elif model == "huge-event":
             head, _ = response(prompt, model)
             body = chunked([b"data: " + b"x" * HUGE_EVENT_BYTES])
         elif model == "connection-close":
             head, body = response(prompt, model, head_extra=b"connection: close\r\n")
         elif model == "chunk-ext-trailers":
-            head, body = response(prompt, model, head_extra=b"trailer: x-checksum\r\n",
-                                  extension=b";name=value", trailers=b"x-checksum: abc\r\n")
+            head, body = response(
+                prompt,
+                model,
+                head_extra=b"trailer: x-checksum\r\n",
+                extension=b";name=value",
+                trailers=b"x-checksum: abc\r\n",
+            )
         else:
             head, body = response(prompt, model)
 
@@ -186,7 +210,7 @@ class HostileUpstream:
             interim = b""
         if model == "split-head":
             for byte in range(len(head)):
-                writer.write(head[byte:byte + 1])
+                writer.write(head[byte : byte + 1])
                 await writer.drain()
                 await asyncio.sleep(0.001)
             writer.write(body)
@@ -196,7 +220,7 @@ class HostileUpstream:
             return False
         elif model == "late-end":
             last_chunk = b"0\r\n\r\n"
-            writer.write(head + body[:-len(last_chunk)])
+            writer.write(head + body[: -len(last_chunk)])
             await writer.drain()
             await asyncio.sleep(0.05)
             writer.write(last_chunk)

@@ -67,7 +67,9 @@ def require_nginx() -> str:
     binary = nginx_binary()
     if binary:
         return binary
-    skip_unless_ci("nginx binary not found (Debian: apt-get install nginx-light; `make deps` as root)")
+    skip_unless_ci(
+        "nginx binary not found (Debian: apt-get install nginx-light; `make deps` as root)"
+    )
 
 
 def role_variables() -> dict:
@@ -78,8 +80,14 @@ def role_variables() -> dict:
     return variables
 
 
-def local_variables(workdir: Path, *, listen: str, upstream_servers: list[str],
-                    listen_tls: str | None = None, pki: LocalPKI | None = None) -> dict:
+def local_variables(
+    workdir: Path,
+    *,
+    listen: str,
+    upstream_servers: list[str],
+    listen_tls: str | None = None,
+    pki: LocalPKI | None = None,
+) -> dict:
     """The role's variables with the root-only paths moved into `workdir` and the addresses set:
     what the wire tests and the benchmark render. `pki` turns TLS on (nginx_tls)."""
     variables = role_variables()
@@ -115,7 +123,6 @@ def render(variables: dict) -> dict[str, str]:
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,  # as Ansible's template module renders
-
     )
     return {
         name: env.get_template(f"{name}.j2").render(**variables)

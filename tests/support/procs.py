@@ -171,8 +171,11 @@ class ManagedProcess:
     def wait_output(self, pattern: str, *, timeout_s: float = 20.0) -> re.Match:
         """Wait until a line of the log matches `pattern`; the first match."""
         compiled = re.compile(pattern, re.MULTILINE)
-        return self.wait_for(lambda: compiled.search(self.logs(tail_chars=1 << 20)),
-                             timeout_s=timeout_s, what=f"a log line matching {pattern!r}")
+        return self.wait_for(
+            lambda: compiled.search(self.logs(tail_chars=1 << 20)),
+            timeout_s=timeout_s,
+            what=f"a log line matching {pattern!r}",
+        )
 
     def wait_for(self, condition: Callable[[], T], *, timeout_s: float, what: str) -> T:
         """Poll `condition` until it returns something truthy (returned); fail early if the
@@ -186,8 +189,9 @@ class ManagedProcess:
             return condition()
 
         try:
-            return wait_until(ready, timeout_s=timeout_s, interval_s=0.05,
-                              what=f"{self.name}: {what}")
+            return wait_until(
+                ready, timeout_s=timeout_s, interval_s=0.05, what=f"{self.name}: {what}"
+            )
         except TimeoutError as exc:
             message = f"{exc}\n{self.describe()}"  # its state before we stop it
             self.stop()

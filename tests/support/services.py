@@ -65,8 +65,11 @@ class Service:
         """Every sample of /metrics, keyed by (name, labels), parsed by prometheus_client itself."""
         with urllib.request.urlopen(f"{self.base_url}/metrics", timeout=5) as response:
             text = response.read().decode()
-        return {(sample.name, frozenset(sample.labels.items())): sample.value
-                for family in text_string_to_metric_families(text) for sample in family.samples}
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     def worker_pids(self) -> list[int]:
         """The live worker processes of a gunicorn master (children not yet reaped excluded)."""
@@ -130,7 +133,15 @@ def start_simulator(log_dir: Path, **options) -> Simulator:
 
 
 def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
-    argv = [sys.executable, "-m", "streamgate.simulator", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "streamgate.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     for option, value in settings.items():
         argv += [f"--{option.replace('_', '-')}", str(value)]
     process = ManagedProcess(f"simulator-{port}", argv, log_dir=log_dir, env=clean_environ())
@@ -147,9 +158,16 @@ def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
     return simulator
 
 
-def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2,
-                  gunicorn_conf: Path | str = GUNICORN_CONFIG, script: bool = False,
-                  port: int | None = None, **settings) -> Service:
+def start_gateway(
+    log_dir: Path,
+    upstream: Simulator,
+    *,
+    workers: int = 2,
+    gunicorn_conf: Path | str = GUNICORN_CONFIG,
+    script: bool = False,
+    port: int | None = None,
+    **settings,
+) -> Service:
     """The gateway as deployed: gunicorn -c python:streamgate.gunicorn_conf, uvicorn workers.
 
     `settings` are Settings fields (first_token_timeout_s=1 -> STREAMGATE_FIRST_TOKEN_TIMEOUT_S).
@@ -160,12 +178,22 @@ def start_gateway(log_dir: Path, upstream: Simulator, *, workers: int = 2,
     """
     if port is not None:
         return _start_gateway(log_dir, port, upstream, workers, gunicorn_conf, settings, script)
-    return on_a_free_port(lambda free: _start_gateway(
-        log_dir, free, upstream, workers, gunicorn_conf, settings, script))
+    return on_a_free_port(
+        lambda free: _start_gateway(
+            log_dir, free, upstream, workers, gunicorn_conf, settings, script
+        )
+    )
 
 
-def _start_gateway(log_dir: Path, port: int, upstream: Simulator, workers: int,
-                   gunicorn_conf: Path | str, settings: dict, script: bool = False) -> Service:
+def _start_gateway(
+    log_dir: Path,
+    port: int,
+    upstream: Simulator,
+    workers: int,
+    gunicorn_conf: Path | str,
+    settings: dict,
+    script: bool = False,
+) -> Service:
     env = clean_environ()
     env.update(
         STREAMGATE_BIND=f"127.0.0.1:{port}",

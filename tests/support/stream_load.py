@@ -68,8 +68,10 @@ class WindowReport:
 
     def __str__(self) -> str:
         p99 = "-" if self.ttft_p99_ms is None else f"{self.ttft_p99_ms:.0f} ms"
-        return (f"{self.streams} streams: {self.completed} completed, {self.corrupted} corrupted, "
-                f"failed {self.failed or 0}, p99 TTFT {p99}")
+        return (
+            f"{self.streams} streams: {self.completed} completed, {self.corrupted} corrupted, "
+            f"failed {self.failed or 0}, p99 TTFT {p99}"
+        )
 
 
 # The promise of every operation (a reload, an upgrade, a drain): no stream lost, and the p99
@@ -89,7 +91,8 @@ def assert_nothing_lost(rest: WindowReport, during: WindowReport, *, min_streams
     assert during.lost == 0, f"streams lost during the operation: {during} (at rest: {rest})"
     assert not spiked(rest, during), (
         f"p99 TTFT during the operation {during.ttft_p99_ms:.0f} ms, at rest "
-        f"{rest.ttft_p99_ms:.0f} ms: more than {TTFT_SPIKE_LIMIT}x")
+        f"{rest.ttft_p99_ms:.0f} ms: more than {TTFT_SPIKE_LIMIT}x"
+    )
 
 
 def percentile(values: list[float], share: float) -> float | None:
@@ -114,9 +117,18 @@ def judge(connection: StreamConnection, expected_text: str | None) -> str:
 class StreamLoad:
     """`clients` closed-loop OpenAI streams to `url` (http or https) until `stop()`."""
 
-    def __init__(self, url: str, body: bytes, *, clients: int, key: str | None = None,
-                 cafile: str | None = None, expected_text: str | None = None,
-                 stream_timeout_s: float = 60.0, max_seconds: float = 900.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        body: bytes,
+        *,
+        clients: int,
+        key: str | None = None,
+        cafile: str | None = None,
+        expected_text: str | None = None,
+        stream_timeout_s: float = 60.0,
+        max_seconds: float = 900.0,
+    ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -136,8 +148,9 @@ class StreamLoad:
 
     # -- control, from the caller's thread ---------------------------------------------------
     def start(self, ramp_s: float = 1.0) -> StreamLoad:
-        self._thread = threading.Thread(target=self._run, args=(ramp_s,), daemon=True,
-                                        name="stream-load")
+        self._thread = threading.Thread(
+            target=self._run, args=(ramp_s,), daemon=True, name="stream-load"
+        )
         self._thread.start()
         return self
 
@@ -157,8 +170,11 @@ class StreamLoad:
 
     def report(self, *windows: tuple[float, float]) -> WindowReport:
         """The streams open at any moment of any of the (start, end) windows."""
-        window = [result for result in list(self.results)
-                  if any(result.overlaps(start, end) for start, end in windows)]
+        window = [
+            result
+            for result in list(self.results)
+            if any(result.overlaps(start, end) for start, end in windows)
+        ]
         failed: dict[str, int] = {}
         for result in window:
             if result.outcome.startswith(FAILED):
@@ -182,8 +198,12 @@ class StreamLoad:
 
     async def _clients(self, ramp_s: float) -> None:
         deadline = time.monotonic() + self.max_seconds
-        await asyncio.gather(*(self._client(index, ramp_s * index / self.clients, deadline)
-                               for index in range(self.clients)))
+        await asyncio.gather(
+            *(
+                self._client(index, ramp_s * index / self.clients, deadline)
+                for index in range(self.clients)
+            )
+        )
 
     async def _client(self, index: int, delay_s: float, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -199,14 +219,23 @@ class StreamLoad:
             # Like every HTTP client, a request that met a reused connection closed before any
             # byte of an answer (the server closed it as idle) is sent again on a new one, once.
             for attempt in range(2):
-                reused = (connection is not None and not connection.closed
-                          and not connection.transport.is_closing())  # e.g. Connection: close
+                reused = (
+                    connection is not None
+                    and not connection.closed
+                    and not connection.transport.is_closing()
+                )  # e.g. Connection: close
                 try:
                     if not reused:
-                        _, connection = await asyncio.wait_for(loop.create_connection(
-                            lambda: StreamConnection(sse=True), self.host, self.port,
-                            ssl=self.tls, server_hostname=self.host if self.tls else None),
-                            self.stream_timeout_s)
+                        _, connection = await asyncio.wait_for(
+                            loop.create_connection(
+                                lambda: StreamConnection(sse=True),
+                                self.host,
+                                self.port,
+                                ssl=self.tls,
+                                server_hostname=self.host if self.tls else None,
+                            ),
+                            self.stream_timeout_s,
+                        )
                     await connection.exchange(self.request, self.stream_timeout_s)
                     outcome = ""
                 except ResponseError as exc:
@@ -221,7 +250,11 @@ class StreamLoad:
             if not outcome:
                 outcome = judge(connection, self.expected_text)
             ended = time.monotonic()
-            first = connection.t_first if connection is not None and connection.content_arrivals else None
+            first = (
+                connection.t_first
+                if connection is not None and connection.content_arrivals
+                else None
+            )
             del self.in_flight[index]
             self.results.append(StreamResult(started, first, ended, outcome))
             if outcome != COMPLETED and connection is not None:

@@ -90,7 +90,9 @@ MAX_CHUNK_BYTES = 1 << 30  # 16 hex digits would parse; no test streams a GiB in
 MAX_TRAILER_BYTES = 16384  # all trailer field lines together
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_EXTENSION = rb"[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
+_EXTENSION = (
+    rb"[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
+)
 _SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:" + _EXTENSION + rb")*)")
 _TRAILER_LINE = re.compile(_TOKEN + rb":[ \t]*[\t -~\x80-\xff]*")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
@@ -107,9 +109,13 @@ class ChunkedDecoder:
     in `rest` (the next response on the connection, or junk), never taken as payload.
     """
 
-    def __init__(self, *, max_line_bytes: int = MAX_CHUNK_LINE_BYTES,
-                 max_chunk_bytes: int = MAX_CHUNK_BYTES,
-                 max_trailer_bytes: int = MAX_TRAILER_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = MAX_CHUNK_LINE_BYTES,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        max_trailer_bytes: int = MAX_TRAILER_BYTES,
+    ) -> None:
         self.max_line_bytes = max_line_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.max_trailer_bytes = max_trailer_bytes
@@ -149,7 +155,9 @@ class ChunkedDecoder:
                     self._pending = b"\r"
                     break
                 else:
-                    raise ProtocolError(f"chunk not followed by CRLF: {buffer[position:position + 20]!r}")
+                    raise ProtocolError(
+                        f"chunk not followed by CRLF: {buffer[position : position + 20]!r}"
+                    )
             else:
                 line_end = buffer.find(b"\r\n", position, position + self.max_line_bytes + 2)
                 if line_end < 0:
@@ -410,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", required=True, help="http://host:port/path")
     parser.add_argument("--body", default=None, help="JSON request body (POST); none = GET")
     parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole exchange")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for the whole exchange"
+    )
     parser.add_argument("--cafile", help="https: trust this CA file (default: the system store)")
     args = parser.parse_args(argv)
     url = urllib.parse.urlsplit(args.url)
@@ -418,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("only http:// and https:// URLs (the probe speaks HTTP/1.1)")
     tls = ssl.create_default_context(cafile=args.cafile) if url.scheme == "https" else None
     headers = {
-        name.strip(): value.strip()
-        for name, _, value in (h.partition(":") for h in args.header)
+        name.strip(): value.strip() for name, _, value in (h.partition(":") for h in args.header)
     }
     trace = request(
         url.hostname or "127.0.0.1",

@@ -57,7 +57,8 @@ class SystemdStandIn:
             f'    exec cat "{self._main_pid_file}"\n'
             "fi\n"
             'echo "systemctl stand-in: unsupported: $*" >&2\n'
-            "exit 1\n")
+            "exit 1\n"
+        )
         systemctl.chmod(0o755)
 
     @property
@@ -99,7 +100,8 @@ class SystemdStandIn:
                 return
             try:
                 data, ancillary, _, _ = self._socket.recvmsg(
-                    MAX_DATAGRAM, socket.CMSG_SPACE(struct.calcsize("iII")))
+                    MAX_DATAGRAM, socket.CMSG_SPACE(struct.calcsize("iII"))
+                )
             except TimeoutError:
                 continue
             except OSError:
@@ -107,7 +109,7 @@ class SystemdStandIn:
             sender = 0
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    sender = struct.unpack("iII", payload[:struct.calcsize("iII")])[0]
+                    sender = struct.unpack("iII", payload[: struct.calcsize("iII")])[0]
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.notifications.append(Notification(time.monotonic(), sender, fields))
             allowed = self.notify_access == "all" or sender == self.main_pid

@@ -57,7 +57,9 @@ def upstream_kind(hostvars: dict, groups: dict) -> str:
     key and has simulator hosts, otherwise another server."""
     kind = hostvars.get(KIND_VARIABLE)
     if kind is None:
-        names_one = hostvars.get("streamgate_upstream_base_url") or hostvars.get("streamgate_upstream_api_key")
+        names_one = hostvars.get("streamgate_upstream_base_url") or hostvars.get(
+            "streamgate_upstream_api_key"
+        )
         kind = SIMULATOR if groups.get(SIMULATOR) and not names_one else OPENAI_COMPATIBLE
     if kind not in UPSTREAM_KINDS:
         raise ValueError(f"{KIND_VARIABLE} is {kind!r}: must be one of {', '.join(UPSTREAM_KINDS)}")
@@ -66,18 +68,23 @@ def upstream_kind(hostvars: dict, groups: dict) -> str:
 
 def inventory_listing(inventory: Path, ansible_inventory: str = "ansible-inventory") -> dict:
     """`ansible-inventory --list`: every host's variables with the group_vars next to it."""
-    return json.loads(subprocess.check_output([ansible_inventory, "-i", str(inventory), "--list"],
-                                              text=True, timeout=120))
+    return json.loads(
+        subprocess.check_output(
+            [ansible_inventory, "-i", str(inventory), "--list"], text=True, timeout=120
+        )
+    )
 
 
 def groups_of(listing: dict) -> dict[str, list[str]]:
     """{group: its hosts, children's included} from an `ansible-inventory --list` answer."""
+
     def hosts(group: str) -> list[str]:
         node = listing.get(group) or {}
         found = list(node.get("hosts") or [])
         for child in node.get("children") or []:
             found += [host for host in hosts(child) if host not in found]
         return found
+
     return {group: hosts(group) for group in listing if group != "_meta"}
 
 

@@ -20,17 +20,24 @@ from streamgate.settings import Settings
 
 def chunk_event(content: str | None, finish_reason: str | None = None) -> bytes:
     delta = {"content": content} if content is not None else {}
-    event = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 1,
-             "model": "fake", "choices": [{"index": 0, "delta": delta,
-                                           "finish_reason": finish_reason}]}
+    event = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "fake",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
 def stream_body(deltas: Sequence[str]) -> list[bytes]:
     usage = {"prompt_tokens": 1, "completion_tokens": len(deltas), "total_tokens": len(deltas) + 1}
-    return [*(chunk_event(delta) for delta in deltas), chunk_event(None, "stop"),
-            b"data: " + orjson.dumps({"id": "chatcmpl-test", "choices": [], "usage": usage})
-            + b"\n\n", b"data: [DONE]\n\n"]
+    return [
+        *(chunk_event(delta) for delta in deltas),
+        chunk_event(None, "stop"),
+        b"data: " + orjson.dumps({"id": "chatcmpl-test", "choices": [], "usage": usage}) + b"\n\n",
+        b"data: [DONE]\n\n",
+    ]
 
 
 class FakeUpstream:
@@ -55,14 +62,17 @@ class FakeUpstream:
             await asyncio.sleep(self.header_delay)
         if self.status != 200:
             body = orjson.dumps({"error": {"message": f"fake {self.status}"}})
-            return httpx2.Response(self.status, content=body,
-                                   headers={"content-type": "application/json"})
-        return httpx2.Response(200, content=self._body(),
-                               headers={"content-type": "text/event-stream"})
+            return httpx2.Response(
+                self.status, content=body, headers={"content-type": "application/json"}
+            )
+        return httpx2.Response(
+            200, content=self._body(), headers={"content-type": "text/event-stream"}
+        )
 
 
-async def call(app, path: str, body: dict, send_hook=None,
-               headers: list[tuple[bytes, bytes]] | None = None) -> list[tuple[float, dict]]:
+async def call(
+    app, path: str, body: dict, send_hook=None, headers: list[tuple[bytes, bytes]] | None = None
+) -> list[tuple[float, dict]]:
     """Drive the ASGI app directly; returns (arrival time, message) for every send.
 
     `send_hook(message)`, if given, is awaited inside each send (to play a slow client)."""
@@ -83,12 +93,21 @@ async def call(app, path: str, body: dict, send_hook=None,
             await send_hook(message)
         sent.append((time.monotonic(), message))
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-             "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
-             "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"), *(headers or [])],
-             "client": ("t", 1),
-             "server": ("t", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        "client": ("t", 1),
+        "server": ("t", 80),
+        "state": {},
+    }
     await app(scope, receive, send)
     done.set()
     return sent
@@ -100,8 +119,7 @@ def bodies(sent) -> list[tuple[float, bytes]]:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(upstream_base_url="http://upstream.test/v1", upstream_retries=0,
-                    _env_file=None)  # type: ignore[call-arg]
+    return Settings(upstream_base_url="http://upstream.test/v1", upstream_retries=0, _env_file=None)  # type: ignore[call-arg]
 
 
 @pytest.fixture
@@ -114,7 +132,9 @@ def make_app(settings: Settings, fake_upstream: FakeUpstream) -> Callable[..., o
     def make(**overrides):
         app = create_app(settings.model_copy(update=overrides) if overrides else settings)
         app.state.upstream_client = openai.AsyncOpenAI(
-            base_url=app.state.settings.upstream_base_url, api_key="test", max_retries=0,
+            base_url=app.state.settings.upstream_base_url,
+            api_key="test",
+            max_retries=0,
             http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(fake_upstream.handle)),
         )
         return app
@@ -125,4 +145,3 @@ def make_app(settings: Settings, fake_upstream: FakeUpstream) -> Callable[..., o
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-

@@ -27,8 +27,11 @@ extension = st.one_of(
     st.builds(lambda name, value: b" ; %s=%s" % (name.encode(), value.encode()), token, token),
     st.builds(lambda name: b';%s="a \\" ;b"' % name.encode(), token),
 )
-trailer = st.builds(lambda name, value: (name.lower(), value),
-                    token, st.text(alphabet="ab 1;,", max_size=8).map(str.strip))
+trailer = st.builds(
+    lambda name, value: (name.lower(), value),
+    token,
+    st.text(alphabet="ab 1;,", max_size=8).map(str.strip),
+)
 
 
 @st.composite
@@ -46,8 +49,12 @@ def messages(draw) -> tuple[bytes, dict]:
     wire += b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in trailers)
     wire += b"\r\n"
     rest = draw(st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"0\r\n\r\n"]))
-    return wire + rest, {"payload": b"".join(parts), "extensions": extensions,
-                         "trailers": trailers, "rest": rest}
+    return wire + rest, {
+        "payload": b"".join(parts),
+        "extensions": extensions,
+        "trailers": trailers,
+        "rest": rest,
+    }
 
 
 def cut(body: bytes, cuts: list[int]) -> list[bytes]:
@@ -57,8 +64,13 @@ def cut(body: bytes, cuts: list[int]) -> list[bytes]:
 
 def decoded(decoder: ChunkedDecoder, pieces: list[bytes]) -> dict:
     payload = b"".join(decoder.feed(piece) for piece in pieces)
-    return {"payload": payload, "extensions": decoder.extensions, "trailers": decoder.trailers,
-            "rest": decoder.rest, "done": decoder.done}
+    return {
+        "payload": payload,
+        "extensions": decoder.extensions,
+        "trailers": decoder.trailers,
+        "rest": decoder.rest,
+        "done": decoder.done,
+    }
 
 
 # --- the shortcuts the repository's decoders took, as negative controls ----------------------
@@ -134,12 +146,30 @@ def test_negative_control_a_decoder_that_loses_the_framing_is_caught(shortcut):
             return True
 
     cases = st.tuples(messages(), st.lists(st.integers(0, 200), max_size=6)).map(
-        lambda case: (case[0], [min(c, len(case[0][0])) for c in case[1]]))
+        lambda case: (case[0], [min(c, len(case[0][0])) for c in case[1]])
+    )
     assert find(cases, differs, settings=SEARCH)
 
 
-BAD_SIZE_LINES = [b"+5", b"-5", b"0x5", b"5_0", b" 5", b"5 ", b"\t5", b"", b"g", b"5;", b"5;=x",
-                  b"5;a=", b'5;a="x', b"5 x", b"1" * 17, b"\xd9\xa5", b"5\n"]
+BAD_SIZE_LINES = [
+    b"+5",
+    b"-5",
+    b"0x5",
+    b"5_0",
+    b" 5",
+    b"5 ",
+    b"\t5",
+    b"",
+    b"g",
+    b"5;",
+    b"5;=x",
+    b"5;a=",
+    b'5;a="x',
+    b"5 x",
+    b"1" * 17,
+    b"\xd9\xa5",
+    b"5\n",
+]
 
 
 @pytest.mark.parametrize("line", BAD_SIZE_LINES)
@@ -158,12 +188,20 @@ def test_negative_control_a_lenient_size_takes_what_a_strict_one_refuses():
     assert find(st.sampled_from(BAD_SIZE_LINES), taken, settings=SEARCH)
 
 
-@given(parts=st.lists(st.binary(min_size=1, max_size=20), min_size=1, max_size=4),
-       which=st.integers(0, 3), delta=st.sampled_from([-1, 1, 2]))
+@given(
+    parts=st.lists(st.binary(min_size=1, max_size=20), min_size=1, max_size=4),
+    which=st.integers(0, 3),
+    delta=st.sampled_from([-1, 1, 2]),
+)
 def test_a_chunk_of_the_wrong_size_is_refused(parts, which, delta):
     which %= len(parts)
-    wire = b"".join(b"%x\r\n%s\r\n" % (len(part) + (delta if i == which else 0), part)
-                    for i, part in enumerate(parts)) + b"0\r\n\r\n"
+    wire = (
+        b"".join(
+            b"%x\r\n%s\r\n" % (len(part) + (delta if i == which else 0), part)
+            for i, part in enumerate(parts)
+        )
+        + b"0\r\n\r\n"
+    )
     with pytest.raises(ProtocolError):
         decode_chunked(wire)
 
@@ -178,17 +216,21 @@ def test_negative_control_skipping_the_crlf_takes_a_chunk_longer_than_its_size()
             return False
         return decoder.done
 
-    assert find(st.lists(st.binary(min_size=2, max_size=4), min_size=1, max_size=2), taken,
-                settings=SEARCH)
+    assert find(
+        st.lists(st.binary(min_size=2, max_size=4), min_size=1, max_size=2), taken, settings=SEARCH
+    )
 
 
-@pytest.mark.parametrize(("wire", "what"), [
-    (b"a" * 5000, "chunk line longer"),  # a size line that never ends
-    (b"5;" + b"x" * 5000 + b"\r\n", "chunk line longer"),
-    (b"40000001\r\n", "over"),  # a chunk over 1 GiB
-    (b"0\r\n" + b"x-pad: 1234567890\r\n" * 1000, "trailer section longer"),
-    (b"0\r\nno colon\r\n\r\n", "bad trailer"),
-])
+@pytest.mark.parametrize(
+    ("wire", "what"),
+    [
+        (b"a" * 5000, "chunk line longer"),  # a size line that never ends
+        (b"5;" + b"x" * 5000 + b"\r\n", "chunk line longer"),
+        (b"40000001\r\n", "over"),  # a chunk over 1 GiB
+        (b"0\r\n" + b"x-pad: 1234567890\r\n" * 1000, "trailer section longer"),
+        (b"0\r\nno colon\r\n\r\n", "bad trailer"),
+    ],
+)
 def test_limits_refuse_before_memory_grows(wire, what):
     decoder = ChunkedDecoder()
     with pytest.raises(ProtocolError, match=what):

@@ -29,15 +29,18 @@ def test_the_setting_lists_named_hashes():
     assert settings.client_key_hashes == HASHES
 
 
-@pytest.mark.parametrize(("value", "words"), [
-    (f"web {HASHES['web']}", "entry 1 must be name:sha256-hex"),
-    (f":{HASHES['web']}", "entry 1 must be name:sha256-hex"),
-    (f"we b:{HASHES['web']}", "entry 1 must be name:sha256-hex"),
-    (f"web:{HASHES['web']},batch:{KEY_B}", "entry 2 (batch) must have the key's SHA-256"),
-    (f"web:{HASHES['web'][:-1]}", "64 hex digits"),
-    (f"web:{HASHES['web']},web:{HASHES['batch']}", "the name web is listed twice"),
-    (f"web:{HASHES['web']},other:{HASHES['web']}", "same key is listed under another name"),
-])
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (f"web {HASHES['web']}", "entry 1 must be name:sha256-hex"),
+        (f":{HASHES['web']}", "entry 1 must be name:sha256-hex"),
+        (f"we b:{HASHES['web']}", "entry 1 must be name:sha256-hex"),
+        (f"web:{HASHES['web']},batch:{KEY_B}", "entry 2 (batch) must have the key's SHA-256"),
+        (f"web:{HASHES['web'][:-1]}", "64 hex digits"),
+        (f"web:{HASHES['web']},web:{HASHES['batch']}", "the name web is listed twice"),
+        (f"web:{HASHES['web']},other:{HASHES['web']}", "same key is listed under another name"),
+    ],
+)
 def test_a_bad_entry_refuses_to_start_naming_the_setting_and_never_echoing_it(value, words):
     with pytest.raises(ValidationError) as raised:
         Settings(client_key_hashes=value, _env_file=None)  # type: ignore[call-arg]
@@ -54,25 +57,31 @@ def test_names_but_no_hashes_are_in_what_may_be_logged():
     assert HASHES["web"] not in repr(settings)
 
 
-@pytest.mark.parametrize(("headers", "name"), [
-    ([(b"authorization", f"Bearer {KEY_A}".encode())], "web"),
-    ([(b"authorization", f"Bearer {KEY_B}".encode())], "batch"),
-    ([(b"authorization", f"bearer   {KEY_B} ".encode())], "batch"),
-    ([(b"x-other", b"1"), (b"authorization", f"Bearer {KEY_A}".encode())], "web"),
-])
+@pytest.mark.parametrize(
+    ("headers", "name"),
+    [
+        ([(b"authorization", f"Bearer {KEY_A}".encode())], "web"),
+        ([(b"authorization", f"Bearer {KEY_B}".encode())], "batch"),
+        ([(b"authorization", f"bearer   {KEY_B} ".encode())], "batch"),
+        ([(b"x-other", b"1"), (b"authorization", f"Bearer {KEY_A}".encode())], "web"),
+    ],
+)
 def test_a_configured_key_is_known_by_its_name(headers, name):
     assert ClientKeys(HASHES).identify(headers) == name
 
 
-@pytest.mark.parametrize(("headers", "challenge"), [
-    ([], auth.CHALLENGE_MISSING),
-    ([(b"authorization", b"Bearer " + KEY_A.encode() + b"x")], auth.CHALLENGE_INVALID),
-    ([(b"authorization", b"Bearer " + HASHES["web"].encode())], auth.CHALLENGE_INVALID),
-    ([(b"authorization", b"Basic " + KEY_A.encode())], auth.CHALLENGE_INVALID),
-    ([(b"authorization", KEY_A.encode())], auth.CHALLENGE_INVALID),
-    ([(b"authorization", b"Bearer ")], auth.CHALLENGE_INVALID),
-    ([(b"x-api-key", KEY_A.encode())], auth.CHALLENGE_MISSING),
-])
+@pytest.mark.parametrize(
+    ("headers", "challenge"),
+    [
+        ([], auth.CHALLENGE_MISSING),
+        ([(b"authorization", b"Bearer " + KEY_A.encode() + b"x")], auth.CHALLENGE_INVALID),
+        ([(b"authorization", b"Bearer " + HASHES["web"].encode())], auth.CHALLENGE_INVALID),
+        ([(b"authorization", b"Basic " + KEY_A.encode())], auth.CHALLENGE_INVALID),
+        ([(b"authorization", KEY_A.encode())], auth.CHALLENGE_INVALID),
+        ([(b"authorization", b"Bearer ")], auth.CHALLENGE_INVALID),
+        ([(b"x-api-key", KEY_A.encode())], auth.CHALLENGE_MISSING),
+    ],
+)
 def test_anything_else_is_refused(headers, challenge):
     with pytest.raises(Unauthorized) as raised:
         ClientKeys(HASHES).identify(headers)
@@ -83,8 +92,7 @@ def test_every_hash_is_compared_whichever_matches(monkeypatch):
     """No early exit: the time taken does not tell which name a key matched."""
     compared = []
     real = auth.hmac.compare_digest
-    monkeypatch.setattr(auth.hmac, "compare_digest",
-                        lambda a, b: compared.append(b) or real(a, b))
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append(b) or real(a, b))
     keys = ClientKeys(HASHES)
     for key in (KEY_A, KEY_B, "wrong"):
         compared.clear()
@@ -111,10 +119,21 @@ async def test_401_is_openai_shaped_and_sent_before_the_body_is_read(make_app, f
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"", "root_path": "",
-             "query_string": b"", "client": ("t", 1), "server": ("t", 80), "state": {},
-             "headers": [(b"authorization", b"Bearer sk-wrong")]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"",
+        "root_path": "",
+        "query_string": b"",
+        "client": ("t", 1),
+        "server": ("t", 80),
+        "state": {},
+        "headers": [(b"authorization", b"Bearer sk-wrong")],
+    }
     await asyncio.wait_for(app(scope, receive, send), timeout=2)
     assert received == [] and fake_upstream.requests == []
     start, body = sent
@@ -131,8 +150,9 @@ async def test_every_chat_route_asks_for_a_key_and_health_does_not(make_app, pat
     app = make_app(client_key_hashes=HASHES)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
         refused = await client.post(path, json={"prompt": "hi"})
-        accepted = await client.post(path, json={"prompt": "hi"},
-                                     headers={"Authorization": f"Bearer {KEY_B}"})
+        accepted = await client.post(
+            path, json={"prompt": "hi"}, headers={"Authorization": f"Bearer {KEY_B}"}
+        )
         health = await client.get("/healthz")
     assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
     assert accepted.status_code == 200  # control: the same request with a key goes through
@@ -140,8 +160,9 @@ async def test_every_chat_route_asks_for_a_key_and_health_does_not(make_app, pat
 
 
 async def test_without_keys_configured_the_routes_stay_open(make_app):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(make_app()),
-                                 base_url="http://t") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(make_app()), base_url="http://t"
+    ) as client:
         response = await client.post("/v1/chat/stream", json={"prompt": "hi"})
     assert response.status_code == 200
 
@@ -152,9 +173,14 @@ def test_an_env_file_can_be_checked_before_it_is_put_in_place(tmp_path):
     good.write_text(f"STREAMGATE_CLIENT_KEY_HASHES={SETTING}\n")
     bad.write_text(f"STREAMGATE_CLIENT_KEY_HASHES=web:{KEY_A}\n")
     assert check_env_file([str(good)]) == 0
-    run = subprocess.run([sys.executable, "-m", "streamgate.settings", str(bad)],
-                         check=False, capture_output=True, text=True, timeout=30,
-                         env=clean_environ())
+    run = subprocess.run(
+        [sys.executable, "-m", "streamgate.settings", str(bad)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_environ(),
+    )
     assert run.returncode == 1
     assert "STREAMGATE_CLIENT_KEY_HASHES: entry 1 (web)" in run.stderr
     assert KEY_A not in run.stderr

@@ -27,8 +27,12 @@ pytestmark = pytest.mark.anyio
 CHUNKS = 40
 
 
-@pytest.fixture(params=[pytest.param(("asyncio", {}), id="asyncio"),
-                        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
 def anyio_backend(request):
     return request.param
 
@@ -49,8 +53,13 @@ class EagerApp:
 
     async def __call__(self, scope, receive, send) -> None:
         assert scope["type"] == "http"
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
         eager = EagerSend(send)
         loop = asyncio.get_running_loop()
         handed_back = loop.create_future()
@@ -61,8 +70,11 @@ class EagerApp:
             self.task_in_callback = asyncio.current_task()
             try:
                 while next_chunk < CHUNKS:
-                    message = {"type": "http.response.body",
-                               "body": chunk(next_chunk, self.chunk_size), "more_body": True}
+                    message = {
+                        "type": "http.response.body",
+                        "body": chunk(next_chunk, self.chunk_size),
+                        "more_body": True,
+                    }
                     next_chunk += 1
                     done = eager.start(message)
                     self.finished_at_once.append(done)
@@ -79,8 +91,13 @@ class EagerApp:
             if eager.blocked:
                 await eager.finish()
             for n in range(next_chunk, CHUNKS):
-                await send({"type": "http.response.body", "body": chunk(n, self.chunk_size),
-                            "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": chunk(n, self.chunk_size),
+                        "more_body": True,
+                    }
+                )
         except BaseException as error:  # reported by the test, not lost in the server's log
             self.error = error
             raise
@@ -96,7 +113,9 @@ async def fetch(app: EagerApp, read_after_s: float) -> bytes:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: GuardedHttpToolsProtocol(config=config, server_state=state, app_state={}),
-        "127.0.0.1", 0)
+        "127.0.0.1",
+        0,
+    )
     try:
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -120,7 +139,7 @@ async def fetch(app: EagerApp, read_after_s: float) -> bytes:
         if size == 0:
             return bytes(body)
         body += rest[:size]
-        rest = rest[size + 2:]
+        rest = rest[size + 2 :]
 
 
 def expected(size: int) -> bytes:
@@ -134,7 +153,8 @@ async def test_send_finishes_inside_a_callback_while_the_client_reads():
     assert app.task_in_callback is None  # really outside any task, as in a protocol callback
     assert app.finished_at_once == [True] * CHUNKS, (
         "uvicorn's send no longer finishes without suspending while the socket has room: the "
-        "callback path (routes/eager_send.py) would hand every chunk back to the task")
+        "callback path (routes/eager_send.py) would hand every chunk back to the task"
+    )
     assert body == expected(200)
 
 

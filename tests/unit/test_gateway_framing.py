@@ -19,11 +19,26 @@ from .conftest import stream_body
 pytestmark = pytest.mark.anyio
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
-AWKWARD = ["\n\n", "\r\n", "\r", "data: x", ":", ": ping", "event: error", "{", "Grüße", "日本",
-           "🙂", "\u2028", "\x0b", " "]
+AWKWARD = [
+    "\n\n",
+    "\r\n",
+    "\r",
+    "data: x",
+    ":",
+    ": ping",
+    "event: error",
+    "{",
+    "Grüße",
+    "日本",
+    "🙂",
+    "\u2028",
+    "\x0b",
+    " ",
+]
 deltas_strategy = st.lists(
     st.one_of(st.sampled_from(AWKWARD), st.text(min_size=1, max_size=12)).filter(bool),
-    min_size=1, max_size=12,
+    min_size=1,
+    max_size=12,
 )
 
 
@@ -45,13 +60,15 @@ def test_sse_deltas_reassemble_exactly(deltas):
     assert "".join(orjson.loads(event.data)["content"] for event in events) == "".join(deltas)
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture],
-          deadline=None)
+@settings(
+    max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None
+)
 @given(deltas=deltas_strategy)
 async def test_gateway_sse_stream_reassembles_any_split_exactly(make_app, fake_upstream, deltas):
     fake_upstream.parts = stream_body(deltas)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(make_app()),
-                                 base_url="http://t") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(make_app()), base_url="http://t"
+    ) as client:
         response = await client.post("/v1/chat/stream-sse", json={"prompt": "x"})
     events = parse_sse(response.text)
     content = [orjson.loads(e.data)["content"] for e in events if e.event == "message"]

@@ -45,8 +45,9 @@ def transport(request) -> str:
 @pytest.fixture
 def lean_app(settings, simulator, transport):
     def make(**overrides):
-        app = create_app(settings.model_copy(
-            update={"upstream_base_url": simulator.url + "/v1", **overrides}))
+        app = create_app(
+            settings.model_copy(update={"upstream_base_url": simulator.url + "/v1", **overrides})
+        )
         app.state.upstream_client = make_client(app.state.settings, transport)
         http_transport = app.state.upstream_client._client._transport
         assert isinstance(http_transport, LeanTransport) == (transport == "lean")
@@ -80,8 +81,9 @@ async def slow_sometimes(message):
         await asyncio.sleep(0.002)
 
 
-@pytest.mark.parametrize("route", ["/v1/chat/stream", "/v1/chat/stream-sse",
-                                   "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "route", ["/v1/chat/stream", "/v1/chat/stream-sse", "/v1/chat/completions"]
+)
 @pytest.mark.parametrize("send_hook", [None, slow_sometimes], ids=["fast-client", "slow-client"])
 async def test_every_token_arrives_once_and_in_order(lean_app, route, send_hook):
     app = lean_app()
@@ -103,8 +105,9 @@ async def test_upstream_connections_are_reused(lean_app):
 
 
 async def test_error_midstream_becomes_an_sse_error_event(lean_app):
-    sent = await call(lean_app(), "/v1/chat/stream-sse",
-                      {"prompt": "x", "model": "sim-fault-error-midstream"})
+    sent = await call(
+        lean_app(), "/v1/chat/stream-sse", {"prompt": "x", "model": "sim-fault-error-midstream"}
+    )
     events = sse_events(b"".join(body for _, body in bodies(sent)).decode())
     assert events[-1][0] == "error"
     # The client reads what failed in its terms; the upstream's own words go to the log.
@@ -114,8 +117,11 @@ async def test_error_midstream_becomes_an_sse_error_event(lean_app):
 
 async def test_stall_midstream_hits_the_gap_timeout(lean_app):
     started = time.monotonic()
-    sent = await call(lean_app(token_gap_timeout_s=0.2), "/v1/chat/stream-sse",
-                      {"prompt": "x", "model": "sim-fault-stall-midstream"})
+    sent = await call(
+        lean_app(token_gap_timeout_s=0.2),
+        "/v1/chat/stream-sse",
+        {"prompt": "x", "model": "sim-fault-stall-midstream"},
+    )
     events = sse_events(b"".join(body for _, body in bodies(sent)).decode())
     assert events[-1][0] == "error"
     assert "gap between tokens" in events[-1][1]
@@ -124,8 +130,11 @@ async def test_stall_midstream_hits_the_gap_timeout(lean_app):
 
 async def test_stall_before_the_first_token_is_a_504(lean_app):
     started = time.monotonic()
-    sent = await call(lean_app(first_token_timeout_s=0.3), "/v1/chat/stream",
-                      {"prompt": "x", "model": "sim-fault-stall-first"})
+    sent = await call(
+        lean_app(first_token_timeout_s=0.3),
+        "/v1/chat/stream",
+        {"prompt": "x", "model": "sim-fault-stall-first"},
+    )
     start = next(m for _, m in sent if m["type"] == "http.response.start")
     assert start["status"] == 504
     assert b"first token" in b"".join(body for _, body in bodies(sent))
@@ -155,10 +164,20 @@ async def test_client_disconnect_closes_the_upstream_at_once(lean_app, simulator
         if chunks == 20:
             disconnect.set()
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/stream", "headers": [],
-             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
-             "asgi": {"version": "3.0"}, "raw_path": b"/v1/chat/stream", "client": None,
-             "server": None}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/stream",
+        "headers": [],
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+        "raw_path": b"/v1/chat/stream",
+        "client": None,
+        "server": None,
+    }
     await asyncio.wait_for(app(scope, receive, send), timeout=5)
     deadline = time.monotonic() + 0.1
     while time.monotonic() < deadline:
@@ -201,9 +220,11 @@ async def test_usage_is_asked_upstream_only_when_configured(lean_app, ask_usage)
     assert (usage["completion_tokens"] == 7) if ask_usage else (usage is None), usage
 
     # An OpenAI client asking for usage gets it only when the upstream was asked for it.
-    sent = await call(app, "/v1/chat/completions", {
-        "prompt": "x", "max_tokens": 7, "stream": True,
-        "stream_options": {"include_usage": True}})
+    sent = await call(
+        app,
+        "/v1/chat/completions",
+        {"prompt": "x", "max_tokens": 7, "stream": True, "stream_options": {"include_usage": True}},
+    )
     text = b"".join(body for _, body in bodies(sent)).decode()
     chunks = [json.loads(data) for _, data in sse_events(text) if data != "[DONE]"]
     assert content_of("/v1/chat/completions", text) == "".join(expected_tokens(7))

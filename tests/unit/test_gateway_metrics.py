@@ -14,8 +14,11 @@ pytestmark = pytest.mark.anyio
 
 def scrape(text: str) -> dict[tuple[str, frozenset], float]:
     """Every sample of a /metrics text, keyed as services.sample reads them."""
-    return {(series.name, frozenset(series.labels.items())): series.value
-            for family in text_string_to_metric_families(text) for series in family.samples}
+    return {
+        (series.name, frozenset(series.labels.items())): series.value
+        for family in text_string_to_metric_families(text)
+        for series in family.samples
+    }
 
 
 def families(text: str) -> dict[str, str]:
@@ -51,8 +54,11 @@ async def test_metrics_count_requests_tokens_errors_and_latency(make_app, fake_u
     assert sample(scraped_after, "streamgate_active_streams") == 0
     # No client left early: the family is exported (its TYPE line) and none of its series moved.
     assert families(after).get("streamgate_client_disconnects") == "counter"
-    disconnects = {key: count for key, count in scraped_after.items()
-                   if key[0] == "streamgate_client_disconnects_total"}
+    disconnects = {
+        key: count
+        for key, count in scraped_after.items()
+        if key[0] == "streamgate_client_disconnects_total"
+    }
     assert all(count == scraped_before.get(key, 0.0) for key, count in disconnects.items())
 
 

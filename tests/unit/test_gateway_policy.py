@@ -22,8 +22,11 @@ from streamgate.settings import Settings, parse_model_map
 
 pytestmark = pytest.mark.anyio
 
-POLICY = {"allowed_models": {"gpt-4o-mini": "gpt-4o-mini", "fast": "gpt-4.1-nano"},
-          "max_tokens_limit": 256, "max_n": 2}
+POLICY = {
+    "allowed_models": {"gpt-4o-mini": "gpt-4o-mini", "fast": "gpt-4.1-nano"},
+    "max_tokens_limit": 256,
+    "max_n": 2,
+}
 PATHS = {TEXT: "/v1/chat/stream", SSE: "/v1/chat/stream-sse", OPENAI: "/v1/chat/completions"}
 
 
@@ -35,17 +38,26 @@ REFUSED = [
     ("a model not allowed", (TEXT, SSE, OPENAI), {"model": "gpt-4o"}, 403, "model"),
     ("an upstream name behind an alias", (OPENAI,), {"model": "gpt-4.1-nano"}, 403, "model"),
     ("max_tokens over the cap", (TEXT, SSE, OPENAI), {"max_tokens": 257}, 400, "max_tokens"),
-    ("max_completion_tokens over the cap", (OPENAI,), {"max_completion_tokens": 10_000}, 400,
-     "max_completion_tokens"),
+    (
+        "max_completion_tokens over the cap",
+        (OPENAI,),
+        {"max_completion_tokens": 10_000},
+        400,
+        "max_completion_tokens",
+    ),
     ("n over the cap", (OPENAI,), {"n": 3}, 400, "n"),
 ]
 
 
 @pytest.mark.parametrize(
     ("route", "extra", "status", "param"),
-    [(route, extra, status, param) for _, routes, extra, status, param in REFUSED
-     for route in routes],
-    ids=[f"{case}-{route}" for case, routes, *_ in REFUSED for route in routes])
+    [
+        (route, extra, status, param)
+        for _, routes, extra, status, param in REFUSED
+        for route in routes
+    ],
+    ids=[f"{case}-{route}" for case, routes, *_ in REFUSED for route in routes],
+)
 def test_the_policy_refuses_naming_the_param(settings, route, extra, status, param):
     with pytest.raises(InvalidRequest) as raised:
         parse_chat_request(body(**extra), settings.model_copy(update=POLICY), route)
@@ -54,13 +66,18 @@ def test_the_policy_refuses_naming_the_param(settings, route, extra, status, par
     parse_chat_request(body(**extra), settings, route)
 
 
-@pytest.mark.parametrize(("extra", "upstream"), [
-    ({"model": "gpt-4o-mini", "max_tokens": 256}, {"model": "gpt-4o-mini", "max_tokens": 256}),
-    ({"model": "fast", "max_tokens": 1}, {"model": "gpt-4.1-nano", "max_tokens": 1}),
-    ({}, {"model": "gpt-4o-mini", "max_tokens": 256}),  # the default model; the cap applied
-    ({"max_completion_tokens": 100, "n": 2},
-     {"max_completion_tokens": 100, "n": 2}),  # nothing added beside the client's own limit
-])
+@pytest.mark.parametrize(
+    ("extra", "upstream"),
+    [
+        ({"model": "gpt-4o-mini", "max_tokens": 256}, {"model": "gpt-4o-mini", "max_tokens": 256}),
+        ({"model": "fast", "max_tokens": 1}, {"model": "gpt-4.1-nano", "max_tokens": 1}),
+        ({}, {"model": "gpt-4o-mini", "max_tokens": 256}),  # the default model; the cap applied
+        (
+            {"max_completion_tokens": 100, "n": 2},
+            {"max_completion_tokens": 100, "n": 2},
+        ),  # nothing added beside the client's own limit
+    ],
+)
 def test_what_the_policy_allows_goes_upstream_as_it_says(settings, extra, upstream):
     request = parse_chat_request(body(**extra), settings.model_copy(update=POLICY), OPENAI)
     payload = request.upstream_payload(ask_usage=False)
@@ -71,15 +88,17 @@ def test_what_the_policy_allows_goes_upstream_as_it_says(settings, extra, upstre
 
 @pytest.mark.parametrize("route", (TEXT, SSE))
 def test_stream_routes_get_the_cap_too(settings, route):
-    request = parse_chat_request(orjson.dumps({"prompt": "hi"}),
-                                 settings.model_copy(update=POLICY), route)
+    request = parse_chat_request(
+        orjson.dumps({"prompt": "hi"}), settings.model_copy(update=POLICY), route
+    )
     assert request.upstream_payload(ask_usage=False)["max_tokens"] == 256
     unset = parse_chat_request(orjson.dumps({"prompt": "hi"}), settings, route)
     assert "max_tokens" not in unset.upstream_payload(ask_usage=False)  # control
 
 
-async def test_a_refused_model_is_a_403_json_error_and_nothing_goes_upstream(make_app,
-                                                                           fake_upstream):
+async def test_a_refused_model_is_a_403_json_error_and_nothing_goes_upstream(
+    make_app, fake_upstream
+):
     app = make_app(**POLICY)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
         refused = await client.post(PATHS[OPENAI], content=body(model="gpt-4o", stream=True))
@@ -97,12 +116,17 @@ async def test_a_refused_model_is_a_403_json_error_and_nothing_goes_upstream(mak
 
 def test_the_settings_parse_and_check_the_model_list():
     assert parse_model_map(" a, b = up-b ,") == {"a": "a", "b": "up-b"}
-    settings = Settings(allowed_models="gpt-4o-mini,fast=gpt-4.1-nano", max_tokens_limit="",
-                        _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(
+        allowed_models="gpt-4o-mini,fast=gpt-4.1-nano", max_tokens_limit="", _env_file=None
+    )  # type: ignore[call-arg]
     assert settings.allowed_models == POLICY["allowed_models"]
     assert settings.max_tokens_limit is None  # an empty line in the env file: unset
-    for bad, words in [("a,a", "entry 2"), ("a=", "entry 1"), ("=b", "entry 1"),
-                       ("other", "STREAMGATE_DEFAULT_MODEL 'gpt-4o-mini' must be one of")]:
+    for bad, words in [
+        ("a,a", "entry 2"),
+        ("a=", "entry 1"),
+        ("=b", "entry 1"),
+        ("other", "STREAMGATE_DEFAULT_MODEL 'gpt-4o-mini' must be one of"),
+    ]:
         with pytest.raises(ValidationError, match=words):
             Settings(allowed_models=bad, _env_file=None)  # type: ignore[call-arg]
     for name in ("max_tokens_limit", "max_n"):

@@ -29,15 +29,17 @@ async def test_token_granularity_passes_every_delta(make_app, fake_upstream):
 
 
 @pytest.mark.parametrize("flush_ms", [60, 150])
-async def test_word_granularity_never_holds_text_longer_than_the_bound(make_app, fake_upstream,
-                                                                       flush_ms):
+async def test_word_granularity_never_holds_text_longer_than_the_bound(
+    make_app, fake_upstream, flush_ms
+):
     # One long word arriving slowly: without the bound it would wait for the end.
     pieces = ["su", "per", "cal", "ifr", "agi", "list", "ic"]
     fake_upstream.parts = stream_body(pieces)
     fake_upstream.delays = [0] + [0.05] * (len(pieces) - 1)
     started = time.monotonic()
-    sent = await call(make_app(word_flush_ms=flush_ms), "/v1/chat/stream",
-                      {"prompt": "x", "granularity": "word"})
+    sent = await call(
+        make_app(word_flush_ms=flush_ms), "/v1/chat/stream", {"prompt": "x", "granularity": "word"}
+    )
     chunks = bodies(sent)
     assert b"".join(body for _, body in chunks) == "".join(pieces).encode()
     assert len(chunks) >= 2, "the bound must flush a word that is still open"
@@ -49,8 +51,9 @@ async def test_negative_control_a_huge_bound_holds_the_word(make_app, fake_upstr
     pieces = ["su", "per", "cal", "ifr"]
     fake_upstream.parts = stream_body(pieces)
     fake_upstream.delays = [0] + [0.05] * (len(pieces) - 1)
-    sent = await call(make_app(word_flush_ms=10_000), "/v1/chat/stream",
-                      {"prompt": "x", "granularity": "word"})
+    sent = await call(
+        make_app(word_flush_ms=10_000), "/v1/chat/stream", {"prompt": "x", "granularity": "word"}
+    )
     assert len(bodies(sent)) == 1  # what the bound test would catch
 
 
@@ -87,8 +90,7 @@ async def test_non_stream_completion_is_relayed_without_stream_options(make_app,
 
 
 @pytest.mark.parametrize("ask_usage", [True, False])
-async def test_stream_options_go_upstream_only_when_configured(make_app, fake_upstream,
-                                                               ask_usage):
+async def test_stream_options_go_upstream_only_when_configured(make_app, fake_upstream, ask_usage):
     await call(make_app(upstream_include_usage=ask_usage), "/v1/chat/stream", {"prompt": "x"})
     payload = orjson.loads(fake_upstream.requests[0].content)
     assert payload["stream"] is True
@@ -97,8 +99,10 @@ async def test_stream_options_go_upstream_only_when_configured(make_app, fake_up
 
 async def test_midstream_error_is_in_band_for_sse_and_openai(make_app, fake_upstream):
     error = b'data: {"error": {"message": "model crashed"}}\n\n'
-    for path, expect in (("/v1/chat/stream-sse", b"event: error"),
-                         ("/v1/chat/completions", b'"error"')):
+    for path, expect in (
+        ("/v1/chat/stream-sse", b"event: error"),
+        ("/v1/chat/completions", b'"error"'),
+    ):
         fake_upstream.parts = [chunk_event("Hi"), error]
         sent = await call(make_app(), path, {"prompt": "x", "stream": True})
         start = next(m for _, m in sent if m["type"] == "http.response.start")
@@ -160,8 +164,9 @@ async def test_role_only_first_chunk_does_not_count_as_first_token(make_app, fak
     role = chunk_event(None).replace(b'"delta":{}', b'"delta":{"role":"assistant"}')
     fake_upstream.parts = [role, chunk_event("Hi"), *stream_body([])[-3:]]
     fake_upstream.delays = [0, 0.5]
-    sent = await call(make_app(first_token_timeout_s=0.2), "/v1/chat/completions",
-                      {"prompt": "x", "stream": True})
+    sent = await call(
+        make_app(first_token_timeout_s=0.2), "/v1/chat/completions", {"prompt": "x", "stream": True}
+    )
     text = b"".join(body for _, body in bodies(sent))
     assert b"first token" in text and b"Hi" not in text  # timed out waiting for content
 

@@ -41,10 +41,18 @@ async def serve(response: bytes, pause_s: float = 0.0, ssl_context=None):
 
 
 async def read_all(base_url: str, transport: LeanTransport, deadline_s: float = 2.0):
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0,
-                                http_client=httpx2.AsyncClient(transport=transport))
-    response = await client.post("/chat/completions", body={"model": "m", "messages": []},
-                                 cast_to=httpx2.Response, stream=True)
+    client = openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key="k",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=transport),
+    )
+    response = await client.post(
+        "/chat/completions",
+        body={"model": "m", "messages": []},
+        cast_to=httpx2.Response,
+        stream=True,
+    )
     stream, events = ChatStream(response), []
     try:
         deadline = asyncio.get_running_loop().time() + deadline_s
@@ -63,10 +71,27 @@ def certificate(tmp_path_factory):
         skip_unless_ci("openssl not installed")
     directory = tmp_path_factory.mktemp("tls")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"),
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True)
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(directory / "key.pem"),
+            "-out",
+            str(directory / "cert.pem"),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return directory / "cert.pem", directory / "key.pem"
 
 
@@ -74,8 +99,10 @@ async def test_tls_upstream(certificate):
     cert, key = certificate
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
-    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n"))
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n")
+    )
     server, port = await serve(response, ssl_context=server_context)
     async with server:
         trusting = LeanTransport(ssl.create_default_context(cafile=str(cert)))
@@ -87,8 +114,11 @@ async def test_tls_upstream(certificate):
 
 
 async def test_close_delimited_body_ends_cleanly():
-    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
-                + EVENT + b"data: [DONE]\n\n")
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+        + EVENT
+        + b"data: [DONE]\n\n"
+    )
     server, port = await serve(response)
     async with server:
         events = await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport())
@@ -97,34 +127,46 @@ async def test_close_delimited_body_ends_cleanly():
 
 @pytest.mark.parametrize(("pause_s", "times_out"), [(0.5, True), (0.0, False)])
 async def test_read_deadline(pause_s, times_out):
-    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n"))
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n")
+    )
     server, port = await serve(response, pause_s=pause_s)
     async with server:
         if times_out:
             with pytest.raises(UpstreamReadTimeout):
                 await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport(), deadline_s=0.2)
         else:
-            assert len(await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport(),
-                                      deadline_s=0.2)) == 1
+            assert (
+                len(await read_all(f"http://127.0.0.1:{port}/v1", LeanTransport(), deadline_s=0.2))
+                == 1
+            )
 
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
 
-@pytest.mark.parametrize(("upstream", "environment", "expected"), [
-    ("https://api.openai.com/v1", {}, "lean"),
-    ("https://api.openai.com/v1", {"HTTPS_PROXY": "http://proxy.corp:3128"}, "sdk"),
-    ("https://api.openai.com/v1", {"HTTP_PROXY": "http://proxy.corp:3128"}, "lean"),  # http only
-    ("http://vllm.lan:8000/v1", {"HTTP_PROXY": "http://proxy.corp:3128"}, "sdk"),
-    ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://proxy.corp:3128"}, "sdk"),
-    ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "vllm.lan"}, "lean"),
-    ("http://10.0.0.7:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.7"}, "lean"),
-    ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "other.lan"}, "sdk"),
-    ("https://api.openai.com/v1", {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "*"}, "lean"),
-])
-def test_auto_takes_the_sdk_transport_only_when_a_proxy_applies(monkeypatch, upstream,
-                                                                 environment, expected):
+@pytest.mark.parametrize(
+    ("upstream", "environment", "expected"),
+    [
+        ("https://api.openai.com/v1", {}, "lean"),
+        ("https://api.openai.com/v1", {"HTTPS_PROXY": "http://proxy.corp:3128"}, "sdk"),
+        (
+            "https://api.openai.com/v1",
+            {"HTTP_PROXY": "http://proxy.corp:3128"},
+            "lean",
+        ),  # http only
+        ("http://vllm.lan:8000/v1", {"HTTP_PROXY": "http://proxy.corp:3128"}, "sdk"),
+        ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://proxy.corp:3128"}, "sdk"),
+        ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "vllm.lan"}, "lean"),
+        ("http://10.0.0.7:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "10.0.0.7"}, "lean"),
+        ("http://vllm.lan:8000/v1", {"ALL_PROXY": "http://p:3128", "NO_PROXY": "other.lan"}, "sdk"),
+        ("https://api.openai.com/v1", {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "*"}, "lean"),
+    ],
+)
+def test_auto_takes_the_sdk_transport_only_when_a_proxy_applies(
+    monkeypatch, upstream, environment, expected
+):
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
@@ -147,22 +189,30 @@ def test_explicit_transport_wins_and_proxy_credentials_stay_out_of_the_log(monke
 
 @pytest.mark.parametrize("transport", ["lean", "sdk"])
 async def test_one_ca_policy_for_every_transport_system_store_or_ssl_cert_file(
-        certificate, monkeypatch, transport):
+    certificate, monkeypatch, transport
+):
     """A private CA named by SSL_CERT_FILE is trusted by both clients; without it, neither
     trusts the certificate (no bundled CA list of their own decides instead)."""
     cert, key = certificate
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
-    response = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n"))
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n")
+    )
 
     async def one_request() -> httpx2.Response:
-        settings = Settings(upstream_base_url=f"https://localhost:{port}/v1",
-                            upstream_api_key="k", _env_file=None)  # type: ignore[call-arg]
+        settings = Settings(
+            upstream_base_url=f"https://localhost:{port}/v1", upstream_api_key="k", _env_file=None
+        )  # type: ignore[call-arg]
         client = make_client(settings, transport)
         try:
-            answer = await client.post("/chat/completions", body={"model": "m", "messages": []},
-                                       cast_to=httpx2.Response, stream=True)
+            answer = await client.post(
+                "/chat/completions",
+                body={"model": "m", "messages": []},
+                cast_to=httpx2.Response,
+                stream=True,
+            )
             await answer.aread()
             return answer
         finally:

@@ -27,14 +27,19 @@ def test_every_listen_of_the_site_is_read_in_both_tls_modes():
     assert plain["nginx_listen_backlogs"] == (4096,)
 
 
-@pytest.mark.parametrize(("overrides", "reported"), [
-    ({"nginx_worker_connections": 4096, "nginx_worker_rlimit_nofile": 8192},
-     "nginx worker_connections 4096 < 20066"),
-    ({"nginx_worker_connections": 20000}, "nginx worker_connections 20000"),
-    ({"nginx_worker_rlimit_nofile": 20480}, "nginx worker_rlimit_nofile 20480"),
-    ({"nginx_listen_backlog": 511}, "nginx listen backlog [511, 511]"),
-    ({"nginx_upstream_keepalive": 1024}, "nginx worker_connections 20480 < 21026"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "reported"),
+    [
+        (
+            {"nginx_worker_connections": 4096, "nginx_worker_rlimit_nofile": 8192},
+            "nginx worker_connections 4096 < 20066",
+        ),
+        ({"nginx_worker_connections": 20000}, "nginx worker_connections 20000"),
+        ({"nginx_worker_rlimit_nofile": 20480}, "nginx worker_rlimit_nofile 20480"),
+        ({"nginx_listen_backlog": 511}, "nginx listen backlog [511, 511]"),
+        ({"nginx_upstream_keepalive": 1024}, "nginx worker_connections 20480 < 21026"),
+    ],
+)
 def test_negative_control_an_nginx_limit_that_does_not_fit_is_reported(overrides, reported):
     problems = capacity.shortfalls(capacity.deployed_limits(overrides))
     assert [problem for problem in problems if reported in problem], problems
@@ -59,16 +64,21 @@ def test_negative_control_gunicorn_without_backlog_has_its_own_2048(tmp_path):
     assert problems == ["gunicorn backlog 2048 < 4096"]
 
 
-@pytest.mark.parametrize(("unit", "field", "nofile", "reported"), [
-    (capacity.GATEWAY_UNIT, "gateway_nofile", 16384, "gateway LimitNOFILE 16384 < 20128"),
-    (capacity.SIMULATOR_UNIT, "simulator_nofile", 8192, "simulator LimitNOFILE 8192 < 10128"),
-])
+@pytest.mark.parametrize(
+    ("unit", "field", "nofile", "reported"),
+    [
+        (capacity.GATEWAY_UNIT, "gateway_nofile", 16384, "gateway LimitNOFILE 16384 < 20128"),
+        (capacity.SIMULATOR_UNIT, "simulator_nofile", 8192, "simulator LimitNOFILE 8192 < 10128"),
+    ],
+)
 def test_negative_control_a_unit_with_too_few_open_files_is_reported(
-        tmp_path, unit: Path, field, nofile, reported):
+    tmp_path, unit: Path, field, nofile, reported
+):
     text = unit.read_text()
     edited = tmp_path / unit.name
-    edited.write_text(text.replace(f"LimitNOFILE={capacity.unit_nofile(unit)}\n",
-                                   f"LimitNOFILE={nofile}\n"))
+    edited.write_text(
+        text.replace(f"LimitNOFILE={capacity.unit_nofile(unit)}\n", f"LimitNOFILE={nofile}\n")
+    )
     found = capacity.unit_nofile(edited)
     assert found == nofile
     problems = capacity.shortfalls(capacity.deployed_limits(**{field: found}))
@@ -76,7 +86,8 @@ def test_negative_control_a_unit_with_too_few_open_files_is_reported(
 
 
 def test_fewer_streams_fit_what_10000_do_not():
-    old = capacity.deployed_limits({"nginx_worker_connections": 4096,
-                                    "nginx_worker_rlimit_nofile": 8192})
+    old = capacity.deployed_limits(
+        {"nginx_worker_connections": 4096, "nginx_worker_rlimit_nofile": 8192}
+    )
     assert capacity.shortfalls(old, streams=2000) == []
     assert capacity.shortfalls(old, streams=2100)

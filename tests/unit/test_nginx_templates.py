@@ -36,8 +36,11 @@ def render_to(directory: Path, *, tls: bool, pki, edit=None) -> Path:
     (directory / "temp").mkdir(parents=True, exist_ok=True)
     (directory / "mime.types").write_text(nginx.MIME_TYPES)
     variables = nginx.local_variables(
-        directory, listen="127.0.0.1:8080", listen_tls="127.0.0.1:8443" if tls else None,
-        upstream_servers=["127.0.0.1:8000"], pki=pki if tls else None,
+        directory,
+        listen="127.0.0.1:8080",
+        listen_tls="127.0.0.1:8443" if tls else None,
+        upstream_servers=["127.0.0.1:8000"],
+        pki=pki if tls else None,
     )
     variables.update(nginx_worker_processes=1)
     rendered = nginx.render(variables)
@@ -51,7 +54,10 @@ def render_to(directory: Path, *, tls: bool, pki, edit=None) -> Path:
 def gixy_findings(main_config: Path) -> list[dict]:
     completed = subprocess.run(
         [str(GIXY), "--format", "json", str(main_config)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     # gixy exits non-zero when it finds something; anything but JSON means it did not run.
     try:
@@ -69,7 +75,9 @@ def test_gixy_finds_nothing_in_the_rendered_config(tmp_path, pki, mode):
 def test_negative_control_gixy_reports_hsts_dropped_by_a_nested_add_header(tmp_path, pki):
     def add_header_in_streams(site: str) -> str:
         assert site.count("    location /v1/ {\n") == 1
-        return site.replace("    location /v1/ {\n", "    location /v1/ {\n        add_header X-Probe 1;\n")
+        return site.replace(
+            "    location /v1/ {\n", "    location /v1/ {\n        add_header X-Probe 1;\n"
+        )
 
     findings = gixy_findings(render_to(tmp_path, tls=True, pki=pki, edit=add_header_in_streams))
     assert [finding["plugin"] for finding in findings] == ["add_header_redefinition"], findings
@@ -82,7 +90,10 @@ def test_nginx_accepts_the_rendered_config(tmp_path, pki, mode):
     main = render_to(tmp_path, tls=TLS_MODES[mode], pki=pki)
     completed = subprocess.run(
         [binary, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(main)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     assert "warn" not in completed.stderr, completed.stderr  # e.g. rlimit below connections
@@ -122,7 +133,8 @@ def test_the_gixy_binary_is_the_pinned_one():
     lock = (nginx.REPO / "requirements-dev.lock").read_text()
     pinned = re.search(r"^gixy-ng==([\d.]+)$", lock, re.MULTILINE)
     assert pinned, "gixy-ng is not pinned in requirements-dev.lock"
-    version = subprocess.run([str(GIXY), "--version"], capture_output=True, text=True,
-                             timeout=30, check=False)
+    version = subprocess.run(
+        [str(GIXY), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
     assert pinned.group(1) in version.stdout + version.stderr
     assert shutil.which(str(GIXY))

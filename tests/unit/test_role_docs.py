@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 ROLES_DIR = Path(__file__).resolve().parents[2] / "ansible" / "roles"
-ROLES = sorted(path.name for path in ROLES_DIR.iterdir()
-               if (path / "defaults" / "main.yml").exists())
+ROLES = sorted(
+    path.name for path in ROLES_DIR.iterdir() if (path / "defaults" / "main.yml").exists()
+)
 SECTIONS = ("## Requirements", "## Role Variables", "## Dependencies", "## Example Playbook")
 
 
@@ -54,8 +55,15 @@ def templated(value: object) -> bool:
 
 
 # What each argument_specs type accepts as a default (a float option takes a whole number too).
-SPEC_TYPES = {"str": str, "path": str, "int": int, "float": (int, float), "bool": bool,
-              "list": list, "dict": dict}
+SPEC_TYPES = {
+    "str": str,
+    "path": str,
+    "int": int,
+    "float": (int, float),
+    "bool": bool,
+    "list": list,
+    "dict": dict,
+}
 
 
 def of_type(value: object, kind: str) -> bool:
@@ -75,30 +83,50 @@ def problems(role: str, readme: str | None = None, specs: dict | None = None) ->
         readme = (directory / "README.md").read_text()
     found = []
     found += [f"{name}: not in argument_specs" for name in defaults if name not in options]
-    found += [f"{name}: in argument_specs, not in defaults" for name in options
-              if name not in defaults]
-    found += [f"{name}: argument_specs says {spec['default']!r}, defaults {defaults[name]!r}"
-              for name, spec in options.items()
-              if name in defaults and "default" in spec and not templated(defaults[name])
-              and spec["default"] != defaults[name]]
-    found += [f"{name}: no description in argument_specs" for name, spec in options.items()
-              if not spec.get("description")]
-    found += [f"{name}: {defaults[name]!r} is not of type {spec['type']}"
-              for name, spec in options.items()
-              if name in defaults and not templated(defaults[name])
-              and not of_type(defaults[name], spec["type"])]
+    found += [
+        f"{name}: in argument_specs, not in defaults" for name in options if name not in defaults
+    ]
+    found += [
+        f"{name}: argument_specs says {spec['default']!r}, defaults {defaults[name]!r}"
+        for name, spec in options.items()
+        if name in defaults
+        and "default" in spec
+        and not templated(defaults[name])
+        and spec["default"] != defaults[name]
+    ]
+    found += [
+        f"{name}: no description in argument_specs"
+        for name, spec in options.items()
+        if not spec.get("description")
+    ]
+    found += [
+        f"{name}: {defaults[name]!r} is not of type {spec['type']}"
+        for name, spec in options.items()
+        if name in defaults
+        and not templated(defaults[name])
+        and not of_type(defaults[name], spec["type"])
+    ]
     documented = documented_variables(readme)
     found += [f"{name}: not in the README" for name in defaults if name not in documented]
-    found += [f"{name}: in the README, not a variable of the role" for name in documented
-              if name not in defaults]
-    found += [f"{name}: the README says {documented[name]!r}, defaults {defaults[name]!r}"
-              for name in defaults if name in documented and documented[name] != defaults[name]]
-    found += [f"README: no {heading!r} section" for heading in SECTIONS
-              if not section(readme, heading)]
+    found += [
+        f"{name}: in the README, not a variable of the role"
+        for name in documented
+        if name not in defaults
+    ]
+    found += [
+        f"{name}: the README says {documented[name]!r}, defaults {defaults[name]!r}"
+        for name in defaults
+        if name in documented and documented[name] != defaults[name]
+    ]
+    found += [
+        f"README: no {heading!r} section" for heading in SECTIONS if not section(readme, heading)
+    ]
     dependencies = yaml.safe_load((directory / "meta" / "main.yml").read_text()).get("dependencies")
-    found += [f"README: dependency {item['role']} not named under Dependencies"
-              for item in dependencies or []
-              if f"`{item['role']}`" not in section(readme, "## Dependencies")]
+    found += [
+        f"README: dependency {item['role']} not named under Dependencies"
+        for item in dependencies or []
+        if f"`{item['role']}`" not in section(readme, "## Dependencies")
+    ]
     return found
 
 
@@ -125,8 +153,10 @@ def test_negative_control_a_variable_missing_from_the_readme_is_reported():
 
 def test_negative_control_a_stale_variable_or_an_old_default_is_reported():
     readme = readme_of("simulator")
-    broken = readme.replace("    streamgate_sim_port: 8100\n",
-                            "    streamgate_sim_port: 8000\n    streamgate_sim_threads: 4\n")
+    broken = readme.replace(
+        "    streamgate_sim_port: 8100\n",
+        "    streamgate_sim_port: 8000\n    streamgate_sim_threads: 4\n",
+    )
     assert problems("simulator", readme=broken) == [
         "streamgate_sim_threads: in the README, not a variable of the role",
         "streamgate_sim_port: the README says 8000, defaults 8100",
@@ -137,7 +167,8 @@ def test_negative_control_another_default_in_argument_specs_is_reported():
     specs = yaml.safe_load((ROLES_DIR / "nginx" / "meta" / "argument_specs.yml").read_text())
     specs["argument_specs"]["main"]["options"]["nginx_listen_backlog"]["default"] = 511
     assert problems("nginx", specs=specs) == [
-        "nginx_listen_backlog: argument_specs says 511, defaults 4096"]
+        "nginx_listen_backlog: argument_specs says 511, defaults 4096"
+    ]
 
 
 def test_negative_control_a_default_of_another_type_is_reported():

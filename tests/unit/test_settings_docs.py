@@ -40,14 +40,19 @@ TARGETS = {str(target.path.relative_to(REPO)): target for target in generator.TA
 # One edit per file, each of a kind that drifted before: a default, a choice, a missing line.
 DRIFTS = {
     "README.md": ("| `STREAMGATE_KEEPALIVE_S` | 75 |", "| `STREAMGATE_KEEPALIVE_S` | 60 |"),
-    "ansible/roles/app/defaults/main.yml": ('streamgate_log_level: "info"',
-                                            'streamgate_log_level: "warning"'),
+    "ansible/roles/app/defaults/main.yml": (
+        'streamgate_log_level: "info"',
+        'streamgate_log_level: "warning"',
+    ),
     "ansible/roles/app/meta/argument_specs.yml": (
         'choices: ["debug", "info", "warning", "error", "critical"]',
-        'choices: ["debug", "info", "warning", "error"]'),
+        'choices: ["debug", "info", "warning", "error"]',
+    ),
     "ansible/roles/app/templates/streamgate.env.j2": (
         "{{ line('STREAMGATE_MAX_N', streamgate_max_n if streamgate_max_n is not none"
-        " else '') }}\n", ""),
+        " else '') }}\n",
+        "",
+    ),
     "ansible/roles/app/README.md": ("    streamgate_workers: 0\n", "    streamgate_workers: 1\n"),
 }
 
@@ -56,7 +61,8 @@ DRIFTS = {
 def test_each_list_of_settings_is_what_settings_py_says(name):
     text = TARGETS[name].path.read_text()
     assert generator.rendered(TARGETS[name], text) == text, (
-        f"{name} differs from {generator.SOURCE}: run make settings-docs")
+        f"{name} differs from {generator.SOURCE}: run make settings-docs"
+    )
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
@@ -74,8 +80,9 @@ def test_the_check_command_fails_on_drift_and_passes_when_repaired(tmp_path, mon
     copy = tmp_path / "main.yml"
     copy.write_text(target.path.read_text().replace(*DRIFTS["ansible/roles/app/defaults/main.yml"]))
     monkeypatch.setattr(generator, "REPO", tmp_path)
-    monkeypatch.setattr(generator, "TARGETS", [generator.Target(copy, target.begin, target.end,
-                                                                target.body)])
+    monkeypatch.setattr(
+        generator, "TARGETS", [generator.Target(copy, target.begin, target.end, target.body)]
+    )
     assert generator.main(["--check"]) == 1
     assert "main.yml" in capsys.readouterr().err
     assert generator.main([]) == 0
@@ -83,16 +90,20 @@ def test_the_check_command_fails_on_drift_and_passes_when_repaired(tmp_path, mon
 
 
 def test_every_setting_has_a_description():
-    assert [name for name, field in Settings.model_fields.items()
-            if not field.exclude and not (field.description or "").strip()] == []
+    assert [
+        name
+        for name, field in Settings.model_fields.items()
+        if not field.exclude and not (field.description or "").strip()
+    ] == []
 
 
 def render_env_file(defaults: dict) -> str:
     """The env template as Ansible renders it (trim_blocks), with the filters it uses."""
     environment = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined)
     environment.filters.update(
-        bool=lambda value: (value if isinstance(value, bool)
-                            else str(value).lower() in ("true", "yes", "1", "on")),
+        bool=lambda value: (
+            value if isinstance(value, bool) else str(value).lower() in ("true", "yes", "1", "on")
+        ),
         hash=lambda value, algorithm: hashlib.new(algorithm, value.encode()).hexdigest(),
         zip=lambda left, right: list(zip(left, right, strict=False)),
     )
@@ -105,8 +116,11 @@ def settings_from_role_defaults(tmp_path: Path, **changed) -> Settings:
     are the role's own (Jinja of the inventory) set to the service's."""
     defaults = yaml.safe_load((APP_ROLE / "defaults" / "main.yml").read_text())
     service = Settings(_env_file=None)  # type: ignore[call-arg]
-    defaults.update(streamgate_upstream_base_url=service.upstream_base_url,
-                    streamgate_bind=service.bind, **changed)
+    defaults.update(
+        streamgate_upstream_base_url=service.upstream_base_url,
+        streamgate_bind=service.bind,
+        **changed,
+    )
     env_file = tmp_path / "streamgate.env"
     env_file.write_text(render_env_file(defaults))
     return Settings(_env_file=env_file)  # type: ignore[call-arg]
@@ -120,16 +134,23 @@ def test_the_role_defaults_give_the_service_its_defaults(tmp_path, monkeypatch):
     service = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings_from_role_defaults(tmp_path, streamgate_client_auth=False) == service
     # Control: one role default changed reaches the service.
-    changed = settings_from_role_defaults(tmp_path, streamgate_client_auth=False,
-                                          streamgate_keepalive_s=76)
+    changed = settings_from_role_defaults(
+        tmp_path, streamgate_client_auth=False, streamgate_keepalive_s=76
+    )
     assert changed != service and changed.keepalive_s == 76
 
 
 def test_the_env_file_has_a_line_for_every_setting(tmp_path):
-    settings_from_role_defaults(tmp_path, streamgate_client_auth=False,
-                                streamgate_upstream_api_key="sk-written-only-when-set")
+    settings_from_role_defaults(
+        tmp_path,
+        streamgate_client_auth=False,
+        streamgate_upstream_api_key="sk-written-only-when-set",
+    )
     lines = (tmp_path / "streamgate.env").read_text().splitlines()
     written = {line.partition("=")[0] for line in lines if line and not line.startswith("#")}
-    wanted = {f"STREAMGATE_{name.upper()}" for name, field in Settings.model_fields.items()
-              if not field.exclude}
+    wanted = {
+        f"STREAMGATE_{name.upper()}"
+        for name, field in Settings.model_fields.items()
+        if not field.exclude
+    }
     assert wanted - written == set()

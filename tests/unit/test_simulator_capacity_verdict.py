@@ -46,9 +46,7 @@ def test_a_good_run_passes():
     ],
 )
 def test_each_criterion_catches_its_failure(change, says):
-    problems = capacity_problems(
-        dataclasses.replace(GOOD, **change), max_gap_p99_ms=200
-    )
+    problems = capacity_problems(dataclasses.replace(GOOD, **change), max_gap_p99_ms=200)
     assert len(problems) == 1 and says in problems[0], problems
 
 
@@ -79,7 +77,5 @@ def test_oversubscription_is_read_from_the_runqueue_waits(change, starved):
 
 
 def test_cpu_and_completeness_are_judged_even_when_oversubscribed():
-    broken = dataclasses.replace(
-        GOOD, completed=10, error_count=4990, sim_cpu_us_per_chunk=60
-    )
+    broken = dataclasses.replace(GOOD, completed=10, error_count=4990, sim_cpu_us_per_chunk=60)
     assert len(capacity_problems(broken, max_gap_p99_ms=200, judge_timing=False)) == 2

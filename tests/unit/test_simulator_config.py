@@ -37,9 +37,7 @@ def test_every_flag_is_read():
         "--stall-s",
         "0.5",
     ]
-    assert parse_config(argv, environ={}) == SimConfig(
-        "0.0.0.0", 9100, 5, 1.5, 2, 7, 0.5
-    )
+    assert parse_config(argv, environ={}) == SimConfig("0.0.0.0", 9100, 5, 1.5, 2, 7, 0.5)
 
 
 def test_environment_is_the_fallback_for_every_flag():

@@ -61,9 +61,7 @@ def test_no_token_is_empty_and_no_neighbours_commute():
     tokens = expected_tokens(MAX_TOKENS)
     assert all(tokens)
     commuting = [
-        i
-        for i in range(len(tokens) - 1)
-        if tokens[i] + tokens[i + 1] == tokens[i + 1] + tokens[i]
+        i for i in range(len(tokens) - 1) if tokens[i] + tokens[i + 1] == tokens[i + 1] + tokens[i]
     ]
     assert commuting == []
 

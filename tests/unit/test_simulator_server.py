@@ -45,18 +45,12 @@ def instant_sim() -> Iterator[SimulatorThread]:
 @pytest.fixture(scope="module")
 def stalling_sim() -> Iterator[SimulatorThread]:
     """Stalls that outlast every test: for disconnects while nothing is being sent."""
-    with SimulatorThread(
-        SimConfig(port=0, ttft_ms=5, gap_ms=5, tokens=20, stall_s=600)
-    ) as running:
+    with SimulatorThread(SimConfig(port=0, ttft_ms=5, gap_ms=5, tokens=20, stall_s=600)) as running:
         yield running
 
 
-def chat(
-    sim: SimulatorThread, body: dict, headers: dict | None = None
-) -> httpx.Response:
-    return httpx.post(
-        sim.url + "/v1/chat/completions", json=body, headers=headers, timeout=10
-    )
+def chat(sim: SimulatorThread, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(sim.url + "/v1/chat/completions", json=body, headers=headers, timeout=10)
 
 
 def events_of(response: httpx.Response) -> list[bytes]:
@@ -275,9 +269,7 @@ def test_status_faults_answer_before_any_token(sim, how, kind, status, code):
         "stream": True,
         "model": f"sim-fault-{kind}" if how == "model" else "gpt-test",
     }
-    response = chat(
-        sim, body, headers={"X-Sim-Fault": kind} if how == "header" else None
-    )
+    response = chat(sim, body, headers={"X-Sim-Fault": kind} if how == "header" else None)
     assert response.status_code == status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -293,16 +285,12 @@ def test_openai_sdk_sees_status_faults_as_api_errors(sim):
 
 
 def test_error_midstream_sends_half_then_an_error_event_and_no_done(sim):
-    response = chat(
-        sim, {"stream": True, "model": "sim-fault-error-midstream", "max_tokens": 10}
-    )
+    response = chat(sim, {"stream": True, "model": "sim-fault-error-midstream", "max_tokens": 10})
     assert response.status_code == 200
     events = events_of(response)
     assert b"[DONE]" not in events
     error = json.loads(events[-1])["error"]
-    assert (
-        error["type"] == "server_error" and error["code"] == "simulated_midstream_error"
-    )
+    assert error["type"] == "server_error" and error["code"] == "simulated_midstream_error"
     chunks = [json.loads(event) for event in events[:-1]]
     assert "".join(contents_of(chunks)) == expected_text(5)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
@@ -317,14 +305,10 @@ def test_openai_sdk_raises_on_the_midstream_error(sim):
         list(stream)
 
 
-def _timed_reads(
-    sim: SimulatorThread, body: dict
-) -> tuple[float, list[tuple[float, bytes]]]:
+def _timed_reads(sim: SimulatorThread, body: dict) -> tuple[float, list[tuple[float, bytes]]]:
     """(time to headers, [(seconds since request, decoded body piece)]) for one streamed answer."""
     started = time.monotonic()
-    with httpx.stream(
-        "POST", sim.url + "/v1/chat/completions", json=body, timeout=10
-    ) as response:
+    with httpx.stream("POST", sim.url + "/v1/chat/completions", json=body, timeout=10) as response:
         headers_at = time.monotonic() - started
         reads = [(time.monotonic() - started, piece) for piece in response.iter_raw()]
     return headers_at, reads
@@ -336,9 +320,9 @@ def test_stall_first_sends_headers_then_nothing_for_the_stall(sim):
     )
     assert headers_at < STALL_S / 2
     assert reads[0][0] >= STALL_S
-    assert "".join(
-        contents_of(chunks_of(b"".join(piece for _, piece in reads)))
-    ) == expected_text(4)
+    assert "".join(contents_of(chunks_of(b"".join(piece for _, piece in reads)))) == expected_text(
+        4
+    )
 
 
 def test_stall_midstream_pauses_after_half_then_finishes(sim):
@@ -346,13 +330,9 @@ def test_stall_midstream_pauses_after_half_then_finishes(sim):
         sim, {"stream": True, "model": "sim-fault-stall-midstream", "max_tokens": 10}
     )
     pauses = [later[0] - earlier[0] for earlier, later in itertools.pairwise(reads)]
-    assert (
-        max(pauses) >= STALL_S - 0.02
-    )  # measured from a token that may itself be late
+    assert max(pauses) >= STALL_S - 0.02  # measured from a token that may itself be late
     text_before_pause = b"".join(p for _, p in reads[: pauses.index(max(pauses)) + 1])
-    assert (
-        text_before_pause.count(b'"content":') == 1 + 5
-    )  # role chunk + half the tokens
+    assert text_before_pause.count(b'"content":') == 1 + 5  # role chunk + half the tokens
     assert b"data: [DONE]" in reads[-1][1]
 
 
@@ -410,18 +390,16 @@ def test_the_stream_checker_catches_a_dropped_token(sim):
 @pytest.mark.parametrize("model", ["gpt-4o", "sim-faulty", "sim-fault"])
 def test_any_other_model_streams_normally(sim, model):
     response = chat(sim, {"stream": True, "model": model, "max_tokens": 5})
-    assert "".join(
-        contents_of([json.loads(e) for e in events_of(response)[:-1]])
-    ) == expected_text(5)
+    assert "".join(contents_of([json.loads(e) for e in events_of(response)[:-1]])) == expected_text(
+        5
+    )
 
 
 def test_non_stream_faults(sim):
     assert chat(sim, {"model": "sim-fault-error-midstream"}).status_code == 500
     dropped = chat(sim, {"model": "sim-fault-drop-token", "max_tokens": 6}).json()
     tokens = expected_tokens(6)
-    assert dropped["choices"][0]["message"]["content"] == "".join(
-        tokens[:3] + tokens[4:]
-    )
+    assert dropped["choices"][0]["message"]["content"] == "".join(tokens[:3] + tokens[4:])
     with pytest.raises(httpx.RemoteProtocolError):
         chat(sim, {"model": "sim-fault-close-midstream"})
 
@@ -490,9 +468,7 @@ def test_oversized_body_is_refused(sim):
 
 
 def test_request_id_is_echoed_and_recorded(sim):
-    response = chat(
-        sim, {"stream": True, "max_tokens": 2}, headers={"X-Request-ID": "rid-echo-1"}
-    )
+    response = chat(sim, {"stream": True, "max_tokens": 2}, headers={"X-Request-ID": "rid-echo-1"})
     assert response.headers["x-request-id"] == "rid-echo-1"
     stats = httpx.get(sim.url + "/stats").json()
     assert stats["recent_request_ids"][-1] == "rid-echo-1"
@@ -591,12 +567,19 @@ def test_stats_list_each_answer_in_flight_with_its_clients_port(stalling_sim):
     sim = stalling_sim
     host, port = sim.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(_post(b'{"stream": true, "model": "sim-fault-stall-first"}',
-                           b"x-request-id: rid-in-flight\r\n"))
+        sock.sendall(
+            _post(
+                b'{"stream": true, "model": "sim-fault-stall-first"}',
+                b"x-request-id: rid-in-flight\r\n",
+            )
+        )
         _wait_for(lambda: sim.stats.active >= 1, timeout_s=2)
         listed = httpx.get(sim.url + "/stats").json()["active_streams"]
-        assert {"request_id": "rid-in-flight", "peer_port": sock.getsockname()[1],
-                "tokens_sent": 0} in listed
+        assert {
+            "request_id": "rid-in-flight",
+            "peer_port": sock.getsockname()[1],
+            "tokens_sent": 0,
+        } in listed
     _wait_for(lambda: sim.stats.active == 0, timeout_s=2)
     assert httpx.get(sim.url + "/stats").json()["active_streams"] == []  # control: gone
 
@@ -618,9 +601,7 @@ def test_a_client_that_reads_to_the_end_is_not_cancelled(stalling_sim):
     """Negative control for the cancellation counter."""
     sim = stalling_sim
     sim.call(sim.stats.reset)
-    raw = raw_exchange(
-        sim, _post(b'{"stream": true, "max_tokens": 5}'), until=b"0\r\n\r\n"
-    )
+    raw = raw_exchange(sim, _post(b'{"stream": true, "max_tokens": 5}'), until=b"0\r\n\r\n")
     assert check_stream_body(raw, 5) is None
     _wait_for(lambda: sim.stats.completed == 1, timeout_s=2)
     assert sim.stats.cancelled == 0
@@ -669,17 +650,11 @@ def test_malformed_http_is_refused(sim):
 
 
 def test_jitter_varies_timing_not_text():
-    with SimulatorThread(
-        SimConfig(port=0, ttft_ms=1, gap_ms=10, jitter_ms=10, tokens=30)
-    ) as sim:
+    with SimulatorThread(SimConfig(port=0, ttft_ms=1, gap_ms=10, jitter_ms=10, tokens=30)) as sim:
         _, reads = _timed_reads(sim, {"stream": True})
     gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(reads)]
-    assert (
-        max(gaps) - min(gaps) > 0.005
-    )  # 10 ms +/- 10 ms: uneven, unlike the fixed pace
-    assert "".join(
-        contents_of(chunks_of(b"".join(p for _, p in reads)))
-    ) == expected_text(30)
+    assert max(gaps) - min(gaps) > 0.005  # 10 ms +/- 10 ms: uneven, unlike the fixed pace
+    assert "".join(contents_of(chunks_of(b"".join(p for _, p in reads)))) == expected_text(30)
 
 
 # -- bounds: what a client can make one connection hold ------------------------------------
@@ -693,9 +668,7 @@ def _connect(sim: SimulatorThread, timeout_s: float = BOUND_WAIT_S) -> socket.so
     return socket.create_connection((host, int(port)), timeout=timeout_s)
 
 
-def _read_to_close(
-    sock: socket.socket, limit_s: float = BOUND_WAIT_S
-) -> tuple[bytes, bool]:
+def _read_to_close(sock: socket.socket, limit_s: float = BOUND_WAIT_S) -> tuple[bytes, bool]:
     """Everything the simulator sends until it closes, or until limit_s: (bytes, closed)."""
     deadline = time.monotonic() + limit_s
     received = b""
@@ -735,9 +708,7 @@ def _error_answer(raw: bytes, status: int) -> dict:
     headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
     assert headers[b"connection"] == b"close"
     assert headers[b"content-type"] == b"application/json"
-    assert len(body) == int(headers[b"content-length"]), (
-        "answer cut off or followed by more"
-    )
+    assert len(body) == int(headers[b"content-length"]), "answer cut off or followed by more"
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
@@ -769,18 +740,14 @@ def test_an_endless_head_is_refused_early_and_closed(sim, pieces, status, code):
         sent = _send_until_answered(sock, pieces(1024 * 1024))
         raw, closed = _read_to_close(sock)
     assert raw, f"no answer after {sent} bytes of an unfinished head"
-    assert sent < 256 * 1024, (
-        f"the simulator kept reading: {sent} bytes before it answered"
-    )
+    assert sent < 256 * 1024, f"the simulator kept reading: {sent} bytes before it answered"
     assert _error_answer(raw, status)["code"] == code
     assert closed
 
 
 def test_a_huge_request_line_is_414(sim):
     with _connect(sim) as sock:
-        sock.sendall(
-            b"GET /healthz?" + b"a" * 64 * 1024 + b" HTTP/1.1\r\nhost: sim\r\n\r\n"
-        )
+        sock.sendall(b"GET /healthz?" + b"a" * 64 * 1024 + b" HTTP/1.1\r\nhost: sim\r\n\r\n")
         raw, closed = _read_to_close(sock)
     assert _error_answer(raw, 414)["code"] == "uri_too_long"
     assert closed
@@ -790,9 +757,7 @@ def test_a_huge_request_line_is_414(sim):
     "headers",
     [
         b"x-big: " + b"v" * 64 * 1024 + b"\r\n",
-        b"".join(
-            b"x-pad-%d: value\r\n" % n for n in range(4000)
-        ),  # ~80 KiB of small ones
+        b"".join(b"x-pad-%d: value\r\n" % n for n in range(4000)),  # ~80 KiB of small ones
         b"".join(b"x-%d: v\r\n" % n for n in range(150)),  # few bytes, many lines
     ],
     ids=["one-huge-header", "many-headers", "many-header-lines"],
@@ -809,8 +774,7 @@ def test_a_huge_content_length_is_413_before_the_body_is_sent(sim):
     with _connect(sim) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n{"
-            % (10 * 1024**3)
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n{" % (10 * 1024**3)
         )
         raw, closed = _read_to_close(sock)
     assert _error_answer(raw, 413)["code"] == "request_too_large"
@@ -879,9 +843,7 @@ MALFORMED = {
 
 @pytest.mark.parametrize("when", ["same-write", "mid-stream"])
 @pytest.mark.parametrize("malformed", list(MALFORMED))
-def test_a_bad_request_after_a_stream_is_answered_after_its_last_chunk(
-    sim, malformed, when
-):
+def test_a_bad_request_after_a_stream_is_answered_after_its_last_chunk(sim, malformed, when):
     bad, status = MALFORMED[malformed]
     good = _post(b'{"stream": true, "max_tokens": 60}')
     with _connect(sim) as sock:
@@ -891,9 +853,7 @@ def test_a_bad_request_after_a_stream_is_answered_after_its_last_chunk(
         else:
             sock.sendall(good)
             raw = b""
-            while (
-                b'"content":"Stream"' not in raw
-            ):  # the first token: the stream is under way
+            while b'"content":"Stream"' not in raw:  # the first token: the stream is under way
                 piece = sock.recv(65536)
                 assert piece, "closed before the first token"
                 raw += piece
@@ -938,17 +898,13 @@ def test_a_long_pipeline_is_answered_completely_and_in_order(instant_sim):
     requests = []
     for n in range(200):
         rid = b"x-request-id: p%d\r\n" % n
-        body = (
-            b'{"stream": true, "max_tokens": 2}' if n % 3 == 0 else b'{"max_tokens": 2}'
-        )
+        body = b'{"stream": true, "max_tokens": 2}' if n % 3 == 0 else b'{"max_tokens": 2}'
         requests.append(_post(body, rid))
     with _connect(instant_sim, timeout_s=5) as sock:
         sock.sendall(b"".join(requests))
         raw = b""
         deadline = time.monotonic() + 5
-        while raw.count(b"HTTP/1.1 200 OK") < 200 or not raw.endswith(
-            (b"0\r\n\r\n", b"}")
-        ):
+        while raw.count(b"HTTP/1.1 200 OK") < 200 or not raw.endswith((b"0\r\n\r\n", b"}")):
             assert time.monotonic() < deadline, "answers missing"
             piece = sock.recv(65536)
             assert piece, "closed"
@@ -963,8 +919,7 @@ def test_a_hang_up_behind_a_refused_request_is_still_heard_at_once(stalling_sim)
     sim.call(sim.stats.reset)
     with _connect(sim) as sock:
         sock.sendall(
-            _post(b'{"stream": true, "model": "sim-fault-stall-first"}')
-            + b"GARBAGE\r\n\r\n"
+            _post(b'{"stream": true, "model": "sim-fault-stall-first"}') + b"GARBAGE\r\n\r\n"
         )
         received = b""
         while b"200 OK" not in received:

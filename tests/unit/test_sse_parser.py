@@ -19,12 +19,18 @@ FIELD_NAMES = ["data", "event", "id", "retry", "dat", "x"]
 SEPARATORS = [":", ": ", ":  ", ""]  # "" makes the line a field without a colon
 # Line text: no line ends; NUL, a BOM, multi-byte and separator-like characters on purpose.
 line_text = st.text(
-    alphabet=st.one_of(st.sampled_from(["\0", "\ufeff", ":", " ", "日", "🙂", "\u2028", "é"]),
-                       st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"])),
+    alphabet=st.one_of(
+        st.sampled_from(["\0", "\ufeff", ":", " ", "日", "🙂", "\u2028", "é"]),
+        st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]),
+    ),
     max_size=12,
 )
-field_line = st.builds(lambda name, separator, value: name + separator + value,
-                       st.sampled_from(FIELD_NAMES), st.sampled_from(SEPARATORS), line_text)
+field_line = st.builds(
+    lambda name, separator, value: name + separator + value,
+    st.sampled_from(FIELD_NAMES),
+    st.sampled_from(SEPARATORS),
+    line_text,
+)
 line = st.one_of(st.just(""), st.just(""), line_text.map(lambda text: ":" + text), field_line)
 
 
@@ -90,21 +96,30 @@ class KeepsTheBOM(sse.Parser):
 # --- the specification's examples -------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    ("data: YHOO\ndata: +2\ndata: 10\n\n", [("message", "YHOO\n+2\n10", "")]),
-    (": test stream\n\ndata: first event\nid: 1\n\n"
-     "data:second event\nid\n\ndata:  third event\n",
-     [("message", "first event", "1"), ("message", "second event", "")]),
-    ("data\n\ndata\ndata\n\ndata:", [("message", "", ""), ("message", "\n", "")]),
-    ("data:test\n\ndata: test\n\n", [("message", "test", ""), ("message", "test", "")]),
-    ("event: add\ndata: 73857293\n\nevent: remove\ndata: 2153\n\n",
-     [("add", "73857293", ""), ("remove", "2153", "")]),
-    ("event: done\n\nid: x\0y\ndata: a\n\n", [("message", "a", "")]),  # no data: no event
-    ("\ufeffdata: a\n\n", [("message", "a", "")]),
-    ("\ufeff\ufeffdata: a\n\ndata: b\n\n", [("message", "b", "")]),  # one BOM only
-    ("data: a\r\rdata: b\r\n\r\ndata: c\n\n", [("message", "a", ""), ("message", "b", ""),
-                                             ("message", "c", "")]),
-])
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("data: YHOO\ndata: +2\ndata: 10\n\n", [("message", "YHOO\n+2\n10", "")]),
+        (
+            ": test stream\n\ndata: first event\nid: 1\n\n"
+            "data:second event\nid\n\ndata:  third event\n",
+            [("message", "first event", "1"), ("message", "second event", "")],
+        ),
+        ("data\n\ndata\ndata\n\ndata:", [("message", "", ""), ("message", "\n", "")]),
+        ("data:test\n\ndata: test\n\n", [("message", "test", ""), ("message", "test", "")]),
+        (
+            "event: add\ndata: 73857293\n\nevent: remove\ndata: 2153\n\n",
+            [("add", "73857293", ""), ("remove", "2153", "")],
+        ),
+        ("event: done\n\nid: x\0y\ndata: a\n\n", [("message", "a", "")]),  # no data: no event
+        ("\ufeffdata: a\n\n", [("message", "a", "")]),
+        ("\ufeff\ufeffdata: a\n\ndata: b\n\n", [("message", "b", "")]),  # one BOM only
+        (
+            "data: a\r\rdata: b\r\n\r\ndata: c\n\n",
+            [("message", "a", ""), ("message", "b", ""), ("message", "c", "")],
+        ),
+    ],
+)
 def test_the_specification_examples(body, expected):
     events = sse.parse(body).events
     assert [(event.event, event.data, event.id) for event in events] == expected
@@ -134,8 +149,11 @@ def test_negative_control_a_parser_that_loses_state_between_reads_is_caught(shor
         pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
         return outcome(shortcut(), pieces) != outcome(sse.Parser(), [body])
 
-    cases = streams().flatmap(lambda body: st.tuples(
-        st.just(body), st.lists(st.integers(0, len(body)), max_size=4).map(sorted)))
+    cases = streams().flatmap(
+        lambda body: st.tuples(
+            st.just(body), st.lists(st.integers(0, len(body)), max_size=4).map(sorted)
+        )
+    )
     assert find(cases, differs, settings=SEARCH)  # raises NoSuchExample when none is found
 
 
@@ -157,8 +175,9 @@ def test_negative_control_a_parser_that_knows_only_lf_is_caught():
             return False  # a CR and the next empty line's LF: one line end, not two
         return outcome(LineFeedOnly(), [with_any])[0] != outcome(sse.Parser(), [with_lf])[0]
 
-    cases = st.tuples(st.lists(line, max_size=8),
-                      st.lists(st.sampled_from(LINE_ENDS), min_size=8, max_size=8))
+    cases = st.tuples(
+        st.lists(line, max_size=8), st.lists(st.sampled_from(LINE_ENDS), min_size=8, max_size=8)
+    )
     assert find(cases, differs, settings=SEARCH)
 
 
@@ -176,17 +195,44 @@ def events_with_data(draw) -> bytes:
     dispatches data-less ones) and no BOM (it keeps one); no retry (it takes any int())."""
     blocks = []
     for _ in range(draw(st.integers(0, 5))):
-        fields = draw(st.lists(st.builds(lambda name, separator, value: name + separator + value,
-                                         st.sampled_from(["event", "id", "x"]),
-                                         st.sampled_from(SEPARATORS), line_text), max_size=3))
-        fields.append(draw(st.one_of(st.just("data"), st.builds(
-            lambda separator, value: "data" + separator + value,
-            st.sampled_from(SEPARATORS[:-1]), line_text))))
-        fields += draw(st.lists(st.one_of(field_line.filter(lambda f: not f.startswith("retry")),
-                                          line_text.map(lambda text: ":" + text)), max_size=3))
+        fields = draw(
+            st.lists(
+                st.builds(
+                    lambda name, separator, value: name + separator + value,
+                    st.sampled_from(["event", "id", "x"]),
+                    st.sampled_from(SEPARATORS),
+                    line_text,
+                ),
+                max_size=3,
+            )
+        )
+        fields.append(
+            draw(
+                st.one_of(
+                    st.just("data"),
+                    st.builds(
+                        lambda separator, value: "data" + separator + value,
+                        st.sampled_from(SEPARATORS[:-1]),
+                        line_text,
+                    ),
+                )
+            )
+        )
+        fields += draw(
+            st.lists(
+                st.one_of(
+                    field_line.filter(lambda f: not f.startswith("retry")),
+                    line_text.map(lambda text: ":" + text),
+                ),
+                max_size=3,
+            )
+        )
         blocks.append([*draw(st.permutations(fields)), ""])
-    return "".join(one + draw(st.sampled_from(LINE_ENDS))
-                   for block in blocks for one in block).lstrip("\ufeff").encode()
+    return (
+        "".join(one + draw(st.sampled_from(LINE_ENDS)) for block in blocks for one in block)
+        .lstrip("\ufeff")
+        .encode()
+    )
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
@@ -194,9 +240,12 @@ def events_with_data(draw) -> bytes:
 def test_httpx_sse_agrees_on_streams_where_it_follows_the_specification(data):
     body = data.draw(events_with_data())
     pieces = data.draw(reads(body))
-    response = httpx.Response(200, headers={"content-type": "text/event-stream"},
-                              content=iter(pieces))
-    theirs = [(event.event or "message", event.data, event.id)
-              for event in EventSource(response).iter_sse()]
+    response = httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=iter(pieces)
+    )
+    theirs = [
+        (event.event or "message", event.data, event.id)
+        for event in EventSource(response).iter_sse()
+    ]
     ours = [(event.event, event.data, event.id) for event in sse.parse(body).events]
     assert ours == theirs

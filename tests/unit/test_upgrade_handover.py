@@ -65,8 +65,11 @@ def booted_worker(conf: dict) -> tuple[SimpleNamespace, list[int]]:
     async def heartbeat() -> None:
         beats[0] += 1
 
-    worker = SimpleNamespace(ppid=MASTER_PID, log=logging.getLogger("test"),
-                             config=SimpleNamespace(callback_notify=heartbeat))
+    worker = SimpleNamespace(
+        ppid=MASTER_PID,
+        log=logging.getLogger("test"),
+        config=SimpleNamespace(callback_notify=heartbeat),
+    )
     conf["post_worker_init"](worker)
     return worker, beats
 
@@ -77,7 +80,8 @@ async def beat(worker: SimpleNamespace, times: int) -> None:
 
 
 def test_a_worker_of_a_master_started_by_usr2_names_it_main_pid_once_serving(
-        monkeypatch, notify_socket):
+    monkeypatch, notify_socket
+):
     conf = load_conf(monkeypatch, GUNICORN_PID="4000")
     worker, beats = booted_worker(conf)
     assert received(notify_socket) == []  # not before its server started

@@ -37,18 +37,33 @@ def fast_simulator(simulator_factory):
 
 @pytest.fixture(scope="module")
 def deadline_gateway(gateway_factory, fast_simulator):
-    return gateway_factory(fast_simulator, workers=1, request_head_timeout_s=HEAD_TIMEOUT_S,
-                           request_body_timeout_s=BODY_TIMEOUT_S, send_timeout_s=SEND_TIMEOUT_S,
-                           total_timeout_s=TOTAL_TIMEOUT_S)
+    return gateway_factory(
+        fast_simulator,
+        workers=1,
+        request_head_timeout_s=HEAD_TIMEOUT_S,
+        request_body_timeout_s=BODY_TIMEOUT_S,
+        send_timeout_s=SEND_TIMEOUT_S,
+        total_timeout_s=TOTAL_TIMEOUT_S,
+    )
 
 
 def request_bytes(port: int, request_id: str, body: bytes | None = None) -> bytes:
-    body = body if body is not None else json.dumps({
-        "messages": [{"role": "user", "content": "a long answer please"}], "stream": True,
-        "max_tokens": 16384}).encode()
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nX-Request-ID: {request_id}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    body = (
+        body
+        if body is not None
+        else json.dumps(
+            {
+                "messages": [{"role": "user", "content": "a long answer please"}],
+                "stream": True,
+                "max_tokens": 16384,
+            }
+        ).encode()
+    )
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nX-Request-ID: {request_id}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 def connect(port: int) -> socket.socket:
@@ -74,13 +89,17 @@ def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, flo
 
 
 def cancelled(simulator, request_id: str) -> dict | None:
-    return next((c for c in simulator.stats()["recent_cancels"]
-                 if c["request_id"] == request_id), None)
+    return next(
+        (c for c in simulator.stats()["recent_cancels"] if c["request_id"] == request_id), None
+    )
 
 
 def logged(gateway, request_id: str) -> dict:
-    return wait_until(lambda: gateway.access_record(request_id), timeout_s=5,
-                      what=f"the access-log line of {request_id}")
+    return wait_until(
+        lambda: gateway.access_record(request_id),
+        timeout_s=5,
+        what=f"the access-log line of {request_id}",
+    )
 
 
 def test_a_request_head_that_trickles_gets_a_408_and_the_connection_closes(deadline_gateway):
@@ -111,15 +130,19 @@ def test_a_request_body_that_trickles_gets_a_408_that_the_log_records(deadline_g
     assert logged(deadline_gateway, request_id)["status"] == 408
 
 
-def test_a_client_that_stops_reading_is_cut_and_its_upstream_released(deadline_gateway,
-                                                                     fast_simulator):
+def test_a_client_that_stops_reading_is_cut_and_its_upstream_released(
+    deadline_gateway, fast_simulator
+):
     request_id = f"wire-never-reads-{uuid.uuid4().hex[:8]}"
     with connect(deadline_gateway.port) as sock:
         sock.sendall(request_bytes(deadline_gateway.port, request_id))
         started = time.monotonic()
-        wait_until(lambda: cancelled(fast_simulator, request_id),
-                   timeout_s=SEND_TIMEOUT_S + LATE_TOLERANCE_S + 3, interval_s=0.05,
-                   what="the upstream request's cancel")
+        wait_until(
+            lambda: cancelled(fast_simulator, request_id),
+            timeout_s=SEND_TIMEOUT_S + LATE_TOLERANCE_S + 3,
+            interval_s=0.05,
+            what="the upstream request's cancel",
+        )
         took = time.monotonic() - started
     assert SEND_TIMEOUT_S <= took <= SEND_TIMEOUT_S + LATE_TOLERANCE_S + 3
     assert logged(deadline_gateway, request_id)["outcome"] == "send_timeout"
@@ -154,8 +177,9 @@ def worker_rss_bytes(gateway) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_memory_per_stream_held_by_clients_that_never_read_is_bounded(gateway_factory,
-                                                                     fast_simulator, capsys):
+def test_memory_per_stream_held_by_clients_that_never_read_is_bounded(
+    gateway_factory, fast_simulator, capsys
+):
     gateway = gateway_factory(fast_simulator, workers=1, send_timeout_s=MEMORY_SEND_TIMEOUT_S)
     warm_up = f"wire-memory-warmup-{uuid.uuid4().hex[:8]}"
     with connect(gateway.port) as sock:  # a stream first (imports, pools, caches), hung up
@@ -175,13 +199,18 @@ def test_memory_per_stream_held_by_clients_that_never_read_is_bounded(gateway_fa
         assert not any(cancelled(fast_simulator, r) for r in request_ids), stats["recent_cancels"]
         per_stream = (held - baseline) / SILENT_CLIENTS
         with capsys.disabled():
-            print(f"\nworker RSS {baseline / 2**20:.1f} MiB -> {held / 2**20:.1f} MiB with "
-                  f"{SILENT_CLIENTS} streams nobody reads: {per_stream / 1024:.0f} KiB each")
+            print(
+                f"\nworker RSS {baseline / 2**20:.1f} MiB -> {held / 2**20:.1f} MiB with "
+                f"{SILENT_CLIENTS} streams nobody reads: {per_stream / 1024:.0f} KiB each"
+            )
         assert per_stream <= MAX_BYTES_PER_HELD_STREAM
         for request_id in request_ids:
-            wait_until(lambda r=request_id: cancelled(fast_simulator, r),
-                       timeout_s=MEMORY_SEND_TIMEOUT_S + LATE_TOLERANCE_S + 3, interval_s=0.05,
-                       what=f"the cancel of {request_id}")
+            wait_until(
+                lambda r=request_id: cancelled(fast_simulator, r),
+                timeout_s=MEMORY_SEND_TIMEOUT_S + LATE_TOLERANCE_S + 3,
+                interval_s=0.05,
+                what=f"the cancel of {request_id}",
+            )
             assert logged(gateway, request_id)["outcome"] == "send_timeout"
     finally:
         for sock in sockets:

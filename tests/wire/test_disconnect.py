@@ -29,7 +29,9 @@ def cancel_record(simulator, request_id: str, *, timeout_s: float = 3.0) -> dict
         return next((c for c in cancels if c["request_id"] == request_id), None)
 
     try:
-        return wait_until(recorded, timeout_s=timeout_s, interval_s=0.01, what="the upstream cancel")
+        return wait_until(
+            recorded, timeout_s=timeout_s, interval_s=0.01, what="the upstream cancel"
+        )
     except TimeoutError:
         stats = simulator.stats()
         pytest.fail(
@@ -111,6 +113,7 @@ def test_hanging_up_on_a_non_streamed_request_cancels_the_upstream(target, simul
 
     cancel = cancel_record(simulator, request_id)
     assert cancel["at"] - trace.client_closed_wall <= CANCEL_WITHIN_S, cancel
-    record = wait_until(lambda: gateway.access_record(request_id), timeout_s=5,
-                        what="the access-log line")
+    record = wait_until(
+        lambda: gateway.access_record(request_id), timeout_s=5, what="the access-log line"
+    )
     assert record["outcome"] == "client_disconnect", record

@@ -110,16 +110,24 @@ def describe(trace: stream_probe.Trace) -> str:
 
 def probe_http1(proxy: LocalNginx, pki: LocalPKI, route: str) -> stream_probe.Trace:
     return stream_probe.request(
-        "127.0.0.1", proxy.port, chat.ROUTES[route], chat.body(route),
-        headers={**CLIENT_HEADERS, **bearer(client_key("h1"))}, timeout_s=20,
+        "127.0.0.1",
+        proxy.port,
+        chat.ROUTES[route],
+        chat.body(route),
+        headers={**CLIENT_HEADERS, **bearer(client_key("h1"))},
+        timeout_s=20,
         tls=pki.client_context(),
     )
 
 
 def probe_http2(proxy: LocalNginx, pki: LocalPKI, route: str) -> stream_probe.Trace:
     return h2_probe.request(
-        "127.0.0.1", proxy.port, chat.ROUTES[route], chat.body(route),
-        headers={**CLIENT_HEADERS, **bearer(client_key("h2"))}, timeout_s=20,
+        "127.0.0.1",
+        proxy.port,
+        chat.ROUTES[route],
+        chat.body(route),
+        headers={**CLIENT_HEADERS, **bearer(client_key("h2"))},
+        timeout_s=20,
         tls=pki.client_context(),
     )
 
@@ -135,9 +143,12 @@ def test_each_token_reaches_the_client_in_its_own_read_over_tls(
     trace = PROBES[protocol](edge, pki, route)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
-    assert stream_probe.streaming_verdict(
-        trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
-    ) == STREAMED, describe(trace)
+    assert (
+        stream_probe.streaming_verdict(
+            trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
+        )
+        == STREAMED
+    ), describe(trace)
     first_byte_limit_s = simulator.ttft_ms / 1000 + FIRST_BYTE_MARGIN_S
     assert stream_probe.first_byte_s(trace) <= first_byte_limit_s, describe(trace)
     assert chat.decode(route, trace).content == expected_text(simulator.tokens)
@@ -149,9 +160,12 @@ def test_negative_control_buffering_nginx_over_tls_is_detected(buffering_edge, p
     trace = PROBES[protocol](buffering_edge, pki, chat.TEXT)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error)
-    assert stream_probe.streaming_verdict(
-        trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
-    ) == BUFFERED, describe(trace)
+    assert (
+        stream_probe.streaming_verdict(
+            trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
+        )
+        == BUFFERED
+    ), describe(trace)
 
 
 # --- the TLS profile ----------------------------------------------------------------------------
@@ -170,8 +184,13 @@ def handshake(port: int, context: ssl.SSLContext) -> ssl.SSLSocket | None:
     return tls
 
 
-def accepts(port: int, pki: LocalPKI, *, version: ssl.TLSVersion, ciphers: str | None = None,
-            ) -> str | None:
+def accepts(
+    port: int,
+    pki: LocalPKI,
+    *,
+    version: ssl.TLSVersion,
+    ciphers: str | None = None,
+) -> str | None:
     """The cipher nginx chose when a client offers only `version` (and `ciphers`), else None.
     The client's own floor is lowered (SECLEVEL 0) so that only the server can refuse."""
     context = tls_context(pki, minimum_version=version, maximum_version=version)
@@ -184,14 +203,16 @@ def accepts(port: int, pki: LocalPKI, *, version: ssl.TLSVersion, ciphers: str |
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1],
-                         ids=["TLSv1.0", "TLSv1.1"])
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1], ids=["TLSv1.0", "TLSv1.1"]
+)
 def test_tls_before_1_2_is_refused(edge, pki, version):
     assert accepts(edge.port, pki, version=version) is None
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
-                         ids=["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLSv1.2", "TLSv1.3"]
+)
 def test_tls_1_2_and_1_3_are_accepted(edge, pki, version):
     assert accepts(edge.port, pki, version=version)
 
@@ -225,11 +246,18 @@ def default_tls_edge(running, gateway, pki):
     """Negative control: the profile's lines replaced by nginx's defaults opened wide."""
 
     def nginx_defaults(site: str) -> str:
-        lines = [line for line in site.splitlines(keepends=True)
-                 if "ssl_protocols" not in line and "ssl_ciphers" not in line]
-        wide = "    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;\n    ssl_ciphers ALL:@SECLEVEL=0;\n"
+        lines = [
+            line
+            for line in site.splitlines(keepends=True)
+            if "ssl_protocols" not in line and "ssl_ciphers" not in line
+        ]
+        wide = (
+            "    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;\n    ssl_ciphers ALL:@SECLEVEL=0;\n"
+        )
         text = "".join(lines)
-        return text.replace("    ssl_session_tickets off;\n", "    ssl_session_tickets on;\n" + wide)
+        return text.replace(
+            "    ssl_session_tickets off;\n", "    ssl_session_tickets on;\n" + wide
+        )
 
     proxy = start_edge(running, gateway, pki, site_edits=[nginx_defaults])
     yield proxy
@@ -240,8 +268,10 @@ def default_tls_edge(running, gateway, pki):
 def test_negative_control_a_wide_open_tls_server_fails_the_profile_checks(default_tls_edge, pki):
     assert accepts(default_tls_edge.port, pki, version=ssl.TLSVersion.TLSv1_1)
     for cipher in WEAK_TLS12:
-        assert accepts(default_tls_edge.port, pki, version=ssl.TLSVersion.TLSv1_2,
-                       ciphers=cipher) == cipher
+        assert (
+            accepts(default_tls_edge.port, pki, version=ssl.TLSVersion.TLSv1_2, ciphers=cipher)
+            == cipher
+        )
     assert issues_a_session_ticket(default_tls_edge.port, pki)
 
 
@@ -258,19 +288,32 @@ class Answer:
         return json.loads(self.body)
 
 
-def call(proxy: LocalNginx, path: str, *, pki: LocalPKI | None = None, method: str = "GET",
-         body: bytes | None = None, headers: dict[str, str] | None = None,
-         source: str = "127.0.0.1", plain: bool = False) -> Answer:
+def call(
+    proxy: LocalNginx,
+    path: str,
+    *,
+    pki: LocalPKI | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    source: str = "127.0.0.1",
+    plain: bool = False,
+) -> Answer:
     """One request on a fresh connection from `source` (over HTTPS unless `plain`)."""
     address = (source, 0)
     if plain:
-        conn = http.client.HTTPConnection("127.0.0.1", proxy.plain_port, timeout=10,
-                                          source_address=address)
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", proxy.plain_port, timeout=10, source_address=address
+        )
     else:
         assert pki is not None
-        conn = http.client.HTTPSConnection("127.0.0.1", proxy.port, timeout=10,
-                                           source_address=address,
-                                           context=pki.client_context())
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1",
+            proxy.port,
+            timeout=10,
+            source_address=address,
+            context=pki.client_context(),
+        )
     try:
         all_headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body, headers={**all_headers, **(headers or {})})
@@ -285,8 +328,7 @@ HSTS = "strict-transport-security"
 @pytest.mark.parametrize("path", ["/healthz", "/v1/chat/stream", "/docs", "/no-such-page"])
 def test_every_https_answer_carries_hsts(edge, pki, path):
     method, body = ("POST", b"{}") if path.startswith("/v1/") else ("GET", None)
-    answer = call(edge, path, pki=pki, method=method, body=body,
-                  headers=bearer(client_key("hsts")))
+    answer = call(edge, path, pki=pki, method=method, body=body, headers=bearer(client_key("hsts")))
     assert answer.headers.get(HSTS) == "max-age=63072000", (answer.status, answer.headers)
 
 
@@ -316,15 +358,31 @@ ROLE_RATE_PER_KEY = 10
 ROLE_STREAMS_PER_KEY = 20
 
 
-def send_many(proxy: LocalNginx, pki: LocalPKI, count: int, *, headers: dict[str, str],
-              source: str = "127.0.0.1", interval_s: float = 0.0) -> list[Answer]:
+def send_many(
+    proxy: LocalNginx,
+    pki: LocalPKI,
+    count: int,
+    *,
+    headers: dict[str, str],
+    source: str = "127.0.0.1",
+    interval_s: float = 0.0,
+) -> list[Answer]:
     """`count` cheap requests, one after another (`interval_s` apart), from `source`."""
     answers = []
     started = time.monotonic()
     for index in range(count):
         time.sleep(max(0.0, started + index * interval_s - time.monotonic()))
-        answers.append(call(proxy, CHEAP_PATH, pki=pki, method="POST", body=CHEAP_BODY,
-                            headers=headers, source=source))
+        answers.append(
+            call(
+                proxy,
+                CHEAP_PATH,
+                pki=pki,
+                method="POST",
+                body=CHEAP_BODY,
+                headers=headers,
+                source=source,
+            )
+        )
     return answers
 
 
@@ -337,10 +395,14 @@ def assert_limit_answer(answer: Answer, message: str) -> None:
     assert answer.headers["content-type"] == "application/json"
     assert answer.headers["retry-after"] == "1"
     assert answer.headers.get(HSTS) == "max-age=63072000"
-    assert answer.json() == {"error": {
-        "message": f"rate limit exceeded: {message}", "type": "rate_limit_error",
-        "param": None, "code": "rate_limited",
-    }}
+    assert answer.json() == {
+        "error": {
+            "message": f"rate limit exceeded: {message}",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limited",
+        }
+    }
 
 
 def test_a_burst_over_the_key_rate_gets_429_json_with_retry_after(edge, pki):
@@ -357,8 +419,9 @@ def test_a_burst_over_the_key_rate_gets_429_json_with_retry_after(edge, pki):
 def test_traffic_under_the_key_rate_is_never_limited(edge, pki):
     """More requests than the burst, spread at 80 % of the rate: every one passes."""
     interval_s = 1.25 / ROLE_RATE_PER_KEY
-    answers = send_many(edge, pki, 2 * ROLE_BURST, headers=bearer(client_key("steady")),
-                        interval_s=interval_s)
+    answers = send_many(
+        edge, pki, 2 * ROLE_BURST, headers=bearer(client_key("steady")), interval_s=interval_s
+    )
     assert not refused(answers), [answer.status for answer in answers]
 
 
@@ -368,8 +431,10 @@ def test_each_key_has_its_own_limit(edge, pki):
     other = bearer(client_key("other"))
     # Alternating: the other key always passes while the exhausted one stays refused (it earns
     # one request per 1/rate seconds back).
-    pairs = [(send_many(edge, pki, 1, headers=other)[0], send_many(edge, pki, 1, headers=exhausted)[0])
-             for _ in range(6)]
+    pairs = [
+        (send_many(edge, pki, 1, headers=other)[0], send_many(edge, pki, 1, headers=exhausted)[0])
+        for _ in range(6)
+    ]
     assert not refused([first for first, _ in pairs]), [first.status for first, _ in pairs]
     assert len(refused([second for _, second in pairs])) >= 4, [s.status for _, s in pairs]
 
@@ -389,17 +454,23 @@ def test_requests_without_a_key_are_limited_per_address(edge, pki):
 LONG_STREAM = json.dumps(chat.body(chat.TEXT, max_tokens=150))
 
 
-def open_streams(proxy: LocalNginx, pki: LocalPKI, count: int, key: str,
-                 stack: ExitStack) -> list[tuple[http.client.HTTPSConnection, int]]:
+def open_streams(
+    proxy: LocalNginx, pki: LocalPKI, count: int, key: str, stack: ExitStack
+) -> list[tuple[http.client.HTTPSConnection, int]]:
     """`count` streams of one key, all sent before any head is read, held open after their head
     (closed by `stack`): each connection with the status it got."""
     conns = []
     for _ in range(count):
-        conn = http.client.HTTPSConnection("127.0.0.1", proxy.port, timeout=10,
-                                           context=pki.client_context())
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", proxy.port, timeout=10, context=pki.client_context()
+        )
         stack.callback(conn.close)
-        conn.request("POST", chat.ROUTES[chat.TEXT], body=LONG_STREAM,
-                     headers={"Content-Type": "application/json", **bearer(key)})
+        conn.request(
+            "POST",
+            chat.ROUTES[chat.TEXT],
+            body=LONG_STREAM,
+            headers={"Content-Type": "application/json", **bearer(key)},
+        )
         conns.append(conn)
     return [(conn, conn.getresponse().status) for conn in conns]
 
@@ -409,17 +480,30 @@ def test_concurrent_streams_per_key_are_limited(edge, pki):
     with ExitStack() as stack:
         held = open_streams(edge, pki, ROLE_STREAMS_PER_KEY, key, stack)
         assert [status for _, status in held] == [200] * ROLE_STREAMS_PER_KEY
-        one_more = call(edge, chat.ROUTES[chat.TEXT], pki=pki, method="POST",
-                        body=LONG_STREAM.encode(), headers=bearer(key))
+        one_more = call(
+            edge,
+            chat.ROUTES[chat.TEXT],
+            pki=pki,
+            method="POST",
+            body=LONG_STREAM.encode(),
+            headers=bearer(key),
+        )
         assert_limit_answer(one_more, "too many concurrent streams for this client")
-        other_key = call(edge, CHEAP_PATH, pki=pki, method="POST", body=CHEAP_BODY,
-                         headers=bearer(client_key("streams-other")))
+        other_key = call(
+            edge,
+            CHEAP_PATH,
+            pki=pki,
+            method="POST",
+            body=CHEAP_BODY,
+            headers=bearer(client_key("streams-other")),
+        )
         assert other_key.status == 400  # another key streams on
         held[0][0].close()  # one client hangs up: nginx frees its slot at its next write
         deadline = time.monotonic() + 3.0
         while True:
-            again = call(edge, CHEAP_PATH, pki=pki, method="POST", body=CHEAP_BODY,
-                         headers=bearer(key))
+            again = call(
+                edge, CHEAP_PATH, pki=pki, method="POST", body=CHEAP_BODY, headers=bearer(key)
+            )
             if again.status != 429 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -431,8 +515,11 @@ def unlimited_edge(running, gateway, pki):
     """Negative control: the same edge with every limit_req/limit_conn line removed."""
 
     def without_limits(site: str) -> str:
-        kept = [line for line in site.splitlines(keepends=True)
-                if not line.lstrip().startswith(("limit_req ", "limit_conn "))]
+        kept = [
+            line
+            for line in site.splitlines(keepends=True)
+            if not line.lstrip().startswith(("limit_req ", "limit_conn "))
+        ]
         assert len(kept) < len(site.splitlines(keepends=True))
         return "".join(kept)
 
@@ -444,24 +531,33 @@ def unlimited_edge(running, gateway, pki):
 def test_negative_control_without_the_limits_nothing_is_refused(unlimited_edge, pki):
     key = client_key("unlimited")
     assert not refused(send_many(unlimited_edge, pki, ROLE_BURST + 15, headers=bearer(key)))
-    assert not refused(send_many(unlimited_edge, pki, ROLE_BURST + 15, headers={},
-                                 source=fresh_address()))
+    assert not refused(
+        send_many(unlimited_edge, pki, ROLE_BURST + 15, headers={}, source=fresh_address())
+    )
     with ExitStack() as stack:
         held = open_streams(unlimited_edge, pki, ROLE_STREAMS_PER_KEY + 1, key, stack)
         assert [status for _, status in held] == [200] * (ROLE_STREAMS_PER_KEY + 1)
 
 
 def test_a_long_chat_history_fits_and_a_bigger_body_is_refused_by_nginx(edge, pki):
-    history = [{"role": "user" if i % 2 else "assistant", "content": "word " * 2000}
-               for i in range(150)]  # about 1.5 MB of JSON
+    history = [
+        {"role": "user" if i % 2 else "assistant", "content": "word " * 2000} for i in range(150)
+    ]  # about 1.5 MB of JSON
     fits = json.dumps({"messages": history}).encode()
     assert 1_400_000 < len(fits) < 2 * 1024 * 1024
-    answer = call(edge, CHEAP_PATH, pki=pki, method="POST", body=fits,
-                  headers=bearer(client_key("history")))
+    answer = call(
+        edge, CHEAP_PATH, pki=pki, method="POST", body=fits, headers=bearer(client_key("history"))
+    )
     assert answer.status != 413 or "error" in answer.json(), answer.body[:200]  # the app's say
     too_big = json.dumps({"messages": history * 2}).encode()
-    answer = call(edge, CHEAP_PATH, pki=pki, method="POST", body=too_big,
-                  headers=bearer(client_key("history")))
+    answer = call(
+        edge,
+        CHEAP_PATH,
+        pki=pki,
+        method="POST",
+        body=too_big,
+        headers=bearer(client_key("history")),
+    )
     assert answer.status == 413 and b"nginx" in answer.body, answer.body[:200]
 
 
@@ -497,8 +593,9 @@ class NotReadyApp(http.server.BaseHTTPRequestHandler):
     """An app that is up but not ready, with its reasons, as the gateway answers /readyz then."""
 
     def do_GET(self) -> None:
-        body = json.dumps({"status": "not ready",
-                           "problems": ["no upstream: set STREAMGATE_UPSTREAM_API_KEY"]}).encode()
+        body = json.dumps(
+            {"status": "not ready", "problems": ["no upstream: set STREAMGATE_UPSTREAM_API_KEY"]}
+        ).encode()
         self.send_response(503)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -512,8 +609,9 @@ class NotReadyApp(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def not_ready_app():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotReadyApp)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()

@@ -37,19 +37,26 @@ def unreachable_gateway(gateway_factory):
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_an_unreachable_upstream_is_named_in_user_terms_and_detailed_in_the_log(
-        unreachable_gateway, route):
+    unreachable_gateway, route
+):
     gateway, upstream = unreachable_gateway
     request_id = f"wire-privacy-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(gateway.host, gateway.port, chat.ROUTES[route],
-                                 chat.body(route), headers={"X-Request-ID": request_id},
-                                 timeout_s=10)
+    trace = stream_probe.request(
+        gateway.host,
+        gateway.port,
+        chat.ROUTES[route],
+        chat.body(route),
+        headers={"X-Request-ID": request_id},
+        timeout_s=10,
+    )
     assert trace.status == 502, (trace.status, trace.body[:300])
     error = chat.json_body(trace)["error"]
     assert error["message"] == "upstream unreachable", error
     for internal in ("127.0.0.1", str(upstream.port), PASSWORD, "streamgate:"):
         assert internal not in trace.body.decode(), internal
-    record = wait_until(lambda: gateway.access_record(request_id), timeout_s=5,
-                        what="the access-log line")
+    record = wait_until(
+        lambda: gateway.access_record(request_id), timeout_s=5, what="the access-log line"
+    )
     assert record["status"] == 502 and str(upstream.port) in record["error"], record
 
 
@@ -63,8 +70,9 @@ def test_readyz_says_ready_without_the_upstream_url(unreachable_gateway):
 
 def test_the_log_never_carries_the_upstream_urls_password(unreachable_gateway):
     gateway, upstream = unreachable_gateway
-    stream_probe.request(gateway.host, gateway.port, chat.ROUTES[chat.TEXT],
-                         chat.body(chat.TEXT), timeout_s=10)
+    stream_probe.request(
+        gateway.host, gateway.port, chat.ROUTES[chat.TEXT], chat.body(chat.TEXT), timeout_s=10
+    )
     log = gateway.process.log_path.read_text(errors="replace")
     assert '"event":"worker_started"' in log  # the settings were logged: the URL was there
     assert f"127.0.0.1:{upstream.port}" in log

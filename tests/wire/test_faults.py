@@ -74,9 +74,7 @@ def in_band_events(route: str, trace: stream_probe.Trace) -> list[str]:
     return kinds
 
 
-def check_failed_before_the_first_byte(
-    route: str, fault: str, trace: stream_probe.Trace
-) -> None:
+def check_failed_before_the_first_byte(route: str, fault: str, trace: stream_probe.Trace) -> None:
     """The form of a BEFORE_FIRST_BYTE fault as the client sees it (also used under load)."""
     assert trace.status == BEFORE_FIRST_BYTE[fault], (trace.status, trace.error, trace.body[:300])
     error = chat.json_body(trace).get("error")
@@ -143,8 +141,9 @@ def nothing_listening() -> str:
 
 
 def post_through(proxy: LocalNginx) -> stream_probe.Trace:
-    return stream_probe.request("127.0.0.1", proxy.port, chat.ROUTES[chat.OPENAI],
-                                chat.body(chat.OPENAI), timeout_s=20)
+    return stream_probe.request(
+        "127.0.0.1", proxy.port, chat.ROUTES[chat.OPENAI], chat.body(chat.OPENAI), timeout_s=20
+    )
 
 
 def test_nginx_answers_no_reachable_app_with_a_json_error():
@@ -161,9 +160,15 @@ def test_nginx_answers_no_reachable_app_with_a_json_error():
 
 def test_control_without_the_error_page_nginx_answers_html():
     """The check above tells nginx's HTML page from the JSON one."""
-    proxy = LocalNginx([nothing_listening()], site_edits=[
-        lambda site: replace_all(site, "error_page 502 @streamgate_unavailable;",
-                                 "# no JSON error page (negative control)")],
+    proxy = LocalNginx(
+        [nothing_listening()],
+        site_edits=[
+            lambda site: replace_all(
+                site,
+                "error_page 502 @streamgate_unavailable;",
+                "# no JSON error page (negative control)",
+            )
+        ],
     ).start(require_nginx())
     try:
         trace = post_through(proxy)

@@ -100,9 +100,14 @@ class Planned:
 
     def describe(self) -> str:
         trace = self.trace
-        state = "not run" if trace is None else (
-            f"status {trace.status}, complete {trace.complete}, error {trace.error!r}, "
-            f"{len(trace.body)} body bytes")
+        state = (
+            "not run"
+            if trace is None
+            else (
+                f"status {trace.status}, complete {trace.complete}, error {trace.error!r}, "
+                f"{len(trace.body)} body bytes"
+            )
+        )
         return f"{self.route} {self.request_id} fault={self.fault}: {state}"
 
 
@@ -114,18 +119,25 @@ def plan(route: str, tokens: int, fault: str | None = None) -> Planned:
 class Load:
     """Streams run concurrently, one thread each, every one bounded by its own timeout."""
 
-    def __init__(self, port: int, streams: list[Planned], *,
-                 timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+    def __init__(
+        self, port: int, streams: list[Planned], *, timeout_s: float = CLIENT_TIMEOUT_S
+    ) -> None:
         self.streams = streams
         self.timeout_s = timeout_s
-        self.threads = [threading.Thread(target=self._run, args=(port, s), daemon=True)
-                        for s in streams]
+        self.threads = [
+            threading.Thread(target=self._run, args=(port, s), daemon=True) for s in streams
+        ]
 
     def _run(self, port: int, stream: Planned) -> None:
         stream.trace = stream_probe.request(
-            "127.0.0.1", port, chat.ROUTES[stream.route], stream.body,
-            headers={"X-Request-ID": stream.request_id}, timeout_s=self.timeout_s,
-            stop_when=stream.note)
+            "127.0.0.1",
+            port,
+            chat.ROUTES[stream.route],
+            stream.body,
+            headers={"X-Request-ID": stream.request_id},
+            timeout_s=self.timeout_s,
+            stop_when=stream.note,
+        )
 
     def start(self) -> Load:
         for thread in self.threads:
@@ -136,27 +148,32 @@ class Load:
         deadline = time.monotonic() + self.timeout_s + 10
         for thread in self.threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        stuck = [s.describe() for s, t in zip(self.streams, self.threads, strict=True)
-                 if t.is_alive()]
+        stuck = [
+            s.describe() for s, t in zip(self.streams, self.threads, strict=True) if t.is_alive()
+        ]
         assert not stuck, f"client threads still running: {stuck}"
         return self.streams
 
 
-def in_flight(simulator, streams: list[Planned] | list[str], *,
-              min_tokens: int = 1) -> dict[str, dict]:
+def in_flight(
+    simulator, streams: list[Planned] | list[str], *, min_tokens: int = 1
+) -> dict[str, dict]:
     """Wait until the simulator is answering every one of `streams` (or request ids) and has
     sent each at least `min_tokens`; its active_streams entries by request id."""
     wanted = {s if isinstance(s, str) else s.request_id for s in streams}
 
     def all_in_flight():
         listed = {s["request_id"]: s for s in simulator.stats()["active_streams"]}
-        if wanted <= listed.keys() and all(listed[r]["tokens_sent"] >= min_tokens
-                                           for r in wanted):
+        if wanted <= listed.keys() and all(listed[r]["tokens_sent"] >= min_tokens for r in wanted):
             return listed
         return None
 
-    return wait_until(all_in_flight, timeout_s=IN_FLIGHT_WITHIN_S, interval_s=0.05,
-                      what=f"{len(streams)} streams in flight upstream")
+    return wait_until(
+        all_in_flight,
+        timeout_s=IN_FLIGHT_WITHIN_S,
+        interval_s=0.05,
+        what=f"{len(streams)} streams in flight upstream",
+    )
 
 
 def holders(gateway, simulator, streams: list[Planned]) -> dict[str, int]:
@@ -196,21 +213,29 @@ def leaks(gateway, simulator, *, idle_allowed: int) -> list[str]:
 def socket_problems(sockets: list[tuple[int, object]], idle_allowed: int) -> list[str]:
     """leaks() on (pid, psutil socket) pairs: half-closed ones, and more open than may idle."""
     problems = []
-    half_closed = [(pid, sock.laddr.port, sock.status) for pid, sock in sockets
-                   if sock.status != psutil.CONN_ESTABLISHED]
+    half_closed = [
+        (pid, sock.laddr.port, sock.status)
+        for pid, sock in sockets
+        if sock.status != psutil.CONN_ESTABLISHED
+    ]
     if half_closed:
         problems.append(f"gateway: sockets to the simulator not closed: {half_closed}")
     established = len(sockets) - len(half_closed)
     if established > idle_allowed:
-        problems.append(f"gateway: {established} upstream connections open, more than the "
-                        f"{idle_allowed} an idle pool may keep")
+        problems.append(
+            f"gateway: {established} upstream connections open, more than the "
+            f"{idle_allowed} an idle pool may keep"
+        )
     return problems
 
 
 def open_upstream_connections(gateway, simulator) -> int:
     """The workers' established connections to the simulator (busy or idle in the pool)."""
-    return sum(1 for _, sock in gateway.connections_to(simulator.port)
-               if sock.status == psutil.CONN_ESTABLISHED)
+    return sum(
+        1
+        for _, sock in gateway.connections_to(simulator.port)
+        if sock.status == psutil.CONN_ESTABLISHED
+    )
 
 
 def assert_nothing_held(gateway, simulator, *, idle_allowed: int) -> None:
@@ -275,9 +300,13 @@ def load_simulator(simulator_factory):
 @pytest.fixture(scope="module")
 def load_gateway(gateway_factory, load_simulator):
     """Two workers, test_faults' short timeouts, no retries (each fault met once)."""
-    return gateway_factory(load_simulator, workers=2,
-                           first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
-                           token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S, upstream_retries=0)
+    return gateway_factory(
+        load_simulator,
+        workers=2,
+        first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
+        token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S,
+        upstream_retries=0,
+    )
 
 
 SCRIPTED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -303,7 +332,8 @@ def test_control_the_ending_detector_tells_a_clean_end_from_a_cut(load_gateway, 
     assert ending_of(chunk(body) + LAST_CHUNK) == chat.CLEAN_END
     assert ending_of(chunk(half)) == chat.ABORTED
     assert ending_of(chunk(half) + LAST_CHUNK) == (
-        chat.CLEAN_END if route == chat.TEXT else chat.TERMINATED_EARLY)
+        chat.CLEAN_END if route == chat.TEXT else chat.TERMINATED_EARLY
+    )
 
 
 def test_control_a_plain_text_stream_the_gateway_cuts_is_aborted(load_gateway):
@@ -340,16 +370,20 @@ def test_a_worker_killed_mid_stream_aborts_its_own_streams_only(
     proxy = None
     try:
         # Ready means one worker answers: both must, or one would take every stream.
-        wait_until(lambda: len(workers_started(gateway)) == 2, timeout_s=20,
-                   what="both workers to start")
+        wait_until(
+            lambda: len(workers_started(gateway)) == 2, timeout_s=20, what="both workers to start"
+        )
         target = gateway
         if path == "nginx":
             proxy = target = nginx_factory(gateway)
         streams = [plan(ROUTES[n % 3], LONG_TOKENS) for n in range(KILL_STREAMS)]
         load = Load(target.port, streams).start()
         # Every client has text (so a cut shows as a cut, not as a stream that never began).
-        wait_until(lambda: all(s.payload_reads >= TOKENS_BEFORE_THE_KILL for s in streams),
-                   timeout_s=IN_FLIGHT_WITHIN_S, what="every stream to be under way")
+        wait_until(
+            lambda: all(s.payload_reads >= TOKENS_BEFORE_THE_KILL for s in streams),
+            timeout_s=IN_FLIGHT_WITHIN_S,
+            what="every stream to be under way",
+        )
         held = holders(gateway, load_simulator, streams)
         per_worker = Counter(held.values())
         assert len(per_worker) == 2, f"one worker holds every stream: {per_worker}"
@@ -358,9 +392,15 @@ def test_a_worker_killed_mid_stream_aborts_its_own_streams_only(
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         first_ok_s, failed_first = first_clean_stream(target.port, killed_at, NEW_STREAM_WITHIN_S)
-        wait_until(lambda: len(workers_started(gateway)) == 3 and victim not in
-                   gateway.worker_pids() and len(gateway.worker_pids()) == 2,
-                   timeout_s=REPLACED_WITHIN_S, what="gunicorn to replace the killed worker")
+        wait_until(
+            lambda: (
+                len(workers_started(gateway)) == 3
+                and victim not in gateway.worker_pids()
+                and len(gateway.worker_pids()) == 2
+            ),
+            timeout_s=REPLACED_WITHIN_S,
+            what="gunicorn to replace the killed worker",
+        )
         replaced_s = time.monotonic() - killed_at
         load.join()
 
@@ -383,19 +423,22 @@ def test_a_worker_killed_mid_stream_aborts_its_own_streams_only(
         for _ in range(3):  # each batch lands on both workers but for a 2**-12 chance
             batch = [plan(ROUTES[n % 3], SHORT_TOKENS) for n in range(NEW_STREAMS)]
             running = Load(gateway.port, batch).start()
-            reached_replacement = list(holders(gateway, load_simulator, batch).values()
-                                       ).count(replacement)
+            reached_replacement = list(holders(gateway, load_simulator, batch).values()).count(
+                replacement
+            )
             new_streams += running.join()
             if reached_replacement:
                 break
         assert reached_replacement, "no new connection reached the replacement worker"
         assert not failures(judge_whole, new_streams)
         with capsys.disabled():
-            print(f"\n{path}: killed worker held {len(victims)} of {len(streams)} streams; "
-                  f"first new stream ok {first_ok_s:.2f} s after the kill "
-                  f"({len(failed_first)} failed before: {failed_first}), replacement up after "
-                  f"{replaced_s:.2f} s; {via_path[replacement]} of {NEW_STREAMS} new streams "
-                  f"on it via {path}")
+            print(
+                f"\n{path}: killed worker held {len(victims)} of {len(streams)} streams; "
+                f"first new stream ok {first_ok_s:.2f} s after the kill "
+                f"({len(failed_first)} failed before: {failed_first}), replacement up after "
+                f"{replaced_s:.2f} s; {via_path[replacement]} of {NEW_STREAMS} new streams "
+                f"on it via {path}"
+            )
 
         idle = len(others) + len(new_streams) + len(failed_first) + 1
         assert_nothing_held(gateway, load_simulator, idle_allowed=idle)
@@ -418,14 +461,22 @@ def test_upstream_faults_under_load_give_each_client_its_form_and_hold_nothing(
     pooled_before = open_upstream_connections(load_gateway, load_simulator)
     assert_nothing_held(load_gateway, load_simulator, idle_allowed=pooled_before)
     load_simulator.reset_stats()
-    streams = [plan(route, CLEAN_TOKENS if fault is None else TOKENS, fault)
-               for fault in FAULT_MIX for route in ROUTES]
+    streams = [
+        plan(route, CLEAN_TOKENS if fault is None else TOKENS, fault)
+        for fault in FAULT_MIX
+        for route in ROUTES
+    ]
     Load(load_gateway.port, streams).start().join()
 
     problems = failures(judge_whole, [s for s in streams if s.fault is None])
     for stream in streams:
-        check = (check_failed_before_the_first_byte if stream.fault in BEFORE_FIRST_BYTE
-                 else check_failed_in_band if stream.fault in MID_STREAM else None)
+        check = (
+            check_failed_before_the_first_byte
+            if stream.fault in BEFORE_FIRST_BYTE
+            else check_failed_in_band
+            if stream.fault in MID_STREAM
+            else None
+        )
         if check is not None:
             try:
                 check(stream.route, stream.fault, stream.trace)
@@ -446,8 +497,11 @@ def test_control_the_leak_detector_sees_streams_held_open(load_gateway, load_sim
     held = [plan(ROUTES[n % 3], LONG_TOKENS // 2) for n in range(6)]
     load = Load(load_gateway.port, held).start()
     in_flight(load_simulator, held)
-    wait_until(lambda: services.sample(load_gateway.metrics(), "streamgate_active_streams") == 6,
-               timeout_s=5, what="the gauge to count the streams")
+    wait_until(
+        lambda: services.sample(load_gateway.metrics(), "streamgate_active_streams") == 6,
+        timeout_s=5,
+        what="the gauge to count the streams",
+    )
     problems = leaks(load_gateway, load_simulator, idle_allowed=0)
     load.join()
     pooled = open_upstream_connections(load_gateway, load_simulator)
@@ -465,19 +519,31 @@ def test_control_the_leak_detector_sees_streams_held_open(load_gateway, load_sim
 def test_control_the_leak_detector_sees_a_socket_its_peer_closed(load_simulator):
     """A socket the simulator closed (close-midstream) that its owner keeps is half-closed
     (CLOSE_WAIT): reported, as it would be in a gateway worker; once closed, gone."""
-    body = json.dumps({"model": "sim-fault-close-midstream", "stream": True, "max_tokens": 4,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    body = json.dumps(
+        {
+            "model": "sim-fault-close-midstream",
+            "stream": True,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    ).encode()
 
     def mine() -> list[tuple[int, object]]:
-        return [(os.getpid(), sock) for sock in psutil.Process().net_connections(kind="tcp")
-                if sock.raddr and sock.raddr.port == load_simulator.port]
+        return [
+            (os.getpid(), sock)
+            for sock in psutil.Process().net_connections(kind="tcp")
+            if sock.raddr and sock.raddr.port == load_simulator.port
+        ]
 
     with connect(load_simulator.port) as sock:
         sock.sendall(request_bytes(load_simulator.port, f"wire-load-{uuid.uuid4().hex}", body))
         while sock.recv(65536):  # until the simulator closes its side
             pass
-        kept = wait_until(lambda: [p for p in socket_problems(mine(), idle_allowed=1)
-                                   if "not closed" in p], timeout_s=5, what="CLOSE_WAIT")
+        kept = wait_until(
+            lambda: [p for p in socket_problems(mine(), idle_allowed=1) if "not closed" in p],
+            timeout_s=5,
+            what="CLOSE_WAIT",
+        )
     assert "CLOSE_WAIT" in kept[0], kept
     assert not socket_problems(mine(), idle_allowed=0)
 
@@ -511,8 +577,9 @@ def test_clients_that_stop_reading_are_cut_while_readers_beside_them_stream_whol
     gateway = gateway_factory(fast_simulator, workers=2, send_timeout_s=SEND_TIMEOUT_S)
     sockets = []
     try:
-        wait_until(lambda: len(workers_started(gateway)) == 2, timeout_s=20,
-                   what="both workers to start")
+        wait_until(
+            lambda: len(workers_started(gateway)) == 2, timeout_s=20, what="both workers to start"
+        )
         warm_up = [plan(ROUTES[n % 3], READER_TOKENS) for n in range(READERS)]
         assert not failures(judge_whole, Load(gateway.port, warm_up).start().join())
         baseline = workers_rss_bytes(gateway)
@@ -528,12 +595,13 @@ def test_clients_that_stop_reading_are_cut_while_readers_beside_them_stream_whol
                 read.append(stream)
                 Load(gateway.port, [stream]).start().join()
 
-        readers = [threading.Thread(target=reader, args=(ROUTES[n % 3],), daemon=True)
-                   for n in range(READERS)]
+        readers = [
+            threading.Thread(target=reader, args=(ROUTES[n % 3],), daemon=True)
+            for n in range(READERS)
+        ]
         for thread in readers:
             thread.start()
-        silent_ids = [f"wire-load-silent-{n}-{uuid.uuid4().hex[:8]}"
-                      for n in range(SILENT_CLIENTS)]
+        silent_ids = [f"wire-load-silent-{n}-{uuid.uuid4().hex[:8]}" for n in range(SILENT_CLIENTS)]
         sent_at = time.time()
         for request_id in silent_ids:
             sock = connect(gateway.port)
@@ -546,10 +614,17 @@ def test_clients_that_stop_reading_are_cut_while_readers_beside_them_stream_whol
 
         cuts = {}
         for request_id in silent_ids:
-            cuts[request_id] = wait_until(
-                lambda r=request_id: cancelled(fast_simulator, r),
-                timeout_s=max(0.0, sent_at + SEND_TIMEOUT_S + CUT_LATE_TOLERANCE_S - time.time()),
-                interval_s=0.05, what=f"the cancel of {request_id}")["at"] - sent_at
+            cuts[request_id] = (
+                wait_until(
+                    lambda r=request_id: cancelled(fast_simulator, r),
+                    timeout_s=max(
+                        0.0, sent_at + SEND_TIMEOUT_S + CUT_LATE_TOLERANCE_S - time.time()
+                    ),
+                    interval_s=0.05,
+                    what=f"the cancel of {request_id}",
+                )["at"]
+                - sent_at
+            )
             assert logged(gateway, request_id)["outcome"] == "send_timeout"
         done.set()
         for thread in readers:
@@ -561,10 +636,12 @@ def test_clients_that_stop_reading_are_cut_while_readers_beside_them_stream_whol
         assert min(cuts.values()) >= SEND_TIMEOUT_S, cuts
         per_stream = max(0, held - baseline) / SILENT_CLIENTS
         with capsys.disabled():
-            print(f"\n{SILENT_CLIENTS} silent clients cut {min(cuts.values()):.2f} to "
-                  f"{max(cuts.values()):.2f} s after sending; {len(read)} streams read whole "
-                  f"beside them; workers' RSS {baseline / 2**20:.1f} -> {held / 2**20:.1f} MiB "
-                  f"({per_stream / 1024:.0f} KiB per silent stream)")
+            print(
+                f"\n{SILENT_CLIENTS} silent clients cut {min(cuts.values()):.2f} to "
+                f"{max(cuts.values()):.2f} s after sending; {len(read)} streams read whole "
+                f"beside them; workers' RSS {baseline / 2**20:.1f} -> {held / 2**20:.1f} MiB "
+                f"({per_stream / 1024:.0f} KiB per silent stream)"
+            )
         assert per_stream <= MAX_BYTES_PER_SILENT_STREAM
         assert_nothing_held(gateway, fast_simulator, idle_allowed=len(read) + len(warm_up))
     finally:
@@ -606,16 +683,22 @@ def test_an_nginx_reload_cuts_streams_longer_than_worker_shutdown_timeout_visibl
         cut_after = [s.trace.sent_at + s.trace.ended_at_s - hup_at for s in long]
         assert min(cut_after) >= SHUTDOWN_TIMEOUT_S - CUT_EARLY_TOLERANCE_S, cut_after
         assert max(cut_after) <= SHUTDOWN_TIMEOUT_S + CUT_LATE_TOLERANCE_S, cut_after
-        wait_until(lambda: not any(w.is_running() for w in old_workers), timeout_s=5,
-                   what="the old nginx worker to exit")
+        wait_until(
+            lambda: not any(w.is_running() for w in old_workers),
+            timeout_s=5,
+            what="the old nginx worker to exit",
+        )
         after = plan(chat.OPENAI, SHORT_TOKENS)  # the new worker serves
         assert judge_whole(Load(proxy.port, [after]).start().join()[0]) is None
         with capsys.disabled():
-            print(f"\nnginx reload: {len(short)} short streams ended whole across it, "
-                  f"{len(long)} long ones cut {min(cut_after):.2f} to {max(cut_after):.2f} s "
-                  f"after the HUP (worker_shutdown_timeout {SHUTDOWN_TIMEOUT_S:g}s)")
+            print(
+                f"\nnginx reload: {len(short)} short streams ended whole across it, "
+                f"{len(long)} long ones cut {min(cut_after):.2f} to {max(cut_after):.2f} s "
+                f"after the HUP (worker_shutdown_timeout {SHUTDOWN_TIMEOUT_S:g}s)"
+            )
         # nginx closed the cut streams' upstream connections: the gateway released theirs.
-        assert_nothing_held(load_gateway, load_simulator,
-                            idle_allowed=pooled_before + len(short) + 1)
+        assert_nothing_held(
+            load_gateway, load_simulator, idle_allowed=pooled_before + len(short) + 1
+        )
     finally:
         proxy.stop()

@@ -162,8 +162,12 @@ def pid_alive(pid: int) -> bool:
 
 def test_harness_waits_for_a_logged_line_a_port_and_a_url(tmp_path):
     port = procs.free_port()
-    server = procs.ManagedProcess("http", [sys.executable, "-u", "-m", "http.server", "--bind",
-                                           "127.0.0.1", str(port)], log_dir=tmp_path, cwd=tmp_path)
+    server = procs.ManagedProcess(
+        "http",
+        [sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+        log_dir=tmp_path,
+        cwd=tmp_path,
+    )
     with server:
         server.wait_port(port, timeout_s=10)
         server.wait_http(f"http://127.0.0.1:{port}/", timeout_s=10)
@@ -172,16 +176,17 @@ def test_harness_waits_for_a_logged_line_a_port_and_a_url(tmp_path):
 
 
 def test_harness_reports_a_process_that_dies_while_starting_with_its_output(tmp_path):
-    process = procs.ManagedProcess("dies", [sys.executable, "-c", "print('bad config line 3')"],
-                                   log_dir=tmp_path).start()
+    process = procs.ManagedProcess(
+        "dies", [sys.executable, "-c", "print('bad config line 3')"], log_dir=tmp_path
+    ).start()
     with pytest.raises(procs.ProcessFailed, match=r"(?s)exited while starting.*bad config line 3"):
         process.wait_port(procs.free_port(), timeout_s=10)
 
 
 def test_harness_gives_up_at_its_deadline_and_stops_the_process(tmp_path):
-    process = procs.ManagedProcess("mute", [sys.executable, "-c", "print('up'); "
-                                            "import time; time.sleep(60)"],
-                                   log_dir=tmp_path).start()
+    process = procs.ManagedProcess(
+        "mute", [sys.executable, "-c", "print('up'); import time; time.sleep(60)"], log_dir=tmp_path
+    ).start()
     started = time.monotonic()
     with pytest.raises(procs.ProcessFailed, match=r"(?s)gave up after 0\.5 s.*up"):
         process.wait_port(procs.free_port(), timeout_s=0.5)
@@ -212,8 +217,11 @@ def test_harness_stop_kills_what_ignores_term_with_its_whole_group(tmp_path, har
 
 
 def test_harness_gives_the_process_its_open_files_limit(tmp_path):
-    script = ("import resource, time; print('nofile', *resource.getrlimit(resource.RLIMIT_NOFILE),"
-              " flush=True); time.sleep(60)")
-    with procs.ManagedProcess("limited", [sys.executable, "-c", script], log_dir=tmp_path,
-                              nofile=256) as process:
+    script = (
+        "import resource, time; print('nofile', *resource.getrlimit(resource.RLIMIT_NOFILE),"
+        " flush=True); time.sleep(60)"
+    )
+    with procs.ManagedProcess(
+        "limited", [sys.executable, "-c", script], log_dir=tmp_path, nofile=256
+    ) as process:
         assert process.wait_output(r"nofile (\d+) (\d+)", timeout_s=10).groups()[0] == "256"

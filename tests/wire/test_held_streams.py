@@ -58,8 +58,21 @@ def hold(simulator, gateway, **nginx_overrides) -> tuple[HeldOutcome, int, str]:
         expected = "".join(expected_tokens(TOKENS))
         start = time.monotonic() + 0.2
         timeout_s = TTFT_MS / 1000 + OPEN_S + 30
-        outcome = asyncio.run(run_streams(proxy.port, "completions", TOKENS, None, expected, 0,
-                                          STREAMS, STREAMS, start, OPEN_S, timeout_s))
+        outcome = asyncio.run(
+            run_streams(
+                proxy.port,
+                "completions",
+                TOKENS,
+                None,
+                expected,
+                0,
+                STREAMS,
+                STREAMS,
+                start,
+                OPEN_S,
+                timeout_s,
+            )
+        )
         return outcome, simulator.stats()["peak_active"], proxy.logs()
     finally:
         proxy.stop()

@@ -37,10 +37,10 @@ def hostile_gateway(gateway_factory, hostile):
 def ask(gateway, behaviour: str, *, stream: bool = True) -> tuple[str, stream_probe.Trace]:
     """One request whose prompt nobody else uses: (prompt, what came back)."""
     prompt = f"request {next(_prompt_numbers)} asks about {behaviour} here"
-    body = {"model": behaviour, "messages": [{"role": "user", "content": prompt}],
-            "stream": stream}
-    trace = stream_probe.request(gateway.host, gateway.port, "/v1/chat/completions", body,
-                                 timeout_s=15)
+    body = {"model": behaviour, "messages": [{"role": "user", "content": prompt}], "stream": stream}
+    trace = stream_probe.request(
+        gateway.host, gateway.port, "/v1/chat/completions", body, timeout_s=15
+    )
     return prompt, trace
 
 
@@ -59,9 +59,20 @@ def assert_error(trace: stream_probe.Trace, status: int) -> dict:
     return error
 
 
-USABLE = ["plain", "interim-100", "interim-103", "interim-several", "idle-bytes",
-          "trailing-junk", "close-when-idle", "drop-next", "connection-close",
-          "chunk-ext-trailers", "split-head", "late-end"]
+USABLE = [
+    "plain",
+    "interim-100",
+    "interim-103",
+    "interim-several",
+    "idle-bytes",
+    "trailing-junk",
+    "close-when-idle",
+    "drop-next",
+    "connection-close",
+    "chunk-ext-trailers",
+    "split-head",
+    "late-end",
+]
 
 
 @pytest.mark.parametrize("behaviour", USABLE)

@@ -41,8 +41,6 @@ def stream(service, route: str, **body) -> tuple[stream_probe.Trace, chat.Relay]
 # --- /metrics ------------------------------------------------------------------------------
 
 
-
-
 def value(scraped: dict, name: str, **labels: str) -> float:
     """A series' value; a missing series fails (services.sample), it never reads as 0."""
     return services.sample(scraped, name, **labels)
@@ -88,8 +86,7 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
     for route, tokens in TOKENS_BY_ROUTE.items():
         trace, relay = stream(gateway, route, max_tokens=tokens)
         assert relay.ended_properly and relay.content == expected_text(tokens), trace.error
-    invalid = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[chat.SSE],
-                                   {"prompt": ""})
+    invalid = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[chat.SSE], {"prompt": ""})
     assert invalid.status == 400
     fault, _ = stream(gateway, chat.SSE, model="sim-fault-500")
     assert fault.status == 502
@@ -97,8 +94,9 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
 
     for route, tokens in TOKENS_BY_ROUTE.items():
         label = ROUTE_LABELS[route]
-        assert moved(streamed, before, "streamgate_requests_total", route=label,
-                     status="200") == 1, label
+        assert (
+            moved(streamed, before, "streamgate_requests_total", route=label, status="200") == 1
+        ), label
         assert moved(streamed, before, "streamgate_tokens_relayed_total", route=label) == tokens
         assert moved(streamed, before, "streamgate_ttft_seconds_count", route=label) == 1, label
     for name, labels, expected in [
@@ -125,15 +123,26 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
         active_while_streaming.append(value(gateway.metrics(), "streamgate_active_streams"))
         return True
 
-    hung_up = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[chat.TEXT],
-                                   chat.body(chat.TEXT), timeout_s=20, stop_when=hang_up)
+    hung_up = stream_probe.request(
+        "127.0.0.1",
+        gateway.port,
+        chat.ROUTES[chat.TEXT],
+        chat.body(chat.TEXT),
+        timeout_s=20,
+        stop_when=hang_up,
+    )
     assert hung_up.client_closed, hung_up.error
     assert active_while_streaming == [1]
 
     def hang_up_counted():
         scraped = gateway.metrics()
-        counted = moved(scraped, streamed, "streamgate_client_disconnects_total",
-                        route="stream", phase="streaming")
+        counted = moved(
+            scraped,
+            streamed,
+            "streamgate_client_disconnects_total",
+            route="stream",
+            phase="streaming",
+        )
         return scraped if counted and value(scraped, "streamgate_active_streams") == 0 else None
 
     after = wait_until(hang_up_counted, timeout_s=5, what="the hang-up to be counted")
@@ -152,8 +161,11 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
 
 def workers_started(service) -> list[dict]:
     """The `worker_started` log events of a gateway so far."""
-    return [json.loads(line) for line in service.process.log_path.read_text().splitlines()
-            if line.startswith('{"event":"worker_started"')]
+    return [
+        json.loads(line)
+        for line in service.process.log_path.read_text().splitlines()
+        if line.startswith('{"event":"worker_started"')
+    ]
 
 
 def default_model(service) -> str:
@@ -161,8 +173,9 @@ def default_model(service) -> str:
     it): STREAMGATE_DEFAULT_MODEL as the worker that answered has it."""
     request = urllib.request.Request(
         f"{service.base_url}/v1/chat/completions",
-        data=json.dumps({"messages": [{"role": "user", "content": "hi"}],
-                         "max_tokens": 1}).encode(),
+        data=json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        ).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
@@ -178,25 +191,39 @@ def test_hup_reload_finishes_in_flight_streams_and_applies_the_env_file(
     try:
         # Ready means one worker answers; each worker reads the file when it boots, so all
         # must be up before the file changes.
-        wait_until(lambda: len(workers_started(gateway)) == 2, timeout_s=20,
-                   what="both workers to start")
+        wait_until(
+            lambda: len(workers_started(gateway)) == 2, timeout_s=20, what="both workers to start"
+        )
         assert default_model(gateway) == "model-before-reload"
         tokens = 100  # 2 s at 20 ms a token: in flight across the reload
         finished: dict[str, stream_probe.Trace] = {}
-        in_flight = threading.Thread(target=lambda: finished.update(trace=stream_probe.request(
-            "127.0.0.1", gateway.port, chat.ROUTES[chat.SSE],
-            chat.body(chat.SSE, max_tokens=tokens), timeout_s=30)))
+        in_flight = threading.Thread(
+            target=lambda: finished.update(
+                trace=stream_probe.request(
+                    "127.0.0.1",
+                    gateway.port,
+                    chat.ROUTES[chat.SSE],
+                    chat.body(chat.SSE, max_tokens=tokens),
+                    timeout_s=30,
+                )
+            )
+        )
         in_flight.start()
-        wait_until(lambda: simulator.stats()["active"] >= 1, timeout_s=5,
-                   what="the stream to be in flight")
+        wait_until(
+            lambda: simulator.stats()["active"] >= 1, timeout_s=5, what="the stream to be in flight"
+        )
 
         env_file.write_text("STREAMGATE_DEFAULT_MODEL=model-after-reload\n")
         # Negative control: a changed file alone changes nothing; the reload applies it.
         assert default_model(gateway) == "model-before-reload"
         os.kill(gateway.process.pid, signal.SIGHUP)  # the gunicorn master (our child)
         hup_at = time.monotonic()
-        wait_until(lambda: default_model(gateway) == "model-after-reload", timeout_s=20,
-                   interval_s=0.1, what="new workers with the changed env file")
+        wait_until(
+            lambda: default_model(gateway) == "model-after-reload",
+            timeout_s=20,
+            interval_s=0.1,
+            what="new workers with the changed env file",
+        )
         assert {default_model(gateway) for _ in range(6)} == {"model-after-reload"}
 
         in_flight.join(timeout=30)
@@ -238,7 +265,8 @@ class ForwardProxy:
     def start(self) -> ForwardProxy:
         self.thread.start()
         self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result(timeout=5)
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop
+        ).result(timeout=5)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
@@ -258,16 +286,33 @@ class ForwardProxy:
             method, target, version = request_line.split(b" ")
             url = urllib.parse.urlsplit(target.decode("latin-1"))
             self.heads.append(head)
-            kept = [field for field in fields.split(b"\r\n") if field and not field.lower()
-                    .startswith((b"connection:", b"proxy-connection:", b"keep-alive:"))]
+            kept = [
+                field
+                for field in fields.split(b"\r\n")
+                if field
+                and not field.lower().startswith(
+                    (b"connection:", b"proxy-connection:", b"keep-alive:")
+                )
+            ]
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
             upstream_reader, upstream_writer = await asyncio.open_connection(
-                url.hostname, url.port or 80)
-            upstream_writer.write(b"\r\n".join([
-                b" ".join([method, path.encode(), version]), *kept, b"Connection: close", b"", b""
-            ]))
-            pipes = [asyncio.ensure_future(_pipe(reader, upstream_writer)),
-                     asyncio.ensure_future(_pipe(upstream_reader, writer))]
+                url.hostname, url.port or 80
+            )
+            upstream_writer.write(
+                b"\r\n".join(
+                    [
+                        b" ".join([method, path.encode(), version]),
+                        *kept,
+                        b"Connection: close",
+                        b"",
+                        b"",
+                    ]
+                )
+            )
+            pipes = [
+                asyncio.ensure_future(_pipe(reader, upstream_writer)),
+                asyncio.ensure_future(_pipe(upstream_reader, writer)),
+            ]
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
             for pipe in pipes:
                 pipe.cancel()
@@ -297,15 +342,22 @@ def proxied_gateway(gateway_factory, simulator, proxy):
     plain_environment = services.clean_environ
 
     def with_proxy() -> dict[str, str]:
-        environment = {name: value for name, value in plain_environment().items()
-                       if name.lower() not in ("http_proxy", "all_proxy", "no_proxy")}
+        environment = {
+            name: value
+            for name, value in plain_environment().items()
+            if name.lower() not in ("http_proxy", "all_proxy", "no_proxy")
+        }
         return {**environment, "HTTP_PROXY": proxy.url}
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(services, "clean_environ", with_proxy)
-        gateway = gateway_factory(simulator, workers=1, upstream_retries=0,
-                                  first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
-                                  token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S)
+        gateway = gateway_factory(
+            simulator,
+            workers=1,
+            upstream_retries=0,
+            first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
+            token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S,
+        )
     yield gateway
     gateway.stop()
 
@@ -326,9 +378,14 @@ def test_default_gateway_logs_the_lean_transport(gateway):
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_every_token_arrives_exactly_through_the_proxy(proxied_gateway, proxy, route):
     request_id = f"wire-proxy-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request("127.0.0.1", proxied_gateway.port, chat.ROUTES[route],
-                                 chat.body(route), headers={"X-Request-ID": request_id},
-                                 timeout_s=20)
+    trace = stream_probe.request(
+        "127.0.0.1",
+        proxied_gateway.port,
+        chat.ROUTES[route],
+        chat.body(route),
+        headers={"X-Request-ID": request_id},
+        timeout_s=20,
+    )
     relay = chat.decode(route, trace)
     assert trace.status == 200 and relay.ended_properly, (trace.status, trace.error, relay.error)
     assert relay.content == expected_text(50)
@@ -346,7 +403,8 @@ def test_non_streamed_completion_through_the_proxy(proxied_gateway, proxy):
 # (request body extras, how the client hangs up)
 HANG_UPS = {
     "mid-stream": (
-        {}, {"stop_when": lambda t: stream_probe.separate_reads(t) >= HANG_UP_AFTER_READS}
+        {},
+        {"stop_when": lambda t: stream_probe.separate_reads(t) >= HANG_UP_AFTER_READS},
     ),
     "before-first-token": ({"model": "sim-fault-stall-first"}, {"stop_after_s": 0.4}),
 }
@@ -357,8 +415,13 @@ def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simu
     body, hang_up = HANG_UPS[when]
     request_id = f"wire-proxy-hangup-{uuid.uuid4().hex[:12]}"
     trace = stream_probe.request(
-        "127.0.0.1", proxied_gateway.port, chat.ROUTES[chat.SSE], chat.body(chat.SSE, **body),
-        headers={"X-Request-ID": request_id}, timeout_s=10, **hang_up,
+        "127.0.0.1",
+        proxied_gateway.port,
+        chat.ROUTES[chat.SSE],
+        chat.body(chat.SSE, **body),
+        headers={"X-Request-ID": request_id},
+        timeout_s=10,
+        **hang_up,
     )
     assert trace.client_closed and not trace.error, (trace.status, trace.error)
     cancel = cancel_record(simulator, request_id)
@@ -373,11 +436,13 @@ def test_timeouts_through_the_proxy(proxied_gateway):
     before = proxied_gateway.metrics()
     stalled_first, _ = stream(proxied_gateway, chat.SSE, model="sim-fault-stall-first")
     assert stalled_first.status == 504, (stalled_first.status, stalled_first.body[:200])
-    assert (FIRST_TOKEN_TIMEOUT_S - 0.05 <= stalled_first.headers_at_s
-            <= FIRST_TOKEN_TIMEOUT_S + 1.5), stalled_first.headers_at_s
+    assert (
+        FIRST_TOKEN_TIMEOUT_S - 0.05 <= stalled_first.headers_at_s <= FIRST_TOKEN_TIMEOUT_S + 1.5
+    ), stalled_first.headers_at_s
 
-    stalled_mid, relay = stream(proxied_gateway, chat.SSE, model="sim-fault-stall-midstream",
-                                max_tokens=10)
+    stalled_mid, relay = stream(
+        proxied_gateway, chat.SSE, model="sim-fault-stall-midstream", max_tokens=10
+    )
     assert stalled_mid.status == 200 and relay.content == expected_text(5)
     assert isinstance(relay.error, dict), relay.error
     assert "gap between tokens" in relay.error["error"]["message"], relay.error

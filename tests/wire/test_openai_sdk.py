@@ -21,7 +21,9 @@ def base_url(request, gateway) -> str:
 
 def client(base_url: str) -> openai.AsyncOpenAI:
     # Retries off and a short timeout: a failure must show, not be papered over.
-    return openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY_PLACEHOLDER, max_retries=0, timeout=15)
+    return openai.AsyncOpenAI(
+        base_url=base_url, api_key=API_KEY_PLACEHOLDER, max_retries=0, timeout=15
+    )
 
 
 async def collect_stream(base_url: str, model: str = "streamgate-sim", **options) -> list:

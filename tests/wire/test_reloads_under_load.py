@@ -26,8 +26,9 @@ TOKENS = 50
 RELOADS = 3
 SETTLE_S = 3.0  # load running before the first operation, and between two
 WINDOW_S = 3.0  # streams open within this long after an operation count as "during" it
-BODY = json.dumps({"model": "m", "stream": True,
-                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+BODY = json.dumps(
+    {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +60,17 @@ def run_operations(url: str, operate, times: int = RELOADS) -> tuple[WindowRepor
 
 def test_gateway_reload_loses_no_stream_and_keeps_the_first_token_fast(edge):
     gateway, proxy = edge
-    rest, during = run_operations(f"{proxy.base_url}/v1/chat/completions",
-                                  lambda: os.kill(gateway.process.pid, signal.SIGHUP))
+    rest, during = run_operations(
+        f"{proxy.base_url}/v1/chat/completions", lambda: os.kill(gateway.process.pid, signal.SIGHUP)
+    )
     assert_nothing_lost(rest, during, min_streams=RELOADS * CLIENTS)
 
 
 def test_nginx_reload_loses_no_stream_and_keeps_the_first_token_fast(edge):
     _, proxy = edge
-    rest, during = run_operations(f"{proxy.base_url}/v1/chat/completions",
-                                  lambda: os.kill(proxy.process.pid, signal.SIGHUP))
+    rest, during = run_operations(
+        f"{proxy.base_url}/v1/chat/completions", lambda: os.kill(proxy.process.pid, signal.SIGHUP)
+    )
     assert_nothing_lost(rest, during, min_streams=RELOADS * CLIENTS)
 
 
@@ -88,18 +91,23 @@ def test_control_a_killed_worker_is_counted_as_lost_streams(edge):
 
 
 def test_control_workers_that_import_the_app_after_a_reload_are_a_first_token_spike(
-        nginx_factory, gateway_factory, simulator, tmp_path):
+    nginx_factory, gateway_factory, simulator, tmp_path
+):
     """The spike check sees the gateway as it was: each new worker imports the app itself while
     the old ones stop accepting (gunicorn.conf.py's import_app_code made a no-op)."""
     conf = tmp_path / "gunicorn-importing-workers.conf.py"
-    conf.write_text(f"exec(compile(open({str(services.GUNICORN_CONF)!r}).read(), "
-                    f"{str(services.GUNICORN_CONF)!r}, 'exec'))\n"
-                    "def import_app_code():\n    pass\n")
+    conf.write_text(
+        f"exec(compile(open({str(services.GUNICORN_CONF)!r}).read(), "
+        f"{str(services.GUNICORN_CONF)!r}, 'exec'))\n"
+        "def import_app_code():\n    pass\n"
+    )
     gateway = gateway_factory(simulator, workers=2, gunicorn_conf=conf)
     proxy = nginx_factory(gateway)
     try:
-        rest, during = run_operations(f"{proxy.base_url}/v1/chat/completions",
-                                      lambda: os.kill(gateway.process.pid, signal.SIGHUP))
+        rest, during = run_operations(
+            f"{proxy.base_url}/v1/chat/completions",
+            lambda: os.kill(gateway.process.pid, signal.SIGHUP),
+        )
     finally:
         proxy.stop()
         gateway.stop()

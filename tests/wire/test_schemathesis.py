@@ -26,8 +26,14 @@ from schemathesis.specs.openapi.checks import (
 from streamgate.auth import hash_key
 
 KEY = "sk-sg-schemathesis-" + uuid.uuid4().hex
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance, ignored_auth]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    ignored_auth,
+]
 MAX_EXAMPLES = 40
 
 
@@ -35,9 +41,15 @@ MAX_EXAMPLES = 40
 def fuzzed_gateway(simulator_factory, gateway_factory):
     simulator = simulator_factory(ttft_ms=0, gap_ms=0, tokens=5)
     gateway = gateway_factory(
-        simulator, workers=1, client_key_hashes=f"fuzz:{hash_key(KEY)}",
-        allowed_models="streamgate-sim", default_model="streamgate-sim", max_tokens_limit=8,
-        max_n=1, max_prompt_chars=2000)
+        simulator,
+        workers=1,
+        client_key_hashes=f"fuzz:{hash_key(KEY)}",
+        allowed_models="streamgate-sim",
+        default_model="streamgate-sim",
+        max_tokens_limit=8,
+        max_n=1,
+        max_prompt_chars=2000,
+    )
     yield gateway
     gateway.stop()
     simulator.stop()
@@ -49,26 +61,40 @@ def gateway_schema(fuzzed_gateway):
 
 
 CHAT = ["/v1/chat/stream", "/v1/chat/stream-sse", "/v1/chat/completions"]
-OPERATIONS = ([("POST", path, mode) for path in CHAT for mode in GenerationMode]
-              + [("GET", path, GenerationMode.POSITIVE)
-                 for path in ("/healthz", "/readyz", "/metrics")])
+OPERATIONS = [("POST", path, mode) for path in CHAT for mode in GenerationMode] + [
+    ("GET", path, GenerationMode.POSITIVE) for path in ("/healthz", "/readyz", "/metrics")
+]
 
 
-@pytest.mark.parametrize(("method", "path", "mode"), OPERATIONS,
-                         ids=[f"{m} {p} {mode.value}" for m, p, mode in OPERATIONS])
-def test_the_gateway_answers_as_its_schema_says(gateway_schema, fuzzed_gateway, method, path,
-                                                mode):
+@pytest.mark.parametrize(
+    ("method", "path", "mode"),
+    OPERATIONS,
+    ids=[f"{m} {p} {mode.value}" for m, p, mode in OPERATIONS],
+)
+def test_the_gateway_answers_as_its_schema_says(gateway_schema, fuzzed_gateway, method, path, mode):
     operation = gateway_schema[path][method]
-    label = {"/v1/chat/stream": "stream", "/v1/chat/stream-sse": "stream-sse",
-             "/v1/chat/completions": "completions"}.get(path)
+    label = {
+        "/v1/chat/stream": "stream",
+        "/v1/chat/stream-sse": "stream-sse",
+        "/v1/chat/completions": "completions",
+    }.get(path)
     before = fuzzed_gateway.metrics()
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def call(case):
-        case.call_and_validate(base_url=fuzzed_gateway.base_url, checks=CHECKS,
-                               headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+        case.call_and_validate(
+            base_url=fuzzed_gateway.base_url,
+            checks=CHECKS,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=10,
+        )
 
     call()
     if label is not None and mode is GenerationMode.POSITIVE:

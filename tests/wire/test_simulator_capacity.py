@@ -27,9 +27,7 @@ def assert_capacity(result: CapacityResult, max_gap_p99_ms: float) -> None:
     reason = oversubscribed(result)
     if reason is not None:
         warnings.warn(reason, stacklevel=2)
-    problems = capacity_problems(
-        result, max_gap_p99_ms=max_gap_p99_ms, judge_timing=reason is None
-    )
+    problems = capacity_problems(result, max_gap_p99_ms=max_gap_p99_ms, judge_timing=reason is None)
     assert problems == [], result.summary()
 
 
@@ -58,6 +56,4 @@ def test_the_capacity_verdict_fails_when_tokens_coalesce():
     )
     assert result.completed == 50, result.summary()
     problems = capacity_problems(result, max_gap_p99_ms=100)
-    assert any(problem.startswith("tokens coalesced") for problem in problems), (
-        result.summary()
-    )
+    assert any(problem.startswith("tokens coalesced") for problem in problems), result.summary()

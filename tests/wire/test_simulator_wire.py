@@ -56,9 +56,7 @@ def test_environment_variables_configure_the_process():
     env = {**os.environ, "STREAMGATE_SIM_TOKENS": "7", "STREAMGATE_SIM_TTFT_MS": "300"}
     with SimulatorProcess(env=env) as process:
         started = time.monotonic()
-        response = httpx.post(
-            process.url + "/v1/chat/completions", json={"messages": []}
-        )
+        response = httpx.post(process.url + "/v1/chat/completions", json={"messages": []})
         elapsed = time.monotonic() - started
     assert response.json()["choices"][0]["message"]["content"] == expected_text(7)
     assert elapsed >= 0.3
@@ -66,9 +64,7 @@ def test_environment_variables_configure_the_process():
 
 def test_tokens_arrive_one_read_each_at_the_configured_pace():
     """The contract defaults on the wire: 50 tokens 20 ms apart after 50 ms, each its own read."""
-    result = run_capacity_check(
-        streams=10, tokens=50, gap_ms=20, ttft_ms=50, timeout_s=20
-    )
+    result = run_capacity_check(streams=10, tokens=50, gap_ms=20, ttft_ms=50, timeout_s=20)
     assert result.completed == 10, result.errors
     assert result.reads_per_stream_min >= 45, result.summary()
     assert result.spread_min_ms >= 800, result.summary()
@@ -77,22 +73,17 @@ def test_tokens_arrive_one_read_each_at_the_configured_pace():
 
 def test_a_slow_first_token_is_slow_on_the_wire():
     """Negative control for the pace check: the configured TTFT is what the client sees."""
-    result = run_capacity_check(
-        streams=2, tokens=5, gap_ms=20, ttft_ms=400, timeout_s=20
-    )
+    result = run_capacity_check(streams=2, tokens=5, gap_ms=20, ttft_ms=400, timeout_s=20)
     assert result.completed == 2
     assert result.ttft_p50_ms >= 400
 
 
-def _open_stream(
-    process: SimulatorProcess, model: str, request_id: str
-) -> socket.socket:
+def _open_stream(process: SimulatorProcess, model: str, request_id: str) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", process.port), timeout=5)
     body = b'{"stream": true, "model": "%b"}' % model.encode()
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: sim\r\ncontent-type: application/json\r\n"
-        b"x-request-id: %b\r\ncontent-length: %d\r\n\r\n%b"
-        % (request_id.encode(), len(body), body)
+        b"x-request-id: %b\r\ncontent-length: %d\r\n\r\n%b" % (request_id.encode(), len(body), body)
     )
     received = b""
     wanted = b"200 OK" if model == "sim-fault-stall-first" else b'"content":"ing "'
@@ -155,9 +146,7 @@ def test_async_openai_sdk_against_the_process(sim_process):
                 messages=[{"role": "user", "content": "hello"}],
                 max_tokens=12,
             )
-        streamed = "".join(
-            c.choices[0].delta.content or "" for c in chunks if c.choices
-        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         return (
             streamed,
             whole.choices[0].message.content,
@@ -200,9 +189,7 @@ def _memory_kib(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def _write_without_reading(
-    port: int, data: bytes, limit_s: float
-) -> tuple[socket.socket, int]:
+def _write_without_reading(port: int, data: bytes, limit_s: float) -> tuple[socket.socket, int]:
     """Write data without ever reading; stops when a write blocks for a while (back-pressure)
     or after limit_s. Returns the open socket and how much was written."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=0.3)
@@ -266,7 +253,8 @@ def test_a_bad_request_pipelined_behind_a_stream_waits_for_its_end(sim_process):
     decoded = decode_chunked(body[: stream_end + 5])
     assert decoded.endswith(b"data: [DONE]\n\n")
     chunks = [event.json() for event in sse.parse(decoded).events if event.data != "[DONE]"]
-    content = "".join(chunk["choices"][0]["delta"].get("content", "")
-                      for chunk in chunks if chunk["choices"])
+    content = "".join(
+        chunk["choices"][0]["delta"].get("content", "") for chunk in chunks if chunk["choices"]
+    )
     assert content == expected_text(5)
     assert b"connection: close" in body[error_at:]

@@ -52,8 +52,9 @@ SETTLE_S = 3.0  # load running before the operation: the at-rest sample
 AFTER_S = 1.0  # streams starting this long after the old gateway is gone still count
 UPGRADE_TIMEOUT_S = 30.0
 REFUSED_TIMEOUT_S = 4.0  # the command's bound when systemd never takes the new master
-BODY = json.dumps({"model": "m", "stream": True,
-                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+BODY = json.dumps(
+    {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
 # The project's config, then the release: read from disk as the master starts, logged as
 # "<pid> <release>". A release ending in "broken" has an app that fails at startup, as a release
 # with a bug in its lifespan would: every worker exits, and gunicorn halts that master.
@@ -84,9 +85,13 @@ class Release:
         self.log = directory / "release.log"
         self.conf = directory / "gunicorn-release.conf.py"
         self.marker.write_text("release-1\n")
-        self.conf.write_text(RELEASE_CONF.format(conf=str(services.GUNICORN_CONF),
-                                                 release=str(self.marker),
-                                                 release_log=str(self.log)))
+        self.conf.write_text(
+            RELEASE_CONF.format(
+                conf=str(services.GUNICORN_CONF),
+                release=str(self.marker),
+                release_log=str(self.log),
+            )
+        )
 
     def install(self, name: str) -> None:
         self.marker.write_text(f"{name}\n")
@@ -104,8 +109,9 @@ class Release:
         return found[0]
 
 
-def start_release_gateway(gateway_factory, simulator, directory: Path,
-                          stand_in: SystemdStandIn) -> tuple[services.Service, Release]:
+def start_release_gateway(
+    gateway_factory, simulator, directory: Path, stand_in: SystemdStandIn
+) -> tuple[services.Service, Release]:
     """A two-worker gateway launched as the unit launches it, announcing to the stand-in."""
     release = Release(directory)
     with pytest.MonkeyPatch.context() as patch:  # the gateway's environment is a copy of ours
@@ -114,19 +120,35 @@ def start_release_gateway(gateway_factory, simulator, directory: Path,
         gateway = gateway_factory(simulator, workers=2, gunicorn_conf=release.conf, script=True)
     stand_in.main_pid = gateway.process.pid
     # /readyz can answer before gunicorn has forked the second worker (up to 0.1 s apart).
-    wait_until(lambda: len(live_children(gateway.process.pid)) == 2, timeout_s=10,
-               what="both workers")
+    wait_until(
+        lambda: len(live_children(gateway.process.pid)) == 2, timeout_s=10, what="both workers"
+    )
     return gateway, release
 
 
-def run_upgrade(stand_in: SystemdStandIn, gateway: services.Service,
-                timeout_s: float) -> subprocess.CompletedProcess:
+def run_upgrade(
+    stand_in: SystemdStandIn, gateway: services.Service, timeout_s: float
+) -> subprocess.CompletedProcess:
     env = stand_in.command_env()
     env.pop("NOTIFY_SOCKET", None)
     return subprocess.run(
-        [sys.executable, "-m", "streamgate.upgrade", "--unit", UNIT,
-         "--ready-url", f"{gateway.base_url}/readyz", "--timeout", str(timeout_s)],
-        env=env, capture_output=True, text=True, timeout=timeout_s + 30, check=False)
+        [
+            sys.executable,
+            "-m",
+            "streamgate.upgrade",
+            "--unit",
+            UNIT,
+            "--ready-url",
+            f"{gateway.base_url}/readyz",
+            "--timeout",
+            str(timeout_s),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s + 30,
+        check=False,
+    )
 
 
 def live_children(pid: int) -> list[int]:
@@ -162,29 +184,42 @@ def stop_generation(master: int, timeout_s: float = 15.0) -> None:
     except psutil.NoSuchProcess:
         return
     try:
-        wait_until(lambda: all(is_gone(each) for each in group), timeout_s=timeout_s,
-                   interval_s=0.05, what=f"master {master} and its workers to exit")
+        wait_until(
+            lambda: all(is_gone(each) for each in group),
+            timeout_s=timeout_s,
+            interval_s=0.05,
+            what=f"master {master} and its workers to exit",
+        )
     except TimeoutError:
         for each in group:
             with contextlib.suppress(psutil.NoSuchProcess):
                 each.kill()
-        wait_until(lambda: all(is_gone(each) for each in group), timeout_s=5,
-                   what=f"master {master} and its workers to die")
+        wait_until(
+            lambda: all(is_gone(each) for each in group),
+            timeout_s=5,
+            what=f"master {master} and its workers to die",
+        )
 
 
 def longest_wait_for_a_new_stream(results: list[StreamResult], start: float, end: float) -> float:
     """The longest time within (start, end) in which no stream got its first token: while the
     gateway serves, 30 clients see one every few tens of ms."""
-    firsts = sorted(result.first_token for result in results
-                    if result.outcome == COMPLETED and result.first_token is not None)
+    firsts = sorted(
+        result.first_token
+        for result in results
+        if result.outcome == COMPLETED and result.first_token is not None
+    )
     marks = [start, *(moment for moment in firsts if start < moment < end), end]
     return max(later - earlier for earlier, later in itertools.pairwise(marks))
 
 
-def figures(what: str, rest: WindowReport, during: WindowReport, gaps_s: tuple[float, float]
-            ) -> str:
-    line = (f"{what}: at rest {rest}; during {during}; longest time without a new stream "
-            f"served {gaps_s[1] * 1000:.0f} ms (at rest {gaps_s[0] * 1000:.0f} ms)")
+def figures(
+    what: str, rest: WindowReport, during: WindowReport, gaps_s: tuple[float, float]
+) -> str:
+    line = (
+        f"{what}: at rest {rest}; during {during}; longest time without a new stream "
+        f"served {gaps_s[1] * 1000:.0f} ms (at rest {gaps_s[0] * 1000:.0f} ms)"
+    )
     print(f"\n{line}")
     return line
 
@@ -197,14 +232,19 @@ def stand_in():
 
 
 def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
-        gateway_factory, nginx_factory, simulator, stand_in, tmp_path):
+    gateway_factory, nginx_factory, simulator, stand_in, tmp_path
+):
     gateway, release = start_release_gateway(gateway_factory, simulator, tmp_path, stand_in)
     old = gateway.process.pid
     old_workers = live_children(old)
     proxy = nginx_factory(gateway)
     try:
-        load = StreamLoad(f"{proxy.base_url}/v1/chat/completions", BODY, clients=CLIENTS,
-                          expected_text=expected_text(TOKENS)).start()
+        load = StreamLoad(
+            f"{proxy.base_url}/v1/chat/completions",
+            BODY,
+            clients=CLIENTS,
+            expected_text=expected_text(TOKENS),
+        ).start()
         try:
             time.sleep(SETTLE_S)
             release.install("release-2")
@@ -220,8 +260,10 @@ def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
             results = load.stop()
         rest = load.report((usr2_at - SETTLE_S + 0.5, usr2_at - 0.5))
         during = load.report((usr2_at, old_gone_at + AFTER_S))
-        gaps_s = (longest_wait_for_a_new_stream(results, usr2_at - SETTLE_S + 0.5, usr2_at - 0.5),
-                  longest_wait_for_a_new_stream(results, usr2_at, old_gone_at + AFTER_S))
+        gaps_s = (
+            longest_wait_for_a_new_stream(results, usr2_at - SETTLE_S + 0.5, usr2_at - 0.5),
+            longest_wait_for_a_new_stream(results, usr2_at, old_gone_at + AFTER_S),
+        )
         summary = figures("upgrade in place (USR2)", rest, during, gaps_s)
         print(summary)
         assert_nothing_lost(rest, during, min_streams=2 * CLIENTS)
@@ -229,10 +271,16 @@ def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
         # The new code serves: the master that read release-2, and only its workers listen.
         assert release.read_by()[old] == "release-1"
         assert new != old and release.master_of("release-2") == new
-        listening = {conn.pid for conn in psutil.net_connections(kind="tcp")
-                     if conn.status == psutil.CONN_LISTEN and conn.laddr.port == gateway.port}
+        listening = {
+            conn.pid
+            for conn in psutil.net_connections(kind="tcp")
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == gateway.port
+        }
         assert listening == set(new_workers) == set(live_children(new)), (
-            listening, new_workers, old_workers)
+            listening,
+            new_workers,
+            old_workers,
+        )
         assert not set(old_workers) & listening
         assert http_status(f"{gateway.base_url}/readyz") == 200
 
@@ -244,13 +292,21 @@ def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
             assert note.sender in new_workers and note.received > usr2_at, note
 
         # A master not started by USR2 announces nothing: the promoted one, across a HUP.
-        wait_until(lambda: "Master has been promoted." in gateway.process.logs(20_000),
-                   timeout_s=5, what="the new master to be promoted")
+        wait_until(
+            lambda: "Master has been promoted." in gateway.process.logs(20_000),
+            timeout_s=5,
+            what="the new master to be promoted",
+        )
         os.kill(new, signal.SIGHUP)
-        wait_until(lambda: (len(live_children(new)) == 2
-                            and not set(live_children(new)) & set(new_workers)
-                            and http_status(f"{gateway.base_url}/readyz") == 200),
-                   timeout_s=15, what="the HUP's workers")
+        wait_until(
+            lambda: (
+                len(live_children(new)) == 2
+                and not set(live_children(new)) & set(new_workers)
+                and http_status(f"{gateway.base_url}/readyz") == 200
+            ),
+            timeout_s=15,
+            what="the HUP's workers",
+        )
         time.sleep(0.5)  # a worker announces right after its server starts
         assert stand_in.main_pid_announcements() == announced, stand_in.notifications
     finally:
@@ -262,12 +318,17 @@ def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
 
 
 def test_control_a_stop_then_start_is_counted_as_lost_streams(
-        gateway_factory, nginx_factory, simulator):
+    gateway_factory, nginx_factory, simulator
+):
     """The same load and counter see what `systemctl restart` does: a gap with no gateway."""
     gateway = gateway_factory(simulator, workers=2)
     proxy = nginx_factory(gateway)
-    load = StreamLoad(f"{proxy.base_url}/v1/chat/completions", BODY, clients=CLIENTS,
-                      expected_text=expected_text(TOKENS)).start()
+    load = StreamLoad(
+        f"{proxy.base_url}/v1/chat/completions",
+        BODY,
+        clients=CLIENTS,
+        expected_text=expected_text(TOKENS),
+    ).start()
     restarted = None
     try:
         time.sleep(SETTLE_S)
@@ -284,8 +345,10 @@ def test_control_a_stop_then_start_is_counted_as_lost_streams(
             restarted.stop()
     rest = load.report((stop_at - SETTLE_S + 0.5, stop_at - 0.5))
     during = load.report((stop_at, started_at + AFTER_S))
-    gaps_s = (longest_wait_for_a_new_stream(results, stop_at - SETTLE_S + 0.5, stop_at - 0.5),
-              longest_wait_for_a_new_stream(results, stop_at, started_at + AFTER_S))
+    gaps_s = (
+        longest_wait_for_a_new_stream(results, stop_at - SETTLE_S + 0.5, stop_at - 0.5),
+        longest_wait_for_a_new_stream(results, stop_at, started_at + AFTER_S),
+    )
     summary = figures("stop then start", rest, during, gaps_s)
     assert rest.lost == 0, summary
     assert during.lost > 0, summary
@@ -297,8 +360,9 @@ def rollback_gateway(gateway_factory, simulator, tmp_path_factory):
     """One gateway whose upgrades fail: each test leaves it as it found it, its first master
     serving as the main process."""
     systemd = SystemdStandIn().start()
-    gateway, release = start_release_gateway(gateway_factory, simulator,
-                                             tmp_path_factory.mktemp("rollback"), systemd)
+    gateway, release = start_release_gateway(
+        gateway_factory, simulator, tmp_path_factory.mktemp("rollback"), systemd
+    )
     yield gateway, release, systemd
     gateway.stop()
     systemd.stop()
@@ -310,7 +374,9 @@ def assert_old_master_serves_as_before(gateway, stand_in, workers_before: list[i
     assert stand_in.main_pid == old
     # The same workers, and no new master beside them.
     assert live_children(old) == workers_before, (
-        [(pid, psutil.Process(pid).cmdline()[-3:]) for pid in live_children(old)], workers_before)
+        [(pid, psutil.Process(pid).cmdline()[-3:]) for pid in live_children(old)],
+        workers_before,
+    )
     assert http_status(f"{gateway.base_url}/readyz") == 200
 
 
@@ -339,11 +405,15 @@ def test_a_systemd_refusing_the_handover_leaves_the_old_master_serving(rollback_
         assert upgraded.returncode == 1, (upgraded.stdout, upgraded.stderr)
         assert "NotifyAccess=all" in upgraded.stderr, upgraded.stderr
         refused = release.master_of("release-3")
-        assert any(note.fields.get("MAINPID") == str(refused)
-                   for note in stand_in.main_pid_announcements()), stand_in.notifications
+        assert any(
+            note.fields.get("MAINPID") == str(refused) for note in stand_in.main_pid_announcements()
+        ), stand_in.notifications
         # The command sent it TERM; a child of the old master, it is reaped by it.
-        wait_until(lambda: refused not in live_children(gateway.process.pid), timeout_s=15,
-                   what=f"the refused master {refused} to exit")
+        wait_until(
+            lambda: refused not in live_children(gateway.process.pid),
+            timeout_s=15,
+            what=f"the refused master {refused} to exit",
+        )
         assert_old_master_serves_as_before(gateway, stand_in, workers_before)
     finally:
         stand_in.notify_access = "all"

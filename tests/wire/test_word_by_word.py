@@ -55,9 +55,12 @@ def test_each_token_reaches_the_client_in_its_own_read(target, route, simulator)
     assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
     assert stream_probe.separate_reads(trace) >= MIN_SEPARATE_READS, describe(trace)
     assert stream_probe.arrival_span_s(trace) >= MIN_ARRIVAL_SPAN_S, describe(trace)
-    assert stream_probe.streaming_verdict(
-        trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
-    ) == STREAMED
+    assert (
+        stream_probe.streaming_verdict(
+            trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
+        )
+        == STREAMED
+    )
     first_byte_limit_s = simulator.ttft_ms / 1000 + FIRST_BYTE_MARGIN_S
     assert stream_probe.first_byte_s(trace) <= first_byte_limit_s, describe(trace)
     relay = chat.decode(route, trace)
@@ -71,7 +74,9 @@ def test_negative_control_buffering_nginx_is_detected(buffering_nginx, route):
     trace = probe(buffering_nginx, route)
 
     assert trace.status == 200 and trace.complete, (trace.status, trace.error)
-    assert stream_probe.streaming_verdict(
-        trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
-    ) == BUFFERED, describe(trace)
-
+    assert (
+        stream_probe.streaming_verdict(
+            trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
+        )
+        == BUFFERED
+    ), describe(trace)

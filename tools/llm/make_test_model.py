@@ -48,7 +48,6 @@ end line page book note letter number place point state system test check proof 
 """.split()
 
 
-
 @dataclass(frozen=True)
 class Size:
     embedding_length: int
@@ -78,11 +77,13 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(kind) for kind in kinds]
 
 
-def tensors(size: Size, vocab_size: int, sampled: np.ndarray,
-            rng: np.random.Generator) -> dict[str, np.ndarray]:
+def tensors(
+    size: Size, vocab_size: int, sampled: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Every tensor, numpy shape (out, in) as llama.cpp's converters write them, float32."""
+
     def random(*shape: int, scale: float = LAYER_WEIGHT_SCALE) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
 
     width, feed_forward = size.embedding_length, size.feed_forward_length
     ones = np.ones(width, dtype=np.float32)
@@ -148,8 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     args.path.parent.mkdir(parents=True, exist_ok=True)
     write_model(args.path, args.seed, SIZES[args.size])
-    print(f"wrote {args.path} ({args.path.stat().st_size} bytes, seed {args.seed}, "
-          f"size {args.size})")
+    print(
+        f"wrote {args.path} ({args.path.stat().st_size} bytes, seed {args.seed}, size {args.size})"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ def main() -> None:
     parser.add_argument("--alias", default="test-llama", help="the model name /v1/models reports")
     parser.add_argument("--parallel", type=int, default=32, help="sequences decoded together")
     parser.add_argument("--ctx", type=int, default=8192, help="context, shared by the sequences")
-    parser.add_argument("--max-tokens", type=int, default=512,
-                        help="answer length when a request sets none")
+    parser.add_argument(
+        "--max-tokens", type=int, default=512, help="answer length when a request sets none"
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads decoding")
     # One thread per open connection: requests beyond --parallel wait in the server's queue
     # instead of in the listen backlog (where a gateway's connect would time out).
@@ -48,8 +49,9 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server = xllamacpp.Server(params)
-    print(f"llama.cpp server on {server.listening_address}, {args.model} as {args.alias}",
-          flush=True)
+    print(
+        f"llama.cpp server on {server.listening_address}, {args.model} as {args.alias}", flush=True
+    )
     stop.wait()
 
 
