@@ -315,6 +315,7 @@ class ChatStream:
         "_fallback_next",
         "_lean",
         "_loop",
+        "_started",
         "finished",
         "response",
     )
@@ -325,6 +326,7 @@ class ChatStream:
         self.response = response
         self._loop = asyncio.get_running_loop()
         self._buffer = b""
+        self._started = False  # a first byte not a byte order mark has been seen
         self.finished = False  # "data: [DONE]" seen
         if lean is None and response is not None:
             # httpx2's client wraps the transport's stream (to time it): unwrap to reach ours.
@@ -393,15 +395,27 @@ class ChatStream:
 
     def parse(self, chunk: bytes) -> list[dict[str, Any]]:
         """Events completed by `chunk` (the rest is kept for the next call)."""
-        if b"\r" in chunk:  # servers may end lines with CRLF; the events below split on LF
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
+        if not self._started:  # one byte order mark may open the stream (WHATWG rules)
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
+                self._buffer = buffer
+                return []
+            self._started = True
+            if buffer.startswith(_BOM):
+                buffer = buffer[len(_BOM) :]
+        held = b""
+        if b"\r" in buffer:  # servers may end lines with CRLF or CR; the events split on LF
+            if buffer.endswith(b"\r"):  # may be the first half of a CRLF cut between reads
+                buffer, held = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if b"\n\n" not in buffer:
+            buffer += held
             if len(buffer) > MAX_EVENT_BYTES:
                 raise _invalid_response(f"one event over {MAX_EVENT_BYTES} bytes")
             self._buffer = buffer
             return []
-        *complete, self._buffer = buffer.split(b"\n\n")
+        *complete, rest = buffer.split(b"\n\n")
+        self._buffer = rest + held
         if len(self._buffer) > MAX_EVENT_BYTES:
             raise _invalid_response(f"one event over {MAX_EVENT_BYTES} bytes")
         events: list[dict[str, Any]] = []
@@ -450,6 +464,9 @@ class ChatStream:
                     return
         except (UpstreamReadTimeout, httpx2.HTTPError):
             pass
+
+
+_BOM = "\ufeff".encode()
 
 
 def _data_of(block: bytes) -> tuple[bytes | None, bytes | None]:
