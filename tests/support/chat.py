@@ -9,17 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from streamgate.formats import CHAT_ROUTES, OPENAI, SSE, TEXT
+
 from support import sse
 from support.stream_probe import Trace
 
-TEXT = "text"
-SSE = "sse"
-OPENAI = "openai"
-ROUTES = {
-    TEXT: "/v1/chat/stream",
-    SSE: "/v1/chat/stream-sse",
-    OPENAI: "/v1/chat/completions",
-}
+# Format name -> path, from the service's one route table.
+ROUTES = {route.format.name: route.path for route in CHAT_ROUTES}
 PROMPT = "Say something worth streaming."
 
 
