@@ -36,7 +36,7 @@ deps: ## install the controller's system packages (root), or say what is missing
 	fi
 
 run: venv ## run the simulator and the gateway on loopback (no root), print a curl to try
-	$(PY) -m streamgate.devrun --gateway-port $(GATEWAY_PORT) --sim-port $(SIM_PORT)
+	$(PY) tools/devrun.py --gateway-port $(GATEWAY_PORT) --sim-port $(SIM_PORT)
 
 test-service: venv deps ## service tests: unit, property, wire (real gunicorn, simulator, local nginx)
 	$(PY) -m pytest tests/unit tests/wire bench/test_loadgen.py bench/test_held_streams.py lab/tests

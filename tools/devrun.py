@@ -1,9 +1,11 @@
 """`make run`: the simulator and the gateway (gunicorn, 2 workers) on loopback, no root.
 
-    python -m streamgate.devrun --gateway-port 8000 --sim-port 8100
+    .venv/bin/python tools/devrun.py --gateway-port 8000 --sim-port 8100
 
 When OPENAI_API_KEY or OPENAI_BASE_URL is set, the gateway streams from that upstream (OpenAI,
-vLLM, Ollama...) and no simulator starts. Ctrl-C stops the children, by PID.
+vLLM, Ollama...) and no simulator starts. Ctrl-C stops the children, by PID. A developer's
+tool, so it is not in the wheel; the children's output stays on the terminal (the tests' process
+harness, tests/support/procs.py, writes it to files instead).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-SERVICE_DIR = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway = subprocess.Popen(
             [str(bin_dir / "gunicorn"), "-c", "python:streamgate.gunicorn_conf"],
             env=env,
-            cwd=SERVICE_DIR,
+            cwd=REPO,
         )
         processes.append(gateway)
         base = f"http://{args.host}:{args.gateway_port}"
