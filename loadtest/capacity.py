@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -24,6 +23,10 @@ import time
 from pathlib import Path
 
 import psutil
+
+# The process harness shared with the tests and the benchmark (standard library only).
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from support.procs import ManagedProcess
 
 HERE = Path(__file__).resolve().parent
 SIM_GAP_MS = 20.0
@@ -34,8 +37,10 @@ CLEAN_ITL_P99_MS = SIM_GAP_MS + 10
 CLEAN_BUFFERED_RATIO = 0.0
 
 
-def start_simulator() -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
+def start_simulator(log_dir: Path) -> tuple[ManagedProcess, str]:
+    """The simulator on a port of its choosing, and its URL (from the line it logs)."""
+    process = ManagedProcess(
+        "simulator",
         [
             sys.executable,
             "-m",
@@ -53,15 +58,9 @@ def start_simulator() -> tuple[subprocess.Popen, str]:
             "--tokens",
             str(SIM_TOKENS),
         ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stdout.readline()  # "streamgate-sim listening on http://127.0.0.1:PORT"
-    match = re.search(r"http://\S+", line)
-    if not match:
-        process.terminate()
-        raise SystemExit(f"simulator did not start: {line!r}")
-    return process, match.group(0)
+        log_dir=log_dir,
+    ).start()
+    return process, process.wait_output(r"listening on (http://\S+)", timeout_s=20)[1]
 
 
 class CpuSampler(threading.Thread):
@@ -206,7 +205,8 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=0, help="Locust workers (0: one process)")
     parser.add_argument("--reports-dir", type=Path, default=HERE / "reports" / "capacity")
     args = parser.parse_args()
-    simulator, target = start_simulator()
+    args.reports_dir.mkdir(parents=True, exist_ok=True)
+    simulator, target = start_simulator(args.reports_dir)
     results = []
     try:
         sim = psutil.Process(simulator.pid)
@@ -234,9 +234,7 @@ def main() -> int:
             )
             time.sleep(2)  # let sockets from the last step close
     finally:
-        simulator.terminate()
-        simulator.wait(timeout=10)
-    args.reports_dir.mkdir(parents=True, exist_ok=True)
+        simulator.stop()
     summary = args.reports_dir / f"capacity-{time.strftime('%Y%m%d-%H%M%S')}.json"
     summary.write_text(json.dumps(results, indent=2))
     print(f"results in {summary}")
