@@ -143,9 +143,17 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
             route="stream",
             phase="streaming",
         )
-        return scraped if counted and value(scraped, "streamgate_active_streams") == 0 else None
+        # The request itself is counted when the endpoint returns, a moment after the relay
+        # noticed the hang-up: wait for both, then check each moved exactly once.
+        finished = moved(
+            scraped, streamed, "streamgate_requests_total", route="stream", status="200"
+        )
+        idle = value(scraped, "streamgate_active_streams") == 0
+        return scraped if counted and finished and idle else None
 
-    after = wait_until(hang_up_counted, timeout_s=5, what="the hang-up to be counted")
+    after = wait_until(
+        hang_up_counted, timeout_s=5, what="the hang-up and its request to be counted"
+    )
     for name, labels, expected in [
         ("streamgate_client_disconnects_total", {"route": "stream", "phase": "streaming"}, 1),
         ("streamgate_client_disconnects_total", {"route": "stream", "phase": "first_token"}, 0),
