@@ -10,8 +10,9 @@ LAB_TOPOLOGY ?= split
 LAB_RELEASE ?= bookworm
 GATEWAY_PORT ?= 8000
 SIM_PORT ?= 8100
-# Packages the controller needs (Debian/Ubuntu): local nginx for wire tests, lab hosts.
-APT_PACKAGES := nginx-light debootstrap systemd-container iptables iproute2 openssh-client
+# Packages the controller needs (Debian/Ubuntu): local nginx for wire tests, lab hosts, and
+# chromium for the chat page's browser tests (Playwright drives it; it downloads no browser).
+APT_PACKAGES := nginx-light debootstrap systemd-container iptables iproute2 openssh-client chromium
 
 .PHONY: help venv deps run test test-service test-load test-lab lint lab lab-destroy deploy testinfra demo loadtest bench clean
 
