@@ -31,7 +31,7 @@ from infra.helpers import (
 
 testinfra_hosts = ["ansible://edge"]
 
-PROBE_SOURCE = Path(stream_probe.__file__).read_text()
+PROBE_SOURCE = stream_probe.standalone_program()
 # HTTPS when the play made the certificate (its CA next to the inventory, copied to the edge for
 # the probe), else the plain HTTP of an edge without TLS.
 HOST_CA_FILE = "/tmp/streamgate-testinfra-ca.pem"

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from streamgate.doctor.probe import decode_chunked
 from streamgate.simulator.__main__ import _loop_factory, raise_fd_limit
 from streamgate.simulator.script import expected_text
 
 from support import sse
 from support.procs import ManagedProcess
-from support.stream_probe import decode_chunked
 
 LISTENING_PREFIX = "streamgate-sim listening on "
 _CHUNKED_END = b"0\r\n\r\n"

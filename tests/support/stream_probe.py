@@ -1,9 +1,10 @@
 """Watch one HTTP response arrive on the wire: every recv() after the headers, with its time.
 
-Standard library only: testinfra copies this file to lab hosts and runs it with their python3
-(`python3 stream_probe.py --url http://127.0.0.1/v1/chat/stream --body '{"prompt": "hi"}'`
-prints the trace as JSON). A raw socket is used on purpose: HTTP client libraries re-chunk
-what they read, and the claim under test is about when bytes reach the client.
+Standard library only: testinfra runs it on lab hosts with their python3 as one program
+(standalone_program(), with the chunked decoder of streamgate/doctor/probe.py; `--url
+http://127.0.0.1/v1/chat/stream --body '{"prompt": "hi"}'` prints the trace as JSON). A raw
+socket is used on purpose: HTTP client libraries re-chunk what they read, and the claim under
+test is about when bytes reach the client.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import argparse
 import base64
 import itertools
 import json
-import re
 import socket
 import ssl
 import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# The one chunked decoder lives in the doctor's probe (standard library only, in the wheel);
+# standalone_program() ships it to hosts with this file.
+from streamgate.doctor import probe as doctor_probe
+from streamgate.doctor.probe import ChunkedDecoder, ProtocolError
 
 RECV_SIZE = 65536
 
@@ -77,142 +83,6 @@ class Trace:
             "body_b64": base64.b64encode(self.body).decode("ascii"),
             "verdict": summarize(self),
         }
-
-
-class ProtocolError(ValueError):
-    pass
-
-
-# Chunked transfer coding (RFC 9112 section 7.1), read from servers that may be hostile on
-# purpose: every line and size is bounded, so a bad peer costs a ProtocolError, never memory.
-MAX_CHUNK_LINE_BYTES = 4096  # a size line with its extensions, or one trailer field line
-MAX_CHUNK_BYTES = 1 << 30  # 16 hex digits would parse; no test streams a GiB in one chunk
-MAX_TRAILER_BYTES = 16384  # all trailer field lines together
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_EXTENSION = (
-    rb"[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
-)
-_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:" + _EXTENSION + rb")*)")
-_TRAILER_LINE = re.compile(_TOKEN + rb":[ \t]*[\t -~\x80-\xff]*")
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-_SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
-
-
-class ChunkedDecoder:
-    """Incremental, byte-exact decoder of the chunked transfer coding, one read at a time.
-
-    `feed(raw)` returns the payload `raw` completed; `done` is set once the last chunk, the
-    trailer section and its empty line have arrived. Sizes are hex digits only (no sign, no
-    "0x", no "_", no spaces: int(x, 16) alone would take them all), extensions and trailer
-    fields must match the grammar, every CRLF is checked. After the end, further bytes are kept
-    in `rest` (the next response on the connection, or junk), never taken as payload.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_line_bytes: int = MAX_CHUNK_LINE_BYTES,
-        max_chunk_bytes: int = MAX_CHUNK_BYTES,
-        max_trailer_bytes: int = MAX_TRAILER_BYTES,
-    ) -> None:
-        self.max_line_bytes = max_line_bytes
-        self.max_chunk_bytes = max_chunk_bytes
-        self.max_trailer_bytes = max_trailer_bytes
-        self._state = _SIZE
-        self._pending = b""  # an unfinished line, or a partial CRLF after a chunk's payload
-        self._left = 0  # payload bytes still due in the current chunk
-        self.extensions: list[bytes] = []  # each chunk's extensions, as sent (b"" for none)
-        self.trailers: list[tuple[str, str]] = []  # (lower-case name, value)
-        self._trailer_bytes = 0
-        self.rest = b""
-        self.done = False
-
-    def feed(self, raw: bytes) -> bytes:
-        if self.done:
-            self.rest += raw
-            return b""
-        buffer = self._pending + raw if self._pending else raw
-        self._pending = b""
-        out = []
-        position, size = 0, len(buffer)
-        while position < size:
-            state = self._state
-            if state == _DATA:
-                end = position + self._left
-                if end > size:
-                    end = size
-                out.append(buffer[position:end])
-                self._left -= end - position
-                position = end
-                if not self._left:
-                    self._state = _DATA_END
-            elif state == _DATA_END:
-                if buffer.startswith(b"\r\n", position):
-                    position += 2
-                    self._state = _SIZE
-                elif buffer[position:] == b"\r":
-                    self._pending = b"\r"
-                    break
-                else:
-                    raise ProtocolError(
-                        f"chunk not followed by CRLF: {buffer[position : position + 20]!r}"
-                    )
-            else:
-                line_end = buffer.find(b"\r\n", position, position + self.max_line_bytes + 2)
-                if line_end < 0:
-                    if size - position > self.max_line_bytes + 1:
-                        raise ProtocolError(f"chunk line longer than {self.max_line_bytes} bytes")
-                    self._pending = buffer[position:]
-                    break
-                line = buffer[position:line_end]
-                position = line_end + 2
-                if state == _SIZE:
-                    self._size_line(line)
-                else:
-                    self._trailer_line(line)
-                    if self.done:
-                        self.rest = buffer[position:]
-                        break
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def _size_line(self, line: bytes) -> None:
-        if 0 < len(line) <= 16 and not line.translate(None, _HEX_DIGITS):
-            chunk_size, extensions = int(line, 16), b""  # hex digits alone: the usual line
-        else:
-            match = _SIZE_LINE.fullmatch(line)
-            if match is None:
-                raise ProtocolError(f"bad chunk size line {line[:80]!r}")
-            chunk_size, extensions = int(match[1], 16), match[2]
-        if chunk_size > self.max_chunk_bytes:
-            raise ProtocolError(f"chunk of {chunk_size} bytes, over {self.max_chunk_bytes}")
-        self.extensions.append(extensions)
-        self._left = chunk_size
-        self._state = _DATA if chunk_size else _TRAILERS
-
-    def _trailer_line(self, line: bytes) -> None:
-        if not line:
-            self._state, self.done = _DONE, True
-            return
-        self._trailer_bytes += len(line) + 2
-        if self._trailer_bytes > self.max_trailer_bytes:
-            raise ProtocolError(f"trailer section longer than {self.max_trailer_bytes} bytes")
-        if _TRAILER_LINE.fullmatch(line) is None:
-            raise ProtocolError(f"bad trailer field line {line[:80]!r}")
-        name, _, value = line.decode("latin-1").partition(":")
-        self.trailers.append((name.lower(), value.strip(" \t")))
-
-
-def decode_chunked(body: bytes) -> bytes:
-    """The payload of a whole chunked body; ProtocolError when it is malformed, cut short, or
-    followed by anything."""
-    decoder = ChunkedDecoder()
-    payload = decoder.feed(body)
-    if not decoder.done:
-        raise ProtocolError("chunked body cut short before its last chunk")
-    if decoder.rest:
-        raise ProtocolError(f"bytes after the chunked body: {decoder.rest[:80]!r}")
-    return payload
 
 
 def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
@@ -411,6 +281,24 @@ def summarize(trace: Trace) -> dict:
         "longest_gap_s": round(longest_gap_s(trace), 4),
         "body_bytes": len(trace.body),
     }
+
+
+def standalone_program() -> str:
+    """This file as one `python3 -c` program for a host without the streamgate package: the
+    doctor's probe module (standard library only) is registered under its import name first."""
+    modules = ("streamgate", "streamgate.doctor", "streamgate.doctor.probe")
+    return "\n".join(
+        [
+            "import sys, types",
+            f"for name in {modules!r}:",
+            "    sys.modules[name] = types.ModuleType(name)",
+            "sys.modules['streamgate'].doctor = sys.modules['streamgate.doctor']",
+            "sys.modules['streamgate.doctor'].probe = sys.modules['streamgate.doctor.probe']",
+            f"exec(compile({Path(doctor_probe.__file__).read_text()!r}, 'probe.py', 'exec'),"
+            " sys.modules['streamgate.doctor.probe'].__dict__)",
+            f"exec(compile({Path(__file__).read_text()!r}, 'stream_probe.py', 'exec'))",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

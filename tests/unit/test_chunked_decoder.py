@@ -1,4 +1,4 @@
-"""The one chunked decoder (support/stream_probe.py) of the probe, the wire tests and the
+"""The one chunked decoder (streamgate/doctor/probe.py) of the probe, the wire tests and the
 benchmark's load generator: byte-exact under any split into reads, strict where a lenient reader
 is a request-smuggling or memory hole. Each property has a negative control: a decoder with one
 of the shortcuts the repository's decoders took, for which hypothesis finds a counterexample."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
-from support.stream_probe import (
+from streamgate.doctor.probe import (
     _DATA,
     _DATA_END,
     _DONE,

@@ -14,13 +14,13 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from streamgate.doctor.probe import ChunkedDecoder, ProtocolError
 from streamgate.simulator.config import SimConfig
 from streamgate.simulator.faults import FAULT_KINDS
 from streamgate.simulator.script import MAX_TOKENS, expected_text, expected_tokens
 from support import sse
 from support.sim_capacity import check_stream_body
 from support.simulator_thread import SimulatorThread
-from support.stream_probe import ChunkedDecoder, ProtocolError
 
 pytestmark = pytest.mark.timeout(60)
 
