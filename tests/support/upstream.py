@@ -8,13 +8,16 @@ only against the simulator is the text compared; from any other OpenAI-compatibl
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from functools import cache
 from pathlib import Path
 
 import yaml
+
+# One reader of an inventory (`ansible-inventory --list`), the doctor's; re-exported here for the
+# tests and the load test.
+from streamgate.doctor.hops import groups_of
+from streamgate.doctor.hops import inventory_listing as inventory_listing
 
 SIMULATOR = "simulator"
 OPENAI_COMPATIBLE = "openai-compatible"
@@ -64,28 +67,6 @@ def upstream_kind(hostvars: dict, groups: dict) -> str:
     if kind not in UPSTREAM_KINDS:
         raise ValueError(f"{KIND_VARIABLE} is {kind!r}: must be one of {', '.join(UPSTREAM_KINDS)}")
     return kind
-
-
-def inventory_listing(inventory: Path, ansible_inventory: str = "ansible-inventory") -> dict:
-    """`ansible-inventory --list`: every host's variables with the group_vars next to it."""
-    return json.loads(
-        subprocess.check_output(
-            [ansible_inventory, "-i", str(inventory), "--list"], text=True, timeout=120
-        )
-    )
-
-
-def groups_of(listing: dict) -> dict[str, list[str]]:
-    """{group: its hosts, children's included} from an `ansible-inventory --list` answer."""
-
-    def hosts(group: str) -> list[str]:
-        node = listing.get(group) or {}
-        found = list(node.get("hosts") or [])
-        for child in node.get("children") or []:
-            found += [host for host in hosts(child) if host not in found]
-        return found
-
-    return {group: hosts(group) for group in listing if group != "_meta"}
 
 
 def deployment_upstream_kind(listing: dict) -> str:
