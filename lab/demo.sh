@@ -53,6 +53,12 @@ echo
 cat <<EOF
 
 The lab is up.
+  Chat page:     https://${EDGE}/  (a browser on this machine; from another one:
+                   ssh -L 8443:${EDGE}:443 root@<this machine>, then https://localhost:8443/)
+                 It asks for the key in ansible/inventories/lab/client-key. Trust the lab's CA,
+                 ${CA}, as an authority in the browser (Chromium: Settings, Privacy and
+                 security, Security, Manage certificates, Authorities, Import), or, for this
+                 throwaway lab only, accept the certificate warning once.
   Stream again:  curl -N --cacert ${CA} -H "Authorization: Bearer \$(cat ansible/inventories/lab/client-key)" \\
                    -H 'Content-Type: application/json' -d '{"prompt": "hello"}' ${URL}
   Log in:        ${PY} lab/labctl.py ssh single
