@@ -144,6 +144,11 @@ if [ -f loadtest/run.py ]; then
 else
     SUMMARY+=("loadtest     skipped: loadtest/run.py does not exist")
 fi
+# The chat page on the edge over HTTPS, in headless Chromium: it streams word by word (split lab).
+if [ "$LAB_TOPOLOGY" = split ]; then
+    step browser .venv/bin/python -m pytest -q -s -p no:cacheprovider tests/e2e/test_lab_browser.py \
+        --ansible-inventory="$PWD/$LAB_INVENTORY"
+fi
 # Operations under load (tests/ops): reloads, a new build (rolled across the app hosts, or taken
 # over in place on a single host), a stop, a killed host; they change the deployment, so they
 # come after testinfra and the load test.

@@ -98,6 +98,23 @@ def chromium(*, trusted_keys: tuple[str, ...] = ()) -> Iterator:
             browser.close()
 
 
+def opens(other_browser, url: str) -> str:
+    """How a second Chromium from the same Playwright, trusting no key, fares at `url`: "opened",
+    or the error it met (controls of the trust above: a certificate error is expected)."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    untrusting = other_browser.browser_type.launch(
+        executable_path=require_chromium(), headless=True
+    )
+    try:
+        untrusting.new_page().goto(url)
+        return "opened"
+    except PlaywrightError as error:
+        return str(error).splitlines()[0]
+    finally:
+        untrusting.close()
+
+
 @dataclass
 class Answer:
     """One answer as the page showed it."""

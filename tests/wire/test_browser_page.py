@@ -152,6 +152,12 @@ def test_the_page_is_served_with_its_security_headers_and_runs_under_them(chromi
     assert violations == []
 
 
+def test_negative_control_a_browser_without_the_test_ca_cannot_open_the_page(chromium, edge):
+    """The browser trusts the test CA's certificate, not any certificate."""
+    outcome = browser.opens(chromium, f"{edge.base_url}/")
+    assert "ERR_CERT_AUTHORITY_INVALID" in outcome, outcome
+
+
 # --- history, stop ------------------------------------------------------------------------------
 
 
