@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 from support import services
+from support.ci import skip_unless_ci
 from support.nginx import LocalNginx, require_nginx
 
 # Wire tests start real processes: a default bound so a hang fails instead of blocking CI.
@@ -90,6 +92,25 @@ def nginx_factory(running: ExitStack) -> Callable[..., LocalNginx]:
         )
         running.callback(proxy.stop)
         return proxy.start(binary)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def llama_factory(
+    process_logs: Path, running: ExitStack, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., services.Service]:
+    """start(size="tiny"|"paced", **server_options) -> llama.cpp's server on a generated model."""
+    if find_spec("xllamacpp") is None:  # the service's llm extra, which make venv installs
+        skip_unless_ci("xllamacpp not installed (make venv installs it)")
+    models = tmp_path_factory.mktemp("llm-models")
+
+    def start(size: str = "tiny", **options: int) -> services.Service:
+        llama = services.start_llama(
+            process_logs, services.make_test_model(models, size), **options
+        )
+        running.callback(llama.process.stop)
+        return llama
 
     return start
 

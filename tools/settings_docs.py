@@ -56,9 +56,11 @@ class RoleSpecific:
 ROLE: dict[str, RoleSpecific] = {
     "upstream_base_url": RoleSpecific(
         default="{{ __streamgate_default_upstream_base_url }}",
-        shown_default="the first simulator host without a key, else https://api.openai.com/v1",
-        note="The role's default: the first simulator host when no key is set and the inventory "
-        "has a `simulator` group, else OpenAI.",
+        shown_default="the first llm host, else the first simulator host without a key, "
+        "else https://api.openai.com/v1",
+        note="The role's default: the first host of the `llm` group (the llm role's llama.cpp "
+        "server), else the first simulator host when no key is set and the inventory has a "
+        "`simulator` group, else OpenAI.",
     ),
     "upstream_api_key": RoleSpecific(
         default="",

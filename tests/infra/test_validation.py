@@ -37,6 +37,7 @@ SPLIT_INVENTORY = {
                 }
             },
             "simulator": {"hosts": {"sim1": {"ansible_host": "192.0.2.13"}}},
+            "llm": {"hosts": {"llm1": {"ansible_host": "192.0.2.14"}}},
         },
     }
 }
@@ -115,6 +116,35 @@ def test_good_inventory_passes(tmp_path):
         (
             {"streamgate_sim_firewall_sources": "10.0.0.0/8"},
             "streamgate_sim_firewall_sources must list IP addresses or CIDR networks",
+        ),
+        ({"streamgate_llm_port": 0}, "streamgate_llm_port must be a TCP port number"),
+        ({"streamgate_llm_threads": "many"}, "argument 'streamgate_llm_threads' is of type str"),
+        ({"streamgate_llm_server": "docker"}, "value of streamgate_llm_server must be one of"),
+        (
+            {"streamgate_llm_firewall_sources": ["app1.example.org"]},
+            "streamgate_llm_firewall_sources must list IP addresses or CIDR networks",
+        ),
+        (
+            {"streamgate_llm_model_file": "/nonexistent/model.gguf"},
+            'streamgate_llm_model_file names "/nonexistent/model.gguf", which is not a file',
+        ),
+        (
+            {"streamgate_llm_model_url": "http://files.internal/models/m.gguf"},
+            'streamgate_llm_model_checksum must be "sha256:" and 64 hex digits',
+        ),
+        (
+            {
+                "streamgate_llm_model_url": "files.internal/m.gguf",
+                "streamgate_llm_model_checksum": "sha256:" + "0" * 64,
+            },
+            "streamgate_llm_model_url must be an http:// or https:// URL of a file",
+        ),
+        (
+            {
+                "streamgate_llm_model_url": "http://files.internal/m.gguf",
+                "streamgate_llm_model_file": "/etc/hostname",
+            },
+            "streamgate_llm_model_file and streamgate_llm_model_url are both set",
         ),
         ({"nginx_listen": "everywhere"}, 'nginx_listen must be "PORT" or "ADDRESS:PORT"'),
         (
@@ -297,10 +327,14 @@ def test_inventory_without_app_hosts_is_refused(tmp_path):
 def test_no_upstream_at_all_is_refused(tmp_path):
     inventory = json.loads(json.dumps(SPLIT_INVENTORY))
     del inventory["all"]["children"]["simulator"]
+    del inventory["all"]["children"]["llm"]
     result = run_validation(tmp_path, inventory)
     assert result.returncode != 0
     assert "streamgate_upstream_api_key is empty" in result.stdout + result.stderr
-    # ... and a key (or a base URL) is enough.
+    # ... and an llm host, a key (or a base URL) is enough.
+    inventory["all"]["children"]["llm"] = SPLIT_INVENTORY["all"]["children"]["llm"]
+    assert run_validation(tmp_path, inventory).returncode == 0
+    del inventory["all"]["children"]["llm"]
     assert (
         run_validation(tmp_path, inventory, {"streamgate_upstream_api_key": "sk-test"}).returncode
         == 0

@@ -17,21 +17,17 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 import psutil
 import pytest
 from support import services
-from support.ci import skip_unless_ci
-from support.procs import ManagedProcess, on_a_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "loadtest" / "run.py"
 ALL_ROUTES = "text,sse,openai"
 # Bound on a whole run: run time + spawn + stop-timeout + plotting, with room for a busy host.
 RUN_BOUND_S = 120
-LLM_TOOLS = REPO / "tools" / "llm"
 ANY_UPSTREAM = ["--upstream-kind", "openai-compatible"]
 
 pytestmark = pytest.mark.timeout(240)
@@ -249,38 +245,9 @@ def test_a_stalled_generator_fails_validity_not_the_target(simulator, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llama_server(process_logs, running, tmp_path_factory) -> services.Service:
-    """llama.cpp's server (tools/llm/serve.py) on the generated paced model, on loopback."""
-    if find_spec("xllamacpp") is None:  # pinned in requirements-dev: CI must have it
-        skip_unless_ci("xllamacpp not installed (make venv installs it)")
-    model = tmp_path_factory.mktemp("llm") / "paced.gguf"
-    subprocess.run(
-        [sys.executable, str(LLM_TOOLS / "make_test_model.py"), str(model), "--size", "paced"],
-        check=True,
-        timeout=120,
-        capture_output=True,
-    )
-
-    def start(port: int) -> services.Service:
-        process = ManagedProcess(
-            f"llama-{port}",
-            [
-                sys.executable,
-                str(LLM_TOOLS / "serve.py"),
-                "--model",
-                str(model),
-                "--port",
-                str(port),
-            ],
-            log_dir=process_logs,
-            env=services.clean_environ(),
-        )
-        process.start()
-        running.callback(process.stop)
-        process.wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60)
-        return services.Service(name="llama", process=process, port=port)
-
-    return on_a_free_port(start)
+def llama_server(llama_factory) -> services.Service:
+    """llama.cpp's server (streamgate-llm-server) on the generated paced model, on loopback."""
+    return llama_factory("paced")
 
 
 def test_run_through_the_chain_from_llama_cpp_passes_every_gate(

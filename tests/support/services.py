@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -210,3 +211,49 @@ def _start_gateway(
     gateway = Service(name="gateway", process=process, port=port)
     process.wait_http(f"{gateway.base_url}/readyz", timeout_s=30)
     return gateway
+
+
+# ---------------------------------------------------- an upstream that is not the simulator
+
+TEST_MODEL_TOOL = REPO / "tools" / "llm" / "make_test_model.py"
+
+
+def make_test_model(directory: Path, size: str) -> Path:
+    """The generated llama GGUF (tools/llm/make_test_model.py): `tiny` or `paced`."""
+    model = directory / f"test-llama-{size}.gguf"
+    if not model.exists():
+        subprocess.run(
+            [sys.executable, str(TEST_MODEL_TOOL), str(model), "--size", size],
+            check=True,
+            timeout=120,
+            capture_output=True,
+        )
+    return model
+
+
+def start_llama(log_dir: Path, model: Path, **options: int) -> Service:
+    """llama.cpp's server as the llm role runs it (streamgate-llm-server, the xllamacpp wheel)
+    on a free port; options are its own (parallel=4 -> --parallel 4)."""
+
+    def start(port: int) -> Service:
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+        process = ManagedProcess(
+            f"llama-{port}",
+            [
+                sys.executable,
+                "-m",
+                "streamgate.llm_server",
+                "--model",
+                str(model),
+                "--port",
+                str(port),
+                *flags,
+            ],
+            log_dir=log_dir,
+            env=clean_environ(),
+        )
+        process.start()
+        process.wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60)
+        return Service(name="llama", process=process, port=port)
+
+    return on_a_free_port(start)

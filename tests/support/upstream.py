@@ -57,13 +57,14 @@ def setting(hostvars: dict, name: str):
 def upstream_kind(hostvars: dict, groups: dict) -> str:
     """An app host's upstream: `streamgate_upstream_kind` when the inventory sets it, else as the
     app role picks its default: the simulator when the inventory names no upstream URL and no
-    key and has simulator hosts, otherwise another server."""
+    key and has simulator hosts but no llm hosts, otherwise another server."""
     kind = hostvars.get(KIND_VARIABLE)
     if kind is None:
         names_one = hostvars.get("streamgate_upstream_base_url") or hostvars.get(
             "streamgate_upstream_api_key"
         )
-        kind = SIMULATOR if groups.get(SIMULATOR) and not names_one else OPENAI_COMPATIBLE
+        simulator_picked = groups.get(SIMULATOR) and not groups.get("llm") and not names_one
+        kind = SIMULATOR if simulator_picked else OPENAI_COMPATIBLE
     if kind not in UPSTREAM_KINDS:
         raise ValueError(f"{KIND_VARIABLE} is {kind!r}: must be one of {', '.join(UPSTREAM_KINDS)}")
     return kind
