@@ -18,6 +18,8 @@ import testinfra
 from support import upstream
 from testinfra.utils.ansible_runner import AnsibleRunner
 
+from infra.helpers import private_address
+
 # testinfra's ansible backend runs `ansible-inventory`: take the one next to this Python
 # (the project venv) even when the venv is not activated.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -72,6 +74,20 @@ def inventory_host(request):
 def hostvars(host) -> dict:
     """The inventory variables of the host under test (groups, ansible_host, ...)."""
     return host.ansible.get_variables()
+
+
+@pytest.fixture(scope="module")
+def gateway_port(hostvars) -> int:
+    return int(upstream.setting(hostvars, "streamgate_port"))
+
+
+@pytest.fixture(scope="module")
+def bind_address(hostvars) -> str:
+    """The only address an app host's gateway may listen on: loopback when this host is the
+    only edge."""
+    if hostvars["groups"]["edge"] == [hostvars["inventory_hostname"]]:
+        return "127.0.0.1"
+    return private_address(hostvars)
 
 
 @pytest.fixture(scope="session")

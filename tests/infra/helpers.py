@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -9,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import chat
+from support import chat, stream_probe
 from support.stream_probe import Trace
 
 # The load test's judges, so that a deployment is judged here as under load (one definition).
@@ -66,6 +67,64 @@ def connect_from_controller(address: str, port: int) -> str:
         check=True,
     )
     return result.stdout.strip()
+
+
+# At most this exposure in `systemd-analyze security` for every unit the roles write.
+MAX_EXPOSURE = 2.0
+
+
+def security_exposure(host, unit: str) -> float:
+    """The overall exposure level `systemd-analyze security` gives a unit (0 safe, 10 not)."""
+    report = check_output_as_root(host, f"systemd-analyze security --no-pager {unit}")
+    match = re.search(rf"Overall exposure level for {re.escape(unit)}:\s*([0-9.]+)", report)
+    assert match, report[-500:]
+    return float(match[1])
+
+
+# The stream probe as one program for a host that has only python3 (support/stream_probe.py).
+PROBE_SOURCE = stream_probe.standalone_program()
+
+
+def probe_from(
+    host, url: str, body: dict, headers: tuple[str, ...] = (), options: tuple[str, ...] = ()
+) -> Trace:
+    """Run the stream probe on `host` against `url` (POST `body`); the trace it saw, rebuilt
+    here. `headers`: "Name: value" lines; `options`: more probe options (--cafile FILE)."""
+    command = [
+        "python3",
+        "-c",
+        PROBE_SOURCE,
+        "--url",
+        url,
+        "--body",
+        json.dumps(body),
+        "--timeout",
+        "30",
+        *(part for header in headers for part in ("--header", header)),
+        *options,
+    ]
+    result = host.run(" ".join(shlex.quote(part) for part in command))
+    assert result.rc == 0, (
+        f"probe exited {result.rc}: {result.stderr[-1000:]} {result.stdout[-1000:]}"
+    )
+    seen = json.loads(result.stdout)
+    trace = Trace(
+        status=seen["status"],
+        headers=seen["headers"],
+        chunked=seen["chunked"],
+        complete=seen["complete"],
+        body=base64.b64decode(seen["body_b64"]),
+        error=seen["error"],
+    )
+    # The probe reports sizes and times per read; each read's payload is its slice of the body.
+    trace.reads, offset = [], 0
+    for read in seen["reads"]:
+        data = trace.body[offset : offset + read["data_bytes"]]
+        offset += read["data_bytes"]
+        trace.reads.append(
+            stream_probe.Read(at_s=read["at_s"], raw_bytes=read["raw_bytes"], data=data)
+        )
+    return trace
 
 
 def private_address(hostvars: dict) -> str:

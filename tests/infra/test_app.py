@@ -9,16 +9,15 @@ from support.ci import skip_unless_ci
 from support.upstream import setting
 
 from infra.helpers import (
+    MAX_EXPOSURE,
     assert_only_group_reaches,
     check_output_as_root,
     parse_systemd_timespan,
-    private_address,
+    security_exposure,
 )
 
 testinfra_hosts = ["ansible://app"]
 
-MAX_EXPOSURE = 2.0
-EXPOSURE_LINE = re.compile(r"Overall exposure level for streamgate\.service:\s*([0-9.]+)")
 # Where the roles put the app's files, read as the inventory sets or the roles define them.
 PATH_VARIABLES = {
     "config_dir": "streamgate_config_dir",
@@ -33,19 +32,6 @@ PATH_VARIABLES = {
 @pytest.fixture(scope="module")
 def paths(hostvars) -> dict[str, str]:
     return {key: setting(hostvars, name) for key, name in PATH_VARIABLES.items()}
-
-
-@pytest.fixture(scope="module")
-def gateway_port(hostvars) -> int:
-    return int(setting(hostvars, "streamgate_port"))
-
-
-@pytest.fixture(scope="module")
-def bind_address(hostvars) -> str:
-    """The only address the gateway may listen on: loopback when this host is the only edge."""
-    if hostvars["groups"]["edge"] == [hostvars["inventory_hostname"]]:
-        return "127.0.0.1"
-    return private_address(hostvars)
 
 
 def test_service_user_has_no_login_shell(host):
@@ -205,10 +191,7 @@ def test_unit_resource_bounds_and_firewall(host, unit_property, pattern):
 
 
 def test_systemd_security_exposure_is_at_most_two(host):
-    report = check_output_as_root(host, "systemd-analyze security --no-pager streamgate.service")
-    match = EXPOSURE_LINE.search(report)
-    assert match, report[-500:]
-    assert float(match[1]) <= MAX_EXPOSURE, report
+    assert security_exposure(host, "streamgate.service") <= MAX_EXPOSURE
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

@@ -8,14 +8,14 @@ import pytest
 from support.upstream import setting
 
 from infra.helpers import (
+    MAX_EXPOSURE,
     assert_only_group_reaches,
     check_output_as_root,
     private_address,
+    security_exposure,
 )
 
 testinfra_hosts = ["ansible://simulator"]
-
-MAX_EXPOSURE = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,4 @@ def test_simulator_runs_as_a_dynamic_user(host):
 
 
 def test_simulator_security_exposure_is_at_most_two(host):
-    report = check_output_as_root(
-        host, "systemd-analyze security --no-pager streamgate-sim.service"
-    )
-    match = re.search(r"Overall exposure level for streamgate-sim\.service:\s*([0-9.]+)", report)
-    assert match, report[-500:]
-    assert float(match[1]) <= MAX_EXPOSURE, report
+    assert security_exposure(host, "streamgate-sim.service") <= MAX_EXPOSURE
