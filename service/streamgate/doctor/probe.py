@@ -765,9 +765,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return options_from(parser, parser.parse_args(argv))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The probe's options, shared with the doctor's command line."""
-    parser.add_argument("url", help="http(s)://host[:port]/path of the stream")
+def add_arguments(parser: argparse.ArgumentParser, *, url_required: bool = True) -> None:
+    """The probe's options, shared with the doctor's command line (where hop mode needs no
+    URL)."""
+    parser.add_argument(
+        "url", nargs=None if url_required else "?", help="http(s)://host[:port]/path of the stream"
+    )
     parser.add_argument("--key", help="sent as Authorization: Bearer KEY")
     parser.add_argument(
         "--body", help="JSON request body (default: one that asks the route for a long answer)"
