@@ -75,6 +75,10 @@ demo: venv deps ## (root) single-host lab, deploy, then stream an answer through
 loadtest: venv ## headless Locust through nginx (lab edge by default; TARGET=http://... for any deployment)
 	$(PY) loadtest/run.py --inventory $(abspath $(INVENTORY)) $(if $(TARGET),--target $(TARGET)) $(LOADTEST_ARGS)
 
+.PHONY: doctor
+doctor: venv ## diagnose a stream: URL=https://host/v1/chat/completions, DOCTOR_ARGS='--key K --html timeline.html'
+	$(VENV)/bin/streamgate-doctor $(URL) $(DOCTOR_ARGS)
+
 lint: venv ## ruff (every Python folder), mypy (service/), yamllint (every YAML file), ansible-lint (production profile)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
