@@ -17,6 +17,7 @@ import ssl
 import sys
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from support.stream_probe import ChunkedDecoder, ProtocolError
 SSE_CONTENT = re.compile(rb'"content":\s?"[^"]')
 HEADER_END = b"\r\n\r\n"
 CONNECT_RETRY_PAUSE_S = 0.05
+# Judges a whole body whose text is not known in advance (a real model's): the error kind ("" for
+# a whole answer) and the tokens it carried. With one, each completed stream's tokens and
+# first-to-last-token time are kept.
+Judge = Callable[[bytes], tuple[str, int]]
 
 
 @dataclass
@@ -50,6 +55,9 @@ class Outcome:
     ttft_s: array = field(default_factory=lambda: array("d"))
     gaps_s: array = field(default_factory=lambda: array("d"))
     arrivals: array = field(default_factory=lambda: array("i"))
+    # Only with a judge: tokens of each completed stream, and its first-to-last-token time.
+    tokens: array = field(default_factory=lambda: array("i"))
+    token_spans_s: array = field(default_factory=lambda: array("d"))
     errors: dict[str, int] = field(default_factory=dict)
     cpu_s: float = 0.0
     window_s: float = 0.0
@@ -62,6 +70,8 @@ class Outcome:
         self.ttft_s.extend(other.ttft_s)
         self.gaps_s.extend(other.gaps_s)
         self.arrivals.extend(other.arrivals)
+        self.tokens.extend(other.tokens)
+        self.token_spans_s.extend(other.token_spans_s)
         for kind, count in other.errors.items():
             self.errors[kind] = self.errors.get(kind, 0) + count
         self.cpu_s += other.cpu_s
@@ -84,6 +94,7 @@ class StreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.done: asyncio.Future | None = None
+        self.responses = 0  # ended on this connection
         self._reset()
 
     def _reset(self) -> None:
@@ -196,10 +207,16 @@ class StreamConnection(asyncio.Protocol):
             await asyncio.wait_for(self.done, timeout_s)
         except TimeoutError:
             raise ResponseError("timeout") from None
+        self.responses += 1
         if self.status != 200:
             raise ResponseError(f"http-{self.status}")
         if not self.keep_alive:
             self.transport.close()
+
+    def closed_between_responses(self) -> bool:
+        """The server closed this kept-alive connection after an earlier response and before
+        any byte of the current one: the request can be sent again on a new connection."""
+        return self.closed and self.responses > 0 and self.in_headers and not self.head
 
 
 def build_request(host: str, port: int, path: str, body: bytes, key: str | None = None) -> bytes:
@@ -229,9 +246,11 @@ async def virtual_client(
     schedule: Schedule,
     outcome: Outcome,
     tls: ssl.SSLContext | None = None,
+    judge: Judge | None = None,
 ) -> None:
     """Closed loop: one stream after another on one connection, until the window closes.
-    With `tls`, the connection is HTTPS (one handshake per connection, as a browser's)."""
+    With `tls`, the connection is HTTPS (one handshake per connection, as a browser's).
+    With `judge`, each body is judged by it (instead of compared with `expected_body`)."""
     loop = asyncio.get_running_loop()
     await asyncio.sleep(
         max(0.0, schedule.start + schedule.stagger_s * index / clients - time.monotonic())
@@ -266,8 +285,18 @@ async def virtual_client(
             await conn.exchange(request, schedule.stream_timeout_s)
         except ResponseError as exc:
             kind = exc.kind
+        if kind and conn.closed_between_responses():
+            # As HTTP clients do when nothing of the answer came (RFC 9112, 9.3.1): llama.cpp's
+            # server closes the connection after every stream while announcing keep-alive,
+            # and the next request, sent at once, meets the close. Once per request: a new
+            # connection has served nothing, so it is never retried.
+            conn = None
+            continue
         if not kind and expected_body is not None and conn.body() != expected_body:
             kind = "content"
+        tokens = 0
+        if not kind and judge is not None:
+            kind, tokens = judge(conn.body())
         if not kind and not conn.content_arrivals:
             kind = "empty"
         t_done = time.monotonic()
@@ -287,6 +316,9 @@ async def virtual_client(
         outcome.ttft_s.append(conn.t_first - t_sent)
         outcome.gaps_s.extend(conn.gaps)
         outcome.arrivals.append(conn.content_arrivals)
+        if judge is not None:
+            outcome.tokens.append(tokens)
+            outcome.token_spans_s.append(conn.t_last - conn.t_first)
     if conn is not None and conn.transport is not None:
         conn.transport.close()
 
@@ -312,6 +344,7 @@ async def run_clients(
     schedule: Schedule,
     key: str | None = None,
     cafile: str | None = None,
+    judge: Judge | None = None,
 ) -> Outcome:
     outcome = Outcome()
     request = build_request(host, port, path, body, key)
@@ -328,6 +361,7 @@ async def run_clients(
             schedule,
             outcome,
             tls,
+            judge,
         )
         for i in range(count)
     ]

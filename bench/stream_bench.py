@@ -306,11 +306,6 @@ def build_services(
     `pace`: the simulator's first-token delay and gap (ms) and tokens per answer."""
     needed = needed_services(args.targets)
     ttft_ms, gap_ms, tokens = pace
-    key_env = (
-        {"STREAMGATE_CLIENT_KEY_HASHES": f"bench:{BENCH_CLIENT_KEY_SHA256}"}
-        if args.client_key
-        else {}
-    )
     sim_port = free_port()
     upstream = f"http://127.0.0.1:{sim_port}/v1"
     services = {
@@ -334,56 +329,29 @@ def build_services(
         )
     }
     for name, transport in GATEWAY_TRANSPORTS.items():
-        if name not in needed:
-            continue
-        port = free_port()
-        services[name] = Service(
-            name,
-            port,
-            [
-                str(VENV_BIN / "gunicorn"),
-                "-c",
-                "python:streamgate.gunicorn_conf",
-                GATEWAY_APPS.get(name, "streamgate.app:create_app()"),
-            ],
-            env={
-                "STREAMGATE_BIND": f"127.0.0.1:{port}",
-                "STREAMGATE_WORKERS": str(args.gateway_workers),
-                "STREAMGATE_UPSTREAM_BASE_URL": upstream,
-                "STREAMGATE_UPSTREAM_API_KEY": "sk-bench-not-secret",
-                # Explicit, so a proxy variable in the environment cannot turn "auto" into sdk
-                # and mislabel the rows; every other setting is the product's default.
-                "STREAMGATE_UPSTREAM_TRANSPORT": transport,
-                **key_env,
-            },
-            ready_path="/readyz",
-            log_dir=run_dir,
-        )
+        if name in needed:
+            services[name] = gateway_service(
+                name,
+                upstream,
+                run_dir,
+                workers=args.gateway_workers,
+                client_key=args.client_key,
+                transport=transport,
+                app=GATEWAY_APPS.get(name, PRODUCT_APP),
+            )
     for name, gateway in NGINX_UPSTREAMS.items():
         if name not in needed:
             continue
-        port = free_port()
-        tls_port, pki = None, None
-        if name == "nginx-tls":
-            tls_port, pki = free_port(), run_pki(run_dir)
+        pki = run_pki(run_dir) if name == "nginx-tls" else None
+        if pki is not None:
             args.tls_cafile = str(pki.ca_certificate)
-        conf = render_nginx(
-            run_dir,
-            port,
-            services[gateway].port,
-            buffering_fault=name == "nginx-buffered",
-            worker_processes=args.nginx_workers,
-            name=name,
-            tls_port=tls_port,
-            pki=pki,
-        )
-        services[name] = Service(
+        services[name] = nginx_service(
             name,
-            tls_port or port,
-            ["nginx", "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"],
-            ready_path="/healthz",
-            ready_port=port,  # plain HTTP answers /healthz in both modes
-            log_dir=run_dir,
+            services[gateway],
+            run_dir,
+            workers=args.nginx_workers,
+            buffering_fault=name == "nginx-buffered",
+            pki=pki,
         )
     if "article" in needed:
         port = free_port()
@@ -405,6 +373,78 @@ def build_services(
             log_dir=run_dir,
         )
     return services
+
+
+PRODUCT_APP = "streamgate.app:create_app()"
+
+
+def gateway_service(
+    name: str,
+    upstream: str,
+    run_dir: Path,
+    *,
+    workers: int,
+    client_key: bool,
+    transport: str = "lean",
+    app: str = PRODUCT_APP,
+) -> Service:
+    """The gateway as deployed (gunicorn with the repo's config, uvicorn workers) on a free
+    port, streaming from `upstream` (an OpenAI-compatible base URL), not started yet. With
+    `client_key`, it asks for the benchmark's one client key."""
+    port = free_port()
+    key_env = (
+        {"STREAMGATE_CLIENT_KEY_HASHES": f"bench:{BENCH_CLIENT_KEY_SHA256}"} if client_key else {}
+    )
+    return Service(
+        name,
+        port,
+        [str(VENV_BIN / "gunicorn"), "-c", "python:streamgate.gunicorn_conf", app],
+        env={
+            "STREAMGATE_BIND": f"127.0.0.1:{port}",
+            "STREAMGATE_WORKERS": str(workers),
+            "STREAMGATE_UPSTREAM_BASE_URL": upstream,
+            "STREAMGATE_UPSTREAM_API_KEY": "sk-bench-not-secret",
+            # Explicit, so a proxy variable in the environment cannot turn "auto" into sdk
+            # and mislabel the rows; every other setting is the product's default.
+            "STREAMGATE_UPSTREAM_TRANSPORT": transport,
+            **key_env,
+        },
+        ready_path="/readyz",
+        log_dir=run_dir,
+    )
+
+
+def nginx_service(
+    name: str,
+    gateway: Service,
+    run_dir: Path,
+    *,
+    workers: str | None = None,
+    buffering_fault: bool = False,
+    pki=None,
+) -> Service:
+    """nginx rendered from the templates (stack.render_nginx) in front of `gateway`, on a free
+    port, not started yet; with `pki`, the HTTPS edge (its clients use the TLS port)."""
+    port = free_port()
+    tls_port = free_port() if pki is not None else None
+    conf = render_nginx(
+        run_dir,
+        port,
+        gateway.port,
+        buffering_fault=buffering_fault,
+        worker_processes=workers,
+        name=name,
+        tls_port=tls_port,
+        pki=pki,
+    )
+    return Service(
+        name,
+        tls_port or port,
+        ["nginx", "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"],
+        ready_path="/healthz",
+        ready_port=port,  # plain HTTP answers /healthz in both modes
+        log_dir=run_dir,
+    )
 
 
 def run_pki(run_dir: Path):
