@@ -163,13 +163,12 @@ def test_negative_control_a_browser_without_the_test_ca_cannot_open_the_page(chr
 
 def test_the_conversation_is_sent_back_as_history(page):
     bodies: list[dict] = []
-    page.on(
-        "request",
-        lambda request: (
-            request.url.endswith("/v1/chat/completions")
-            and bodies.append(json.loads(request.post_data or "{}"))
-        ),
-    )
+
+    def keep_body(request) -> None:
+        if request.url.endswith("/v1/chat/completions"):
+            bodies.append(json.loads(request.post_data or "{}"))
+
+    page.on("request", keep_body)
     browser.ask(page, "first question", key=CLIENT_KEY)
     browser.wait_answered(page)
     first = browser.last_answer(page)
@@ -199,7 +198,7 @@ def test_stop_aborts_the_fetch_and_the_gateway_cancels_the_upstream(page, page_s
         return next((c for c in cancels if c["request_id"] == answer.request_id), None)
 
     cancel = wait_until(cancelled, timeout_s=3, what=f"the cancel of {answer.request_id}")
-    assert 0 < cancel["tokens_sent"] < TOKENS, cancel
+    assert isinstance(cancel, dict) and 0 < cancel["tokens_sent"] < TOKENS, cancel
 
 
 def test_negative_control_an_answer_read_to_its_end_is_never_cancelled(page, page_simulator):
