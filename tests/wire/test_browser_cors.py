@@ -16,8 +16,11 @@ import http.client
 import http.server
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 from streamgate.auth import hash_key
@@ -26,6 +29,7 @@ from support import browser, sse
 from support.nginx import LocalNginx, require_nginx
 from support.tls import LocalPKI, make_test_pki
 
+GIXY = Path(sys.executable).with_name("gixy")
 TOKENS = 50
 CLIENT_KEY = "sk-browser-cors-key-0123456789abcdef"
 API = "/v1/chat/completions"
@@ -232,3 +236,17 @@ def test_negative_control_without_the_variable_the_same_origin_is_refused(
 ):
     result = call_from(chromium, allowed_origin, default_edge)
     assert result.get("failed", "").startswith("TypeError"), result
+
+
+def test_gixy_finds_nothing_in_the_config_with_origins(cors_edge):
+    """The CORS maps and headers keep the template gixy-clean (no add_header dropped in a nested
+    block, no unsafe directive inside `if`): the default rendering is checked in tests/unit."""
+    assert cors_edge.workdir is not None
+    completed = subprocess.run(
+        [str(GIXY), "--format", "json", str(cors_edge.workdir / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(completed.stdout) == [], completed.stdout

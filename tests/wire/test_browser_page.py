@@ -14,6 +14,7 @@ X-Accel-Buffering ignored, gzip on the stream types) fails the growth assertion.
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 from contextlib import ExitStack
@@ -51,13 +52,15 @@ def keyed_gateway(gateway_factory, page_simulator, tmp_path_factory):
     return gateway_factory(page_simulator, workers=2, env_file=env_file)
 
 
-def start_edge(running: ExitStack, gateway, pki: LocalPKI, **options) -> LocalNginx:
+def start_edge(
+    running: ExitStack, gateway, pki: LocalPKI, overrides: dict | None = None, **options
+) -> LocalNginx:
     page_root = browser.copy_page()
     running.callback(shutil.rmtree, page_root, ignore_errors=True)
     proxy = LocalNginx(
         [f"{gateway.host}:{gateway.port}"],
         pki=pki,
-        overrides={"__nginx_chat_page_root": str(page_root)},
+        overrides={"__nginx_chat_page_root": str(page_root), **(overrides or {})},
         **options,
     )
     running.callback(proxy.stop)
@@ -277,3 +280,20 @@ def test_the_page_reads_on_a_phone(chromium, edge):
         page.close()
     assert widths[0] <= widths[1], f"the page scrolls sideways on a phone: {widths}"
     assert labels == [True, True, True]
+
+
+def test_with_the_page_off_the_root_goes_to_the_app(running, keyed_gateway, pki):
+    """nginx_chat_page: false renders no page location: / and /page/ are the app's 404s."""
+    proxy = start_edge(running, keyed_gateway, pki, overrides={"nginx_chat_page": False})
+    try:
+        context = pki.client_context()
+        answers = {}
+        for path in ("/", "/page/app.js"):
+            connection = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=context)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            answers[path] = (response.status, response.read())
+            connection.close()
+    finally:
+        proxy.stop()
+    assert answers == {path: (404, b'{"detail":"Not Found"}') for path in answers}, answers
