@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from streamgate.doctor import hops
+from streamgate.doctor import cli, hops
 from support.upstream import role_variables
 
 SSH_ARGS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
@@ -177,3 +177,13 @@ def test_the_remote_script_runs_the_probe_with_the_key_from_stdin():
 
     assert b"Authorization: Bearer sk-the-key" in request
     assert json.loads(completed.stdout)["url"] == f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+def test_hop_mode_with_an_inventory_without_an_edge_exits_2_saying_so(tmp_path, capsys):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all:\n  children:\n    app:\n      hosts:\n        app1:\n")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--inventory", str(inventory)])
+
+    assert exited.value.code == 2
+    assert "needs hosts in the groups 'app' and 'edge'" in capsys.readouterr().err

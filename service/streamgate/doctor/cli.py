@@ -17,7 +17,7 @@ import urllib.parse
 from pathlib import Path
 from typing import TextIO
 
-from . import probe, verdict
+from . import hops, probe, verdict
 
 VERDICT_COLOURS = {
     verdict.STREAMED: "#2e7d32",
@@ -253,12 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_arguments(parser, url_required=False)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--html", metavar="FILE", help="write a timeline page (one row per hop)")
+    hops.add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.inventory is not None:
+        probed = hops.probe_from_arguments(parser, args)
+        return emit(probed, as_json=args.json, html_path=args.html)
     if args.url is None:
         parser.error("give the URL of a stream")
     result = probe.probe(probe.options_from(parser, args))

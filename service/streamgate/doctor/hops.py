@@ -329,3 +329,44 @@ def probe_inventory(
         (hop.name, probe_hop(hop, inventory, arguments, key, timeout_s))
         for hop in build_hops(inventory, front, cacert)
     ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Hop mode's options on the doctor's command line."""
+    parser.add_argument(
+        "--inventory",
+        type=Path,
+        help="an Ansible inventory of this kit: probe every hop of that deployment, each from "
+        "where its client sits (the edge's hosts over Ansible's SSH access)",
+    )
+    parser.add_argument(
+        "--front",
+        metavar="URL",
+        help="with --inventory: also probe this URL in front of the edge (a CDN, a load balancer)",
+    )
+
+
+def probe_from_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> list[tuple[str, dict]]:
+    """Hop mode from the doctor's parsed options: --key and --cacert where they apply (the CA
+    for the hops probed from here), --max-tokens, --body and --header at every hop. An inventory
+    it cannot read ends the command with status 2 and what to fix."""
+    if args.url is not None:
+        parser.error("give a URL or --inventory, not both")
+    arguments = ["--max-tokens", str(args.max_tokens)]
+    if args.body is not None:
+        arguments += ["--body", args.body]
+    for header in args.header or []:
+        arguments += ["--header", header]
+    try:
+        return probe_inventory(
+            args.inventory,
+            front=args.front,
+            key=args.key,
+            cacert=args.cacert,
+            probe_arguments=arguments,
+            timeout_s=args.timeout,
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as error:
+        parser.exit(2, f"streamgate-doctor: cannot probe the hops of {args.inventory}: {error}\n")
