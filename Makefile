@@ -76,8 +76,8 @@ loadtest: venv ## headless Locust through nginx (lab edge by default; TARGET=htt
 	$(PY) loadtest/run.py --inventory $(abspath $(INVENTORY)) $(if $(TARGET),--target $(TARGET)) $(LOADTEST_ARGS)
 
 .PHONY: doctor
-doctor: venv ## diagnose a stream: URL=https://host/v1/chat/completions, DOCTOR_ARGS='--key K --html timeline.html'
-	$(VENV)/bin/streamgate-doctor $(URL) $(DOCTOR_ARGS)
+doctor: venv ## diagnose a stream: URL=https://host/v1/chat/completions; no URL: every hop of INVENTORY; DOCTOR_ARGS='--key K --html timeline.html'
+	$(VENV)/bin/streamgate-doctor $(if $(URL),$(URL),--inventory $(abspath $(INVENTORY))) $(DOCTOR_ARGS)
 
 lint: venv ## ruff (every Python folder), mypy (service/), yamllint (every YAML file), ansible-lint (production profile)
 	$(VENV)/bin/ruff check .
