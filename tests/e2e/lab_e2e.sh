@@ -149,6 +149,13 @@ if [ "$LAB_TOPOLOGY" = split ]; then
     step browser .venv/bin/python -m pytest -q -s -p no:cacheprovider tests/e2e/test_lab_browser.py \
         --ansible-inventory="$PWD/$LAB_INVENTORY"
 fi
+# The doctor, hop by hop (tests/doctor_lab): it names no hop on the healthy deployment, and the
+# hop of each buffering fault injected (then taken back out) one at a time. Split only: it needs
+# an edge apart from two app hosts. Before the operations, which change the deployment.
+if [ "$LAB_TOPOLOGY" = split ]; then
+    step doctor .venv/bin/python -m pytest -q -p no:cacheprovider tests/doctor_lab \
+        --ansible-inventory="$PWD/$LAB_INVENTORY"
+fi
 # Operations under load (tests/ops): reloads, a new build (rolled across the app hosts, or taken
 # over in place on a single host), a stop, a killed host; they change the deployment, so they
 # come after testinfra and the load test.
