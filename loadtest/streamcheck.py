@@ -17,6 +17,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The two streaming rules, defined once with the doctor's verdicts (stdlib only, in the wheel).
+from streamgate.doctor.verdict import MIN_SEPARATE_READS_RATIO, MIN_SPAN_RATIO
+
 # One SSE parser for the tests, the benchmark and the load tests: tests/support/sse.py (stdlib
 # only). The load test runs from the repository (run.py, make loadtest), never alone.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
@@ -136,9 +139,9 @@ class StreamTiming:
     gap_ms: float | None = 20.0
     tokens: int = 50
     # At least this share of the tokens must arrive in reads of their own...
-    min_separate_reads_ratio: float = 0.8
+    min_separate_reads_ratio: float = MIN_SEPARATE_READS_RATIO
     # ...and the first-to-last content span must be at least this share of the generation time.
-    min_span_ratio: float = 0.5
+    min_span_ratio: float = MIN_SPAN_RATIO
 
     def pace_ms(self, record: StreamRecord) -> float:
         """The gap between two tokens: the known one, else the response's own typical (median)

@@ -57,23 +57,32 @@ def judge_hop(name: str, result: dict) -> dict:
     }
 
 
-def first_buffering_hop(hops: list[dict]) -> str | None:
-    """The first hop, in path order, whose verdict is worse than the hop before it (the first
-    compared with a stream); a hop that could not be probed is skipped. None: all stream."""
-    previous = verdict.STREAMED
+def degrading_hops(hops: list[dict]) -> list[str]:
+    """The hops, in path order, whose verdict is worse than the hop's before them (the first
+    compared with a stream); a hop that could not be probed is skipped."""
+    degrading, previous = [], verdict.STREAMED
     for hop in hops:
         current = hop["verdict"]
         if current == verdict.FAILED:
             continue
         if verdict.VERDICTS.index(current) > verdict.VERDICTS.index(previous):
-            return hop["name"]
+            degrading.append(hop["name"])
         previous = current
-    return None
+    return degrading
+
+
+def first_buffering_hop(hops: list[dict]) -> str | None:
+    """The first hop whose verdict degrades; None when every hop streams."""
+    degrading = degrading_hops(hops)
+    return degrading[0] if degrading else None
 
 
 def report(probed: list[tuple[str, dict]]) -> dict:
     """The doctor's answer for (hop name, probe result) pairs in path order."""
     hops = [judge_hop(name, result) for name, result in probed]
+    degrading = degrading_hops(hops)
+    for hop in hops:
+        hop["degrades"] = hop["name"] in degrading
     verdicts = [hop["verdict"] for hop in hops]
     worst = max(verdicts, key=verdict.VERDICTS.index) if verdicts else verdict.FAILED
     first = first_buffering_hop(hops)

@@ -532,6 +532,11 @@ class _Probe:
         if url.scheme not in ("http", "https") or not url.hostname:
             self.result["error"] = "the URL must start with http:// or https:// and name a host"
             return self.result
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+        except ValueError:
+            self.result["error"] = "the URL's port is not a number from 0 to 65535"
+            return self.result
         route = route_of(url.path)
         self.result["route"] = route
         body = options.body
@@ -545,11 +550,6 @@ class _Probe:
             return self.result
         started = time.perf_counter()
         deadline = started + options.timeout_s
-        try:
-            port = url.port or (443 if url.scheme == "https" else 80)
-        except ValueError:
-            self.result["error"] = "the URL's port is not a number from 0 to 65535"
-            return self.result
         sock = self._connect(url.hostname, port, url.scheme == "https", deadline, started)
         if sock is None:
             return self.result

@@ -31,11 +31,11 @@ MIN_SEPARATE_READS_RATIO = 0.8
 MIN_SPAN_RATIO = 0.5
 # Fewer tokens than this prove nothing either way: the verdict is then of low confidence.
 MIN_TOKENS = 10
-# Buffered: at least this share of the tokens arrived in the final burst, the last
-# max(FINAL_BURST_MS, FINAL_BURST_SHARE of the total time) before the last token.
+# Buffered: at least this share of the tokens arrived in a final burst faster than a model
+# writes to one client (few exceed 500 tokens a second). Judged by rate, not by the first token's
+# share of the time: a reasoning model thinks for seconds, then streams at its usual pace.
 FINAL_BURST_TOKEN_SHARE = 0.9
-FINAL_BURST_MS = 50.0
-FINAL_BURST_SHARE = 0.05
+MAX_MODEL_TOKENS_PER_S = 500.0
 # Headers-held: the head came with the first data (within HEAD_WITH_DATA_MS) after waiting at
 # least HEADERS_HELD_MIN_MS. Below that a held head cannot be told from a fast first token, and
 # does no harm.
@@ -296,13 +296,14 @@ def facts(probe: dict) -> dict:
 
 
 def final_burst_share(fact: dict) -> float:
-    """The share of the tokens that arrived in the final burst before the last token."""
+    """The share of the tokens that arrived in the final burst: within the time a model at
+    MAX_MODEL_TOKENS_PER_S takes to write FINAL_BURST_TOKEN_SHARE of them, before the last."""
     times, counts, tokens = fact["times"], fact["token_counts"], fact["tokens"]
     if not times or not tokens:
         return 0.0
-    window = max(FINAL_BURST_MS, FINAL_BURST_SHARE * (fact["total_ms"] or times[-1]))
+    window_ms = FINAL_BURST_TOKEN_SHARE * tokens / MAX_MODEL_TOKENS_PER_S * 1000
     in_burst = sum(
-        count for at, count in zip(times, counts, strict=True) if at >= times[-1] - window
+        count for at, count in zip(times, counts, strict=True) if at >= times[-1] - window_ms
     )
     return in_burst / tokens
 
