@@ -17,10 +17,14 @@ SSH_ARGS = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
 
 
 def listing(
-    edge: list[str], app: list[str], simulator: list[str], hostvars: dict | None = None
+    edge: list[str],
+    app: list[str],
+    simulator: list[str],
+    hostvars: dict | None = None,
+    llm: tuple[str, ...] = (),
 ) -> dict:
     """An `ansible-inventory --list` answer like the lab's."""
-    everyone = dict.fromkeys([*edge, *app, *simulator])
+    everyone = dict.fromkeys([*edge, *app, *simulator, *llm])
     common = {
         "ansible_user": "lab",
         "ansible_ssh_private_key_file": "/keys/id",
@@ -38,7 +42,8 @@ def listing(
                 for index, host in enumerate(everyone, start=10)
             }
         },
-        "all": {"children": ["ungrouped", "edge", "app", "simulator"]},
+        "all": {"children": ["ungrouped", "edge", "app", "simulator", "llm"]},
+        "llm": {"hosts": list(llm)},
         "edge": {"hosts": edge},
         "app": {"hosts": app},
         "simulator": {"hosts": simulator},
@@ -98,7 +103,37 @@ def test_single_host_gateway_is_reached_on_loopback():
     by_name = {hop.name: hop for hop in hops.build_hops(inventory_of(single))}
 
     assert by_name["gateway:one"].url == "http://127.0.0.1:8000/v1/chat/completions"
-    assert by_name["upstream"].url == "http://10.0.0.10:8100/v1/chat/completions"
+    assert by_name["upstream"].url == "http://127.0.0.1:8100/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("app_vars", "llm", "upstream"),
+    [
+        # The role's default: the kit's llm host first...
+        ({}, ("llm",), "http://10.0.0.13:8080/v1"),
+        # ...the simulator only without an upstream key...
+        ({}, (), "http://10.0.0.12:8100/v1"),
+        ({"streamgate_upstream_api_key": "{{ vault_key }}"}, (), "https://api.openai.com/v1"),
+        # ...unless the URL names it (the lab's group_vars), whatever else the inventory has.
+        (
+            {
+                "streamgate_upstream_api_key": "{{ vault_key }}",
+                "streamgate_upstream_base_url": "{{ __streamgate_simulator_url }}",
+            },
+            ("llm",),
+            "http://10.0.0.12:8100/v1",
+        ),
+        (
+            {"streamgate_upstream_base_url": "{{ __streamgate_llm_url }}"},
+            ("llm",),
+            "http://10.0.0.13:8080/v1",
+        ),
+    ],
+)
+def test_the_upstream_is_the_one_the_app_role_picks(app_vars, llm, upstream):
+    answer = listing(["edge"], ["app"], ["sim"], {"app": app_vars}, llm=llm)
+
+    assert hops.upstream_url(inventory_of(answer), "app") == upstream
 
 
 def test_each_distinct_upstream_is_a_hop_and_plain_http_edges_are_probed_so():

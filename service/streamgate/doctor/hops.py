@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -34,12 +35,24 @@ CHAT_PATH = "/v1/chat/completions"
 ROLE_DEFAULTS = {
     "streamgate_port": 8000,
     "streamgate_sim_port": 8100,
+    "streamgate_llm_port": 8080,
     "nginx_tls": True,
     "nginx_listen": "80",
     "nginx_listen_tls": "443",
     "nginx_server_name": "_",
     "streamgate_default_model": "gpt-4o-mini",
 }
+# The model servers the kit deploys itself: group -> (the URL its role publishes as a fact, the
+# variable of its port).
+KIT_SERVERS = {
+    "llm": ("streamgate_llm_url", "streamgate_llm_port"),
+    "simulator": ("streamgate_sim_url", "streamgate_sim_port"),
+}
+# The app role's templates for streamgate_upstream_base_url that name those servers, and its
+# default (ansible/roles/app/vars/main.yml).
+ROLE_TEMPLATE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+ROLE_URL_TEMPLATES = {"__streamgate_llm_url": "llm", "__streamgate_simulator_url": "simulator"}
+ROLE_DEFAULT_URL_TEMPLATE = "__streamgate_default_upstream_base_url"
 # Written next to the inventory by the play (the CA of the edge's certificate) and by the lab
 # (the client key), as `make loadtest` and testinfra read them.
 CA_FILE_NAME = "ca.pem"
@@ -119,25 +132,54 @@ def port_of(listen: object) -> str:
     return str(listen).rsplit(":", 1)[-1]
 
 
+def advertised_address(inventory: Inventory, host: str, clients_group: str) -> str:
+    """The address a server of the kit on `host` listens on for its clients (the roles' rule):
+    loopback when the only client host is `host` itself, else its private address, else its
+    ansible_host."""
+    if inventory.groups.get(clients_group) == [host]:
+        return "127.0.0.1"
+    private = inventory.hostvars.get(host, {}).get("streamgate_private_address")
+    return str(private) if private and not is_template(private) else inventory.address(host)
+
+
+def kit_server_url(inventory: Inventory, group: str) -> str | None:
+    """The base URL of the first host of a group the kit deploys a model server on (llm,
+    simulator): the URL its role published if the inventory has it, else its address and port."""
+    hosts = inventory.groups.get(group) or []
+    if not hosts:
+        return None
+    published_variable, port_variable = KIT_SERVERS[group]
+    published = inventory.hostvars.get(hosts[0], {}).get(published_variable)
+    if published and not is_template(published):
+        return str(published).rstrip("/")
+    address = advertised_address(inventory, hosts[0], "app")
+    return f"http://{address}:{inventory.var(hosts[0], port_variable)}/v1"
+
+
 def upstream_url(inventory: Inventory, app_host: str) -> str:
-    """The app host's upstream base URL, as the app role picks it: streamgate_upstream_base_url,
-    else (or when it names the role's own simulator URL, a template) the first simulator host,
-    else OpenAI."""
-    url = inventory.hostvars.get(app_host, {}).get("streamgate_upstream_base_url")
+    """The app host's upstream base URL, as the app role picks it: streamgate_upstream_base_url
+    (a URL, or the role's own template naming the llm or simulator host), else the first llm
+    host, else the first simulator host when no upstream key is set, else OpenAI."""
+    hostvars = inventory.hostvars.get(app_host, {})
+    url = hostvars.get("streamgate_upstream_base_url")
     if url and not is_template(url):
         return str(url).rstrip("/")
-    simulators = inventory.groups.get("simulator") or []
-    if simulators:
-        published = inventory.hostvars.get(simulators[0], {}).get("streamgate_sim_url")
-        if published and not is_template(published):
-            return str(published).rstrip("/")
-        port = inventory.var(simulators[0], "streamgate_sim_port")
-        return f"http://{inventory.address(simulators[0])}:{port}/v1"
     if url:
-        raise ValueError(
-            f"{app_host}: streamgate_upstream_base_url is a template the doctor does not "
-            f"evaluate ({url!r}): probe the upstream by URL instead"
-        )
+        named = ROLE_TEMPLATE.fullmatch(str(url))
+        group = ROLE_URL_TEMPLATES.get(named[1]) if named else None
+        if group is not None and kit_server_url(inventory, group):
+            return str(kit_server_url(inventory, group))
+        if not named or named[1] != ROLE_DEFAULT_URL_TEMPLATE:
+            raise ValueError(
+                f"{app_host}: streamgate_upstream_base_url is a template the doctor does not "
+                f"evaluate ({url!r}): probe the upstream by URL instead"
+            )
+    llm = kit_server_url(inventory, "llm")
+    simulator = kit_server_url(inventory, "simulator")
+    if llm:
+        return llm
+    if simulator and not hostvars.get("streamgate_upstream_api_key"):
+        return simulator
     return "https://api.openai.com/v1"
 
 
@@ -159,14 +201,10 @@ def upstream_model(inventory: Inventory, app_host: str) -> str | None:
 def gateway_address(inventory: Inventory, app_host: str) -> str:
     """Where nginx reaches this app host (the nginx role's rule): streamgate_upstream_server,
     else loopback when it is the only edge host, else its private address, on its port."""
-    hostvars = inventory.hostvars.get(app_host, {})
-    if hostvars.get("streamgate_upstream_server"):
-        return str(hostvars["streamgate_upstream_server"])
-    if inventory.groups.get("edge") == [app_host]:
-        host = "127.0.0.1"
-    else:
-        private = hostvars.get("streamgate_private_address")
-        host = private if private and not is_template(private) else inventory.address(app_host)
+    server = inventory.hostvars.get(app_host, {}).get("streamgate_upstream_server")
+    if server:
+        return str(server)
+    host = advertised_address(inventory, app_host, "edge")
     return f"{host}:{inventory.var(app_host, 'streamgate_port')}"
 
 
