@@ -49,7 +49,7 @@ def test_all_hops_streaming_name_no_hop_and_exit_0():
         None,
         0,
     )
-    assert answer["diagnosis"].startswith("Every hop streams.")
+    assert answer["diagnosis"].startswith("Every hop streams; streamed (high confidence).")
 
 
 def test_the_first_hop_that_degrades_is_named():

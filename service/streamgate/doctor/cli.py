@@ -112,8 +112,8 @@ def diagnosis(hops: list[dict], first: str | None) -> str:
     if not hops:
         return "Nothing was probed."
     last = hops[-1]
-    prefix = "Every hop streams. " if len(hops) > 1 else ""
-    return f"{prefix}{last['reason']} ({last['confidence']} confidence)"
+    prefix = "Every hop streams; " if len(hops) > 1 else ""
+    return f"{prefix}streamed ({last['confidence']} confidence). {last['reason']}"
 
 
 def _ms(value: float | None) -> str:
@@ -160,9 +160,9 @@ def render_table(answer: dict) -> str:
     return "\n".join(lines)
 
 
-def render_html(answer: dict) -> str:
-    """A self-contained page: one row per hop, a dot per read (area ~ tokens), a tick where the
-    response head arrived; inline SVG, nothing downloaded."""
+def render_svg(answer: dict) -> str:
+    """The timeline: one row per hop, a dot per read (area ~ tokens), a tick where the response
+    head arrived; time from the moment each request was sent."""
     hops = answer["hops"]
     end_ms = max(
         [max([read[0] for read in hop["timeline"]["reads"]], default=0.0) for hop in hops] + [1.0]
@@ -176,6 +176,7 @@ def render_html(answer: dict) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + plot_width + 20}" '
         f'height="{height}" font-family="sans-serif" font-size="12">'
+        '<rect width="100%" height="100%" fill="white"/>'
     ]
     for tick in range(6):
         ms = end_ms * tick / 5
@@ -211,6 +212,13 @@ def render_html(answer: dict) -> str:
                 "</title></circle>"
             )
     parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(answer: dict) -> str:
+    """A self-contained page: the timeline as inline SVG, and why and what to fix per hop;
+    nothing downloaded."""
+    hops = answer["hops"]
     rows = "".join(
         f"<tr><td>{html.escape(hop['name'])}</td><td>{html.escape(str(hop.get('url')))}</td>"
         f"<td style='color:{VERDICT_COLOURS[hop['verdict']]}'>{hop['verdict']}</td>"
@@ -226,7 +234,7 @@ def render_html(answer: dict) -> str:
         "<p>One row per hop, in path order; a dot per socket read (its area grows with the "
         "tokens it carried, grey: none), a blue tick where the response head arrived. Time "
         "counts from the moment the request was sent.</p>"
-        + "".join(parts)
+        + render_svg(answer)
         + "<table><tr><th>hop</th><th>URL</th><th>verdict</th><th>why</th><th>fix</th></tr>"
         + rows
         + "</table></body></html>\n"
@@ -238,6 +246,7 @@ def emit(
     *,
     as_json: bool = False,
     html_path: str | None = None,
+    svg_path: str | None = None,
     out: TextIO | None = None,
 ) -> int:
     """Judge, print (table or JSON; on `out`, default stdout), write the HTML timeline if
@@ -246,6 +255,8 @@ def emit(
     answer = report(probed)
     if html_path:
         Path(html_path).write_text(render_html(answer), encoding="utf-8")
+    if svg_path:
+        Path(svg_path).write_text(render_svg(answer) + "\n", encoding="utf-8")
     if as_json:
         json.dump(answer, out, ensure_ascii=False, indent=1)
         out.write("\n")
@@ -262,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_arguments(parser, url_required=False)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--html", metavar="FILE", help="write a timeline page (one row per hop)")
+    parser.add_argument("--svg", metavar="FILE", help="write the timeline alone, as an SVG image")
     hops.add_arguments(parser)
     return parser
 
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the URL of a stream")
     result = probe.probe(probe.options_from(parser, args))
     name = urllib.parse.urlsplit(args.url).netloc or args.url
-    return emit([(name, result)], as_json=args.json, html_path=args.html)
+    return emit([(name, result)], as_json=args.json, html_path=args.html, svg_path=args.svg)
 
 
 if __name__ == "__main__":

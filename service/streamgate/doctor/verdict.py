@@ -225,7 +225,7 @@ CAUSES = (
         "whole-answer",
         (BUFFERED,),
         "the whole answer at the end, no marker of which layer",
-        "The whole answer came at once after {ttft_ms:.0f} ms ({token_reads} reads): some "
+        "The whole answer came at once after {ttft_ms:.0f} ms (in {reads_text}): some "
         "layer held it (a buffering proxy, a load balancer, a TLS-inspecting proxy).",
         "Probe each hop (--inventory) to find the layer that holds it.",
     ),
@@ -395,13 +395,17 @@ def _held_cause(verdict: str, fact: dict, probe: dict) -> str:
 
 def _what(verdict: str, fact: dict) -> str:
     if verdict == HEADERS_HELD:
-        return f"the response head until the first data ({fact['headers_ms']:.0f} ms)"
+        return f"the response head until the first data ({_round(fact['headers_ms']):.0f} ms)"
     if verdict == BUFFERED:
         return (
             f"the whole answer until the end ({fact['tokens']} tokens in "
-            f"{fact['token_reads']} reads at {fact['ttft_ms']:.0f} ms)"
+            f"{_reads(fact['token_reads'])} at {_round(fact['ttft_ms']):.0f} ms)"
         )
-    return f"{fact['tokens']} tokens came in {fact['token_reads']} reads"
+    return f"{fact['tokens']} tokens came in {_reads(fact['token_reads'])}"
+
+
+def _reads(count: int) -> str:
+    return f"{count} read" if count == 1 else f"{count} reads"
 
 
 def _fill(text: str, values: dict) -> str:
@@ -420,7 +424,7 @@ def judge(probe_result: dict) -> dict:
         cause_id = _held_cause(verdict, fact, probe_result)
     headers = fact["headers"]
     values = {
-        **{key: value for key, value in fact.items() if value is not None},
+        **{key: _round(value) for key, value in fact.items() if value is not None},
         "error": (probe_result.get("error") or "").rstrip("."),
         "status": probe_result.get("status"),
         "status_reason": probe_result.get("reason") or "",
@@ -433,8 +437,9 @@ def judge(probe_result: dict) -> dict:
         or f"Server: {headers.get('server')}",
         "buffer_kib": round((fact["read_bytes_p50"] or 0) / 1024, 1),
         "what": _what(verdict, fact),
+        "reads_text": _reads(fact["token_reads"]),
         "with_gzip": (
-            ", so its gzip held the whole answer"
+            ", so its gzip was never told to flush"
             if headers.get("content-encoding") and verdict == BUFFERED
             else ""
         ),
@@ -444,9 +449,9 @@ def judge(probe_result: dict) -> dict:
         reason, fix = _fill(cause.reason, values), _fill(cause.fix, values)
     else:
         reason = (
-            f"The tokens arrived as they were written: {fact['token_reads']} reads for "
-            f"{fact['tokens']} tokens over {fact['span_ms']:.0f} ms, the first at "
-            f"{fact['ttft_ms']:.0f} ms."
+            f"The tokens arrived as they were written: {_reads(fact['token_reads'])} for "
+            f"{fact['tokens']} tokens over {_round(fact['span_ms']):.0f} ms, the first at "
+            f"{_round(fact['ttft_ms']):.0f} ms."
         )
         fix = "Nothing to fix."
     confidence = "high"
