@@ -24,9 +24,9 @@ from pathlib import Path
 
 import psutil
 
-# The process harness shared with the tests and the benchmark (standard library only).
+# The simulator as the tests start it (tests/support/services.py: one launcher).
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
-from support.procs import ManagedProcess
+from support import services
 
 HERE = Path(__file__).resolve().parent
 SIM_GAP_MS = 20.0
@@ -35,32 +35,6 @@ SIM_TOKENS = 50
 # (neither judged buffered nor excused as the generator's own lag).
 CLEAN_ITL_P99_MS = SIM_GAP_MS + 10
 CLEAN_BUFFERED_RATIO = 0.0
-
-
-def start_simulator(log_dir: Path) -> tuple[ManagedProcess, str]:
-    """The simulator on a port of its choosing, and its URL (from the line it logs)."""
-    process = ManagedProcess(
-        "simulator",
-        [
-            sys.executable,
-            "-m",
-            "streamgate.simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--ttft-ms",
-            "50",
-            "--gap-ms",
-            str(SIM_GAP_MS),
-            "--jitter-ms",
-            "0",
-            "--tokens",
-            str(SIM_TOKENS),
-        ],
-        log_dir=log_dir,
-    ).start()
-    return process, process.wait_output(r"listening on (http://\S+)", timeout_s=20)[1]
 
 
 class CpuSampler(threading.Thread):
@@ -206,10 +180,13 @@ def main() -> int:
     parser.add_argument("--reports-dir", type=Path, default=HERE / "reports" / "capacity")
     args = parser.parse_args()
     args.reports_dir.mkdir(parents=True, exist_ok=True)
-    simulator, target = start_simulator(args.reports_dir)
+    simulator = services.start_simulator(
+        args.reports_dir, ttft_ms=50, gap_ms=SIM_GAP_MS, jitter_ms=0, tokens=SIM_TOKENS
+    )
+    target = simulator.base_url
     results = []
     try:
-        sim = psutil.Process(simulator.pid)
+        sim = psutil.Process(simulator.process.pid)
         for users in (int(step) for step in args.users.split(",")):
             result = run_step(target, users, args, args.reports_dir, sim)
             results.append(result)
