@@ -11,7 +11,6 @@ location without `proxy_buffering off` (negative control on a sample config).
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shlex
@@ -27,11 +26,11 @@ from infra.helpers import (
     any_upstream_verdict,
     any_upstream_whole_answer_verdict,
     check_output_as_root,
+    probe_from,
 )
 
 testinfra_hosts = ["ansible://edge"]
 
-PROBE_SOURCE = stream_probe.standalone_program()
 # HTTPS when the play made the certificate (its CA next to the inventory, copied to the edge for
 # the probe), else the plain HTTP of an edge without TLS.
 HOST_CA_FILE = "/tmp/streamgate-testinfra-ca.pem"
@@ -155,51 +154,12 @@ def edge_url(host, hostvars, request) -> tuple[str, list[str]]:
 
 
 def probe_on_host(host, edge_url, path: str, body: dict, key: str | None) -> stream_probe.Trace:
-    """Run the stdlib probe on the edge host against nginx; the trace it saw, rebuilt.
-
-    `key`: sent as `Authorization: Bearer <key>` (None: no Authorization header)."""
+    """Run the stdlib probe on the edge host against nginx (asking for gzip, which the edge must
+    not apply to a stream). `key`: sent as `Authorization: Bearer <key>` (None: no header)."""
     base, tls_options = edge_url
-    auth = ["--header", f"Authorization: Bearer {key}"] if key is not None else []
-    command = " ".join(
-        shlex.quote(part)
-        for part in [
-            "python3",
-            "-c",
-            PROBE_SOURCE,
-            "--url",
-            f"{base}{path}",
-            "--body",
-            json.dumps(body),
-            "--timeout",
-            "30",
-            "--header",
-            "Accept-Encoding: gzip",
-            *auth,
-            *tls_options,
-        ]
-    )
-    result = host.run(command)
-    assert result.rc == 0, (
-        f"probe exited {result.rc}: {result.stderr[-1000:]} {result.stdout[-1000:]}"
-    )
-    seen = json.loads(result.stdout)
-    trace = stream_probe.Trace(
-        status=seen["status"],
-        headers=seen["headers"],
-        chunked=seen["chunked"],
-        complete=seen["complete"],
-        body=base64.b64decode(seen["body_b64"]),
-        error=seen["error"],
-    )
-    # The probe reports sizes and times per read; each read's payload is its slice of the body.
-    trace.reads, offset = [], 0
-    for read in seen["reads"]:
-        data = trace.body[offset : offset + read["data_bytes"]]
-        offset += read["data_bytes"]
-        trace.reads.append(
-            stream_probe.Read(at_s=read["at_s"], raw_bytes=read["raw_bytes"], data=data)
-        )
-    return trace
+    auth = (f"Authorization: Bearer {key}",) if key is not None else ()
+    headers = ("Accept-Encoding: gzip", *auth)
+    return probe_from(host, f"{base}{path}", body, headers, tuple(tls_options))
 
 
 def describe(trace: stream_probe.Trace) -> str:
