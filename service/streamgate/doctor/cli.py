@@ -57,11 +57,11 @@ def judge_hop(name: str, result: dict) -> dict:
     }
 
 
-def degrading_hops(hops: list[dict]) -> list[str]:
+def degrading_hops(judged: list[dict]) -> list[str]:
     """The hops, in path order, whose verdict is worse than the hop's before them (the first
     compared with a stream); a hop that could not be probed is skipped."""
     degrading, previous = [], verdict.STREAMED
-    for hop in hops:
+    for hop in judged:
         current = hop["verdict"]
         if current == verdict.FAILED:
             continue
@@ -71,48 +71,48 @@ def degrading_hops(hops: list[dict]) -> list[str]:
     return degrading
 
 
-def first_buffering_hop(hops: list[dict]) -> str | None:
+def first_buffering_hop(judged: list[dict]) -> str | None:
     """The first hop whose verdict degrades; None when every hop streams."""
-    degrading = degrading_hops(hops)
+    degrading = degrading_hops(judged)
     return degrading[0] if degrading else None
 
 
 def report(probed: list[tuple[str, dict]]) -> dict:
     """The doctor's answer for (hop name, probe result) pairs in path order."""
-    hops = [judge_hop(name, result) for name, result in probed]
-    degrading = degrading_hops(hops)
-    for hop in hops:
+    judged = [judge_hop(name, result) for name, result in probed]
+    degrading = degrading_hops(judged)
+    for hop in judged:
         hop["degrades"] = hop["name"] in degrading
-    verdicts = [hop["verdict"] for hop in hops]
+    verdicts = [hop["verdict"] for hop in judged]
     worst = max(verdicts, key=verdict.VERDICTS.index) if verdicts else verdict.FAILED
-    first = first_buffering_hop(hops)
+    first = first_buffering_hop(judged)
     return {
         "verdict": worst,
         "first_buffering_hop": first,
-        "diagnosis": diagnosis(hops, first),
+        "diagnosis": diagnosis(judged, first),
         "exit_code": verdict.exit_code(verdicts) if verdicts else 2,
-        "hops": hops,
+        "hops": judged,
     }
 
 
-def diagnosis(hops: list[dict], first: str | None) -> str:
+def diagnosis(judged: list[dict], first: str | None) -> str:
     """One line: which hop, what happened, what to change."""
-    failed = [hop for hop in hops if hop["verdict"] == verdict.FAILED]
+    failed = [hop for hop in judged if hop["verdict"] == verdict.FAILED]
     if first is not None:
-        hop = next(hop for hop in hops if hop["name"] == first)
-        where = f"{hop['name']}: " if len(hops) > 1 else ""
+        hop = next(hop for hop in judged if hop["name"] == first)
+        where = f"{hop['name']}: " if len(judged) > 1 else ""
         return (
             f"{where}{hop['verdict']} ({hop['confidence']} confidence). {hop['reason']} "
             f"Fix: {hop['fix']}"
         )
     if failed:
         hop = failed[0]
-        where = f"{hop['name']}: " if len(hops) > 1 else ""
+        where = f"{hop['name']}: " if len(judged) > 1 else ""
         return f"{where}the probe could not run. {hop['reason']} Fix: {hop['fix']}"
-    if not hops:
+    if not judged:
         return "Nothing was probed."
-    last = hops[-1]
-    prefix = "Every hop streams; " if len(hops) > 1 else ""
+    last = judged[-1]
+    prefix = "Every hop streams; " if len(judged) > 1 else ""
     return f"{prefix}streamed ({last['confidence']} confidence). {last['reason']}"
 
 
@@ -163,12 +163,12 @@ def render_table(answer: dict) -> str:
 def render_svg(answer: dict) -> str:
     """The timeline: one row per hop, a dot per read (area ~ tokens), a tick where the response
     head arrived; time from the moment each request was sent."""
-    hops = answer["hops"]
+    judged = answer["hops"]
     end_ms = max(
-        [max([read[0] for read in hop["timeline"]["reads"]], default=0.0) for hop in hops] + [1.0]
+        [max([read[0] for read in hop["timeline"]["reads"]], default=0.0) for hop in judged] + [1.0]
     )
     label_width, plot_width, row_height, top = 230, 760, 46, 30
-    height = top + row_height * len(hops) + 40
+    height = top + row_height * len(judged) + 40
 
     def x(ms: float) -> float:
         return label_width + plot_width * ms / end_ms
@@ -186,7 +186,7 @@ def render_svg(answer: dict) -> str:
             f'<text x="{x(ms):.1f}" y="{height - 14}" text-anchor="middle" fill="#555">'
             f"{ms:.0f} ms</text>"
         )
-    for row, hop in enumerate(hops):
+    for row, hop in enumerate(judged):
         y = top + row_height * row + row_height / 2
         colour = VERDICT_COLOURS[hop["verdict"]]
         parts.append(
@@ -218,12 +218,12 @@ def render_svg(answer: dict) -> str:
 def render_html(answer: dict) -> str:
     """A self-contained page: the timeline as inline SVG, and why and what to fix per hop;
     nothing downloaded."""
-    hops = answer["hops"]
+    judged = answer["hops"]
     rows = "".join(
         f"<tr><td>{html.escape(hop['name'])}</td><td>{html.escape(str(hop.get('url')))}</td>"
         f"<td style='color:{VERDICT_COLOURS[hop['verdict']]}'>{hop['verdict']}</td>"
         f"<td>{html.escape(hop['reason'])}</td><td>{html.escape(hop['fix'])}</td></tr>"
-        for hop in hops
+        for hop in judged
     )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>streamgate-doctor</title>"
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.inventory is not None:
         probed = hops.probe_from_arguments(parser, args)
-        return emit(probed, as_json=args.json, html_path=args.html)
+        return emit(probed, as_json=args.json, html_path=args.html, svg_path=args.svg)
     if args.url is None:
         parser.error("give the URL of a stream")
     result = probe.probe(probe.options_from(parser, args))
