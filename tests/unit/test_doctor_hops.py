@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,12 +73,12 @@ def test_role_defaults_are_the_roles_own(name):
 def test_split_deployment_hops_in_path_order_each_from_its_client():
     found = hops.build_hops(inventory_of(SPLIT))
 
-    assert [(hop.name, hop.url, hop.via, hop.with_key) for hop in found] == [
-        ("upstream", "http://10.0.0.13:8100/v1/chat/completions", "app1", False),
-        ("gateway:app1", "http://10.0.0.11:8000/v1/chat/completions", "edge", True),
-        ("gateway:app2", "http://10.0.0.12:8000/v1/chat/completions", "edge", True),
-        ("nginx:edge", "https://127.0.0.1:443/v1/chat/completions", "edge", True),
-        ("public", "https://10.0.0.10/v1/chat/completions", None, True),
+    assert [(hop.name, hop.url, hop.via, hop.key) for hop in found] == [
+        ("upstream", "http://10.0.0.13:8100/v1/chat/completions", "app1", "upstream"),
+        ("gateway:app1", "http://10.0.0.11:8000/v1/chat/completions", "edge", "client"),
+        ("gateway:app2", "http://10.0.0.12:8000/v1/chat/completions", "edge", "client"),
+        ("nginx:edge", "https://127.0.0.1:443/v1/chat/completions", "edge", "client"),
+        ("public", "https://10.0.0.10/v1/chat/completions", None, "client"),
     ]
 
 
@@ -188,7 +189,7 @@ def test_a_probe_that_cannot_run_is_a_result_with_its_error(tmp_path):
     )
     inventory = inventory_of(answer, tmp_path)
     hop = next(hop for hop in hops.build_hops(inventory) if hop.via == "edge")
-    result = hops.probe_hop(hop, inventory, [], key=None, timeout_s=1)
+    result = hops.probe_hop(hop, inventory, [], keys={}, timeout_s=1)
 
     assert result["url"] == hop.url
     assert "ssh edge failed" in result["error"]
@@ -222,3 +223,34 @@ def test_hop_mode_with_an_inventory_without_an_edge_exits_2_saying_so(tmp_path, 
 
     assert exited.value.code == 2
     assert "needs hosts in the groups 'app' and 'edge'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kind", "authorization"),
+    [
+        (hops.CLIENT_KEY, b"Bearer the-client-key"),
+        (hops.UPSTREAM_KEY, b"Bearer sk-upstream"),
+        (None, None),
+    ],
+)
+def test_each_hop_gets_only_the_key_its_server_checks(kind, authorization):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/v1/chat/completions"
+        hop = hops.Hop("hop", url, key=kind)
+        keys = {hops.CLIENT_KEY: "the-client-key", hops.UPSTREAM_KEY: "sk-upstream"}
+        received: list[bytes] = []
+
+        def answer() -> None:
+            connection, _ = server.accept()
+            with connection:
+                received.append(connection.recv(65536))
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        result = hops.probe_hop(hop, inventory_of(SPLIT), ["--timeout", "5"], keys, timeout_s=5)
+        thread.join(timeout=5)
+
+    assert result["status"] == 200
+    found = [line for line in received[0].split(b"\r\n") if line.startswith(b"Authorization:")]
+    assert found == ([b"Authorization: " + authorization] if authorization else [])

@@ -59,6 +59,10 @@ CA_FILE_NAME = "ca.pem"
 CLIENT_KEY_FILE_NAME = "client-key"
 # Where the doctor finds the client key when none is given (before the file next to the inventory).
 KEY_VARIABLE = "STREAMGATE_DOCTOR_KEY"
+# The LLM server's key, for the upstream hop: the gateway's own setting of that name (the
+# inventory keeps it in a vault the doctor does not open). Unset: the upstream is asked without.
+UPSTREAM_KEY_VARIABLE = "STREAMGATE_UPSTREAM_API_KEY"
+CLIENT_KEY, UPSTREAM_KEY = "client", "upstream"
 SSH_TIMEOUT_S = 10
 
 
@@ -70,7 +74,9 @@ class Hop:
     name: str
     url: str
     via: str | None = None
-    with_key: bool = True
+    # Which key the hop's server checks: the client key (gateways, nginx, the public URL), the
+    # upstream key (the LLM server), or none.
+    key: str | None = CLIENT_KEY
     # Probe options besides the key: --cacert, --insecure, --body.
     options: tuple[str, ...] = ()
 
@@ -235,15 +241,13 @@ def build_hops(
         if base in seen_upstreams:
             continue
         seen_upstreams.add(base)
-        # The upstream key is the operator's secret (a vault): servers that want one are
-        # probed by URL with --key instead.
         model = upstream_model(inventory, app_host)
         hops.append(
             Hop(
                 "upstream" if len(seen_upstreams) == 1 else f"upstream:{app_host}",
                 f"{base}/chat/completions",
                 via=app_host,
-                with_key=False,
+                key=UPSTREAM_KEY,
                 options=("--model", model) if model else (),
             )
         )
@@ -311,10 +315,15 @@ def remote_script(key: str | None) -> str:
 
 
 def probe_hop(
-    hop: Hop, inventory: Inventory, probe_arguments: list[str], key: str | None, timeout_s: float
+    hop: Hop,
+    inventory: Inventory,
+    probe_arguments: list[str],
+    keys: dict[str, str | None],
+    timeout_s: float,
 ) -> dict:
-    """One probe's JSON result; a probe that could not run is a result with its `error`."""
-    key = key if hop.with_key else None
+    """One probe's JSON result; a probe that could not run is a result with its `error`.
+    `keys`: {CLIENT_KEY: ..., UPSTREAM_KEY: ...}, each sent only to the hops that check it."""
+    key = keys.get(hop.key) if hop.key else None
     if hop.via is None:
         parser = argparse.ArgumentParser(prog="probe")
         probe.add_arguments(parser)
@@ -361,10 +370,13 @@ def probe_inventory(
     path order. `probe_arguments` go to every probe (--max-tokens, --body); the key and the CA
     only where they apply."""
     inventory = read_inventory(inventory_path)
-    key = client_key(inventory, key)
+    keys = {
+        CLIENT_KEY: client_key(inventory, key),
+        UPSTREAM_KEY: os.environ.get(UPSTREAM_KEY_VARIABLE) or None,
+    }
     arguments = [*(probe_arguments or []), "--timeout", str(timeout_s)]
     return [
-        (hop.name, probe_hop(hop, inventory, arguments, key, timeout_s))
+        (hop.name, probe_hop(hop, inventory, arguments, keys, timeout_s))
         for hop in build_hops(inventory, front, cacert)
     ]
 
