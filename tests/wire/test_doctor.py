@@ -35,6 +35,7 @@ from support.nginx import (
     require_nginx,
 )
 from support.procs import ManagedProcess, free_port
+from support.tls import make_test_pki
 
 REPO = Path(__file__).resolve().parents[2]
 OPENAI_PATH = "/v1/chat/completions"
@@ -245,6 +246,18 @@ def test_healthy_chain_streams_and_exits_0(nginx, capsys):
     assert answer["first_buffering_hop"] is None
     assert hop["tokens"] >= 45 and hop["token_reads"] >= 40, describe(answer)
     assert hop["headers"]["server"].startswith("nginx")
+
+
+def test_the_https_edge_streams_over_http_1_1(gateway, stack, capsys):
+    """The role's default edge: HTTPS from the templates (HTTP/2 offered, ALPN picks http/1.1)."""
+    pki = make_test_pki()
+    edge = LocalNginx([f"{gateway.host}:{gateway.port}"], pki=pki)
+    stack.callback(edge.stop)
+    edge.start(require_nginx())
+    url = f"{edge.base_url}{OPENAI_PATH}"
+    status, answer = doctor(url, capsys, "--cacert", str(pki.ca_certificate))
+    hop = answer["hops"][0]
+    assert (status, hop["verdict"], hop["alpn"]) == (0, "streamed", "http/1.1"), describe(answer)
 
 
 def test_plain_text_route_streams_through_the_chain(nginx, capsys):

@@ -19,7 +19,6 @@ from streamgate.simulator.script import expected_text
 from support import chat, nginx, procs, services, stream_probe
 from support.stream_probe import BUFFERED, STREAMED
 
-PROBE_SCRIPT = Path(stream_probe.__file__)
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
@@ -88,11 +87,13 @@ def test_probe_reports_a_stream_cut_without_its_last_chunk():
 
 
 def test_probe_runs_as_a_stdlib_only_script_and_prints_json(gateway):
-    """What lab hosts run: no site-packages at all (-I -S), output parsed as JSON."""
+    """What lab hosts run (the probe with the doctor's probe module it imports, as one program):
+    no site-packages at all (-I -S), output parsed as JSON."""
     body = json.dumps({"prompt": "hi", "max_tokens": 5})
     url = f"{gateway.base_url}{chat.ROUTES[chat.TEXT]}"
+    program = stream_probe.standalone_program()
     completed = subprocess.run(
-        [sys.executable, "-I", "-S", str(PROBE_SCRIPT), "--url", url, "--body", body],
+        [sys.executable, "-I", "-S", "-c", program, "--url", url, "--body", body],
         capture_output=True,
         text=True,
         timeout=30,

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from streamgate.doctor.probe import decode_chunked
 from streamgate.simulator.script import expected_text
 from support import sse
 from support.sim_capacity import SimulatorProcess, run_capacity_check
-from support.stream_probe import decode_chunked
 
 pytestmark = pytest.mark.timeout(60)
 
