@@ -73,6 +73,13 @@ def test_good_inventory_passes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
 
 
+def test_good_cors_origins_pass(tmp_path):
+    """The control of the origin check below: origins as browsers send them."""
+    origins = ["https://chat.example.org", "http://localhost:3000", "https://[2001:db8::1]:8443"]
+    result = run_validation(tmp_path, SPLIT_INVENTORY, {"nginx_cors_allowed_origins": origins})
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
 @pytest.mark.parametrize(
     ("extra_vars", "expected_message"),
     [
@@ -145,6 +152,15 @@ def test_good_inventory_passes(tmp_path):
                 "streamgate_llm_model_file": "/etc/hostname",
             },
             "streamgate_llm_model_file and streamgate_llm_model_url are both set",
+        ),
+        ({"nginx_cors_allowed_origins": ["*"]}, "each nginx_cors_allowed_origins item must be"),
+        (
+            {"nginx_cors_allowed_origins": ["https://chat.example.org/app"]},
+            "each nginx_cors_allowed_origins item must be",
+        ),
+        (
+            {"nginx_cors_allowed_origins": ["chat.example.org"]},
+            "each nginx_cors_allowed_origins item must be",
         ),
         ({"nginx_listen": "everywhere"}, 'nginx_listen must be "PORT" or "ADDRESS:PORT"'),
         (
