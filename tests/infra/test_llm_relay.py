@@ -34,8 +34,10 @@ def llm_base_url(host, hostvars, inventory_host) -> str:
     url = f"http://{address}:{setting(llm_vars, 'streamgate_llm_port')}/v1"
     # The inventory says openai-compatible: the gateway must really be on the llm host, or every
     # check below would be a check of some other server.
-    env = check_output_as_root(host, f"cat {setting(hostvars, 'streamgate_env_file')}")
-    assert f"STREAMGATE_UPSTREAM_BASE_URL={url}" in env.splitlines(), env
+    # Only that line is read: the file also holds the upstream's key, which no log may show.
+    env_file = setting(hostvars, "streamgate_env_file")
+    line = check_output_as_root(host, f"grep '^STREAMGATE_UPSTREAM_BASE_URL=' {env_file}").strip()
+    assert line.split("=", 1)[1].strip('"') == url, (line, url)
     return url
 
 
