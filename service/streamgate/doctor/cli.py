@@ -144,7 +144,7 @@ def render_table(answer: dict) -> str:
                 hop["verdict"] + ("?" if hop["confidence"] == "low" else ""),
                 _ms(hop.get("ttft_ms")),
                 f"{hop.get('token_reads', 0)}/{hop.get('tokens', 0)}",
-                _ms(hop.get("span_ms")),
+                _ms(hop.get("span_ms")) if hop.get("tokens") else "-",
                 _header_summary(hop),
             )
         )
