@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 INVENTORY ?= ansible/inventories/lab/hosts.yml
 LAB_TOPOLOGY ?= split
 LAB_RELEASE ?= bookworm
+# LAB_LLM=llamacpp adds an llm host (llama.cpp's server, the llm role); the app hosts then stream
+# from it unless LAB_UPSTREAM=simulator.
+LAB_LLM ?=
+LAB_UPSTREAM ?=
 GATEWAY_PORT ?= 8000
 SIM_PORT ?= 8100
 # Packages the controller needs (Debian/Ubuntu): local nginx for wire tests, lab hosts, and
@@ -22,7 +26,7 @@ help: ## list the targets
 $(VENV)/.installed: service/pyproject.toml service/constraints.txt requirements-dev.txt requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c service/constraints.txt -c requirements-dev.lock -e service -r requirements-dev.txt
+	$(VENV)/bin/pip install -q -c service/constraints.txt -c requirements-dev.lock -e 'service[llm]' -r requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.installed ## make the virtualenv (service + test tools, pinned)
@@ -45,11 +49,11 @@ test-service: venv deps ## service tests: unit, property, wire (real gunicorn, s
 test-load: venv deps ## load-test verdicts and gates, with their negative controls (local processes)
 	$(PY) -m pytest tests/load
 
-# Both releases: the split lab on Debian 12, the single host on Debian 13, which then also streams
-# from llama.cpp's server instead of the simulator (tests/e2e/lab_e2e.sh, LAB_LLM_UPSTREAM).
+# Both releases: the split lab on Debian 12, the single host on Debian 13 with an llm host, whose
+# app host then also streams from llama.cpp's server instead of the simulator (tests/e2e/lab_e2e.sh).
 test-lab: venv deps ## (root) lab end to end, split (bookworm) then single host (trixie, then a llama.cpp upstream): create, deploy, idempotence, testinfra, load, operations, teardown
 	LAB_TOPOLOGY=split LAB_RELEASE=bookworm bash tests/e2e/lab_e2e.sh
-	LAB_TOPOLOGY=single LAB_RELEASE=trixie LAB_LLM_UPSTREAM=1 bash tests/e2e/lab_e2e.sh
+	LAB_TOPOLOGY=single LAB_RELEASE=trixie LAB_LLM=llamacpp bash tests/e2e/lab_e2e.sh
 
 test: lint test-service test-load ## everything CI runs: lint first (the lab part needs root; required when CI=true)
 	@if [ "$$(id -u)" = 0 ]; then $(MAKE) test-lab; \
@@ -57,8 +61,9 @@ test: lint test-service test-load ## everything CI runs: lint first (the lab par
 	else echo "SKIPPED lab tests: they need root (systemd-nspawn, network namespaces)"; fi
 	@echo "make test: all suites passed"
 
-lab: venv deps ## (root) create lab hosts: LAB_TOPOLOGY=single|split, LAB_RELEASE=bookworm|trixie
-	$(PY) lab/labctl.py create --topology $(LAB_TOPOLOGY) --release $(LAB_RELEASE)
+lab: venv deps ## (root) create lab hosts: LAB_TOPOLOGY=single|split, LAB_RELEASE=bookworm|trixie, LAB_LLM=llamacpp
+	$(PY) lab/labctl.py create --topology $(LAB_TOPOLOGY) --release $(LAB_RELEASE) \
+	  $(if $(LAB_LLM),--llm $(LAB_LLM)) $(if $(LAB_UPSTREAM),--upstream $(LAB_UPSTREAM))
 
 lab-destroy: ## (root) remove the lab hosts, namespaces, links and NAT rules
 	$(PYTHON) lab/labctl.py destroy
@@ -69,7 +74,7 @@ deploy: venv ## ansible-playbook site.yml against INVENTORY (default: the lab)
 testinfra: venv ## testinfra checks of the hosts in INVENTORY
 	$(PY) -m pytest tests/infra --hosts='ansible://all' --ansible-inventory=$(abspath $(INVENTORY))
 
-demo: venv deps ## (root) single-host lab, deploy, then stream an answer through nginx
+demo: venv deps ## (root) single-host lab, deploy, then stream an answer through nginx (LAB_LLM=llamacpp: from llama.cpp)
 	bash lab/demo.sh
 
 loadtest: venv ## headless Locust through nginx (lab edge by default; TARGET=http://... for any deployment)
@@ -110,6 +115,10 @@ DEMO_MODEL ?= build/models/gemma-3-270m-q4_k_m.gguf
 .PHONY: demo-model
 demo-model: venv ## fetch Gemma 3 270M (GGUF) into DEMO_MODEL; GEMMA_TERMS=accept: you accept the Gemma Terms of Use
 	$(PY) tools/llm/fetch_demo_model.py $(DEMO_MODEL) $(if $(filter accept,$(GEMMA_TERMS)),--accept-gemma-terms)
+
+.PHONY: demo-real
+demo-real: demo-model ## (root) make demo with real words: Gemma 3 270M on the lab's llm host (GEMMA_TERMS=accept)
+	$(MAKE) --no-print-directory demo LAB_LLM=llamacpp LAB_LLM_MODEL=$(abspath $(DEMO_MODEL))
 
 .PHONY: settings-docs
 settings-docs: venv ## rewrite the lists of the gateway's settings (README table, app role) from service/streamgate/settings.py

@@ -1,6 +1,6 @@
-"""The gateway in front of a real inference engine: llama.cpp's server (tools/llm/serve.py) on a
-GGUF model, alone, behind the gateway, and behind nginx -> gateway, side by side in one run at a
-few concurrencies (what `make bench-llm` runs).
+"""The gateway in front of a real inference engine: llama.cpp's server (streamgate-llm-server, as
+the llm role runs it) on a GGUF model, alone, behind the gateway, and behind nginx -> gateway,
+side by side in one run at a few concurrencies (what `make bench-llm` runs).
 
     .venv/bin/python bench/llm_bench.py [--levels 1,4,8,16] [--tokens 64] [--model M.gguf]
 
@@ -159,7 +159,8 @@ def engine_service(model: Path, run_dir: Path, args: argparse.Namespace) -> Serv
     port = free_port()
     command = [
         sys.executable,
-        str(LLM_TOOLS / "serve.py"),
+        "-m",
+        "streamgate.llm_server",
         "--model",
         str(model),
         "--host",

@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 LABCTL=(lab/labctl.py)
 RELEASE=${LAB_RELEASE:-bookworm}
+# LAB_LLM=llamacpp: an llm host too, and the answer comes from llama.cpp's server (real inference);
+# LAB_LLM_MODEL=FILE.gguf: on that model instead of the generated test model (make demo-real).
+LLM=${LAB_LLM:-}
+LLM_MODEL=${LAB_LLM_MODEL:-}
 PROMPT=${DEMO_PROMPT:-Explain in two sentences why nginx buffering breaks token streaming.}
 MAX_TOKENS=${DEMO_MAX_TOKENS:-60}
 
@@ -27,11 +31,15 @@ trap on_failure ERR
 step "Clearing any earlier lab"
 "$PY" "${LABCTL[@]}" destroy
 
-step "Creating the single-host lab (Debian ${RELEASE})"
-"$PY" "${LABCTL[@]}" create --topology single --release "$RELEASE"
+step "Creating the single-host lab (Debian ${RELEASE})${LLM:+ with an llm host (${LLM})}"
+"$PY" "${LABCTL[@]}" create --topology single --release "$RELEASE" ${LLM:+--llm "$LLM"}
 
 step "Deploying the stack with site.yml"
-make --no-print-directory deploy
+if [ -n "$LLM_MODEL" ]; then
+  make --no-print-directory deploy DEPLOY_ARGS="-e streamgate_llm_model_file=$(realpath "$LLM_MODEL")"
+else
+  make --no-print-directory deploy
+fi
 
 EDGE=$("$PY" "${LABCTL[@]}" address edge)
 URL="https://${EDGE}/v1/chat/stream"

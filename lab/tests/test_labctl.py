@@ -20,9 +20,10 @@ spec.loader.exec_module(labctl)
 IFNAMSIZ_MAX = 15  # longest Linux interface name: veths carry the host's name
 
 
+@pytest.mark.parametrize("llm", [None, "llamacpp"])
 @pytest.mark.parametrize("topology", sorted(labctl.TOPOLOGIES))
-def test_hosts_get_distinct_addresses_inside_the_lab_subnet(topology):
-    hosts = labctl.plan_hosts(topology)
+def test_hosts_get_distinct_addresses_inside_the_lab_subnet(topology, llm):
+    hosts = labctl.plan_hosts(topology, llm)
     addresses = [ipaddress.ip_address(host.address) for host in hosts]
     assert len(set(addresses)) == len(hosts)
     assert all(address in labctl.LAB_SUBNET for address in addresses)
@@ -32,9 +33,10 @@ def test_hosts_get_distinct_addresses_inside_the_lab_subnet(topology):
 
 @pytest.mark.parametrize("topology", sorted(labctl.TOPOLOGIES))
 def test_every_group_has_a_host_and_names_fit_interfaces(topology):
-    hosts = labctl.plan_hosts(topology)
+    hosts = labctl.plan_hosts(topology, "llamacpp")
     for group in labctl.INVENTORY_GROUPS:
         assert any(group in host.groups for host in hosts), group
+    assert not any("llm" in host.groups for host in labctl.plan_hosts(topology))
     for name in [host.name for host in hosts] + [labctl.BRIDGE_NAME]:
         assert name.startswith(labctl.NAME_PREFIX)
         assert len(name) <= IFNAMSIZ_MAX
@@ -175,15 +177,26 @@ def test_resolv_conf_without_any_usable_server_falls_back_to_the_copy(resolv_fil
     assert "no non-loopback nameserver" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("llm", [None, "llamacpp"])
 @pytest.mark.parametrize("topology", sorted(labctl.TOPOLOGIES))
-def test_inventory_groups_and_connection_settings(topology, tmp_path, monkeypatch):
+def test_inventory_groups_and_connection_settings(topology, llm, tmp_path, monkeypatch):
     inventory = tmp_path / "hosts.yml"
     monkeypatch.setattr(labctl, "INVENTORY_FILE", inventory)
-    hosts = labctl.plan_hosts(topology)
-    labctl.write_inventory(hosts, topology, "bookworm", tmp_path / "sglab-ssh-0")
+    hosts = labctl.plan_hosts(topology, llm)
+    upstream = "llm" if llm else "simulator"
+    labctl.write_inventory(hosts, topology, "bookworm", tmp_path / "sglab-ssh-0", upstream)
     parsed = yaml.safe_load(inventory.read_text())["all"]
+    assert bool(parsed["children"]["llm"]["hosts"]) == bool(llm)
+    for app_vars in parsed["children"]["app"]["hosts"].values():
+        upstream_vars = {name: value for name, value in app_vars.items() if "upstream" in name}
+        if llm:  # the app hosts stream from the llm host, and the checks judge without the text
+            assert upstream_vars == {
+                "streamgate_upstream_base_url": "{{ __streamgate_llm_url }}",
+                "streamgate_upstream_kind": "openai-compatible",
+            }
+        else:
+            assert upstream_vars == {}
     assert parsed["vars"]["lab_topology"] == topology
-    assert parsed["vars"]["lab_controller_address"] == str(labctl.GATEWAY_ADDRESS)
     assert parsed["vars"]["ansible_user"] == labctl.LAB_USER
     assert parsed["vars"]["ansible_python_interpreter"] == "/usr/bin/python3"
     assert Path(parsed["vars"]["ansible_ssh_private_key_file"]).is_absolute()
@@ -191,6 +204,6 @@ def test_inventory_groups_and_connection_settings(topology, tmp_path, monkeypatc
     assert "StrictHostKeyChecking=no" in ssh_args and "UserKnownHostsFile=/dev/null" in ssh_args
     assert parsed["vars"]["ansible_control_path_dir"] == str(tmp_path / "sglab-ssh-0")
     for group in labctl.INVENTORY_GROUPS:
-        members = parsed["children"][group]["hosts"]
+        members = parsed["children"][group]["hosts"] or {}
         expected = {host.name: host.address for host in hosts if group in host.groups}
         assert {name: values["ansible_host"] for name, values in members.items()} == expected

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The lab end to end (what `make test-lab` runs, as root): split lab up, deploy, a second deploy
 # and a --check --diff run that must both report changed=0, testinfra, a short load test, the
-# operations under load, and always teardown. With LAB_LLM_UPSTREAM=1, then a real upstream that
-# is not the simulator: llama.cpp's server (tools/llm) on the controller, the app hosts redeployed
-# to stream from it, testinfra and a short load test again (they judge without the text).
+# operations under load, and always teardown. With LAB_LLM=llamacpp the lab also has an llm host
+# (llama.cpp's server, the llm role, deployed with the rest while the app hosts still stream from
+# the simulator); after the operations the app hosts are redeployed to stream from it, and
+# testinfra (which then compares the engine's stream with the gateway's) and a short load test
+# run again, judging without the text.
 # Prints the wall time of each step and a summary; exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,8 +18,8 @@ fi
 LAB_TOPOLOGY="${LAB_TOPOLOGY:-split}"
 LAB_RELEASE="${LAB_RELEASE:-bookworm}"
 LOADTEST_ARGS="${LOADTEST_ARGS:---users 100 --run-time 30s}"
-LAB_LLM_UPSTREAM="${LAB_LLM_UPSTREAM:-0}"
-# Fewer users than the server decodes at once (tools/llm/serve.py --parallel 32). The model
+LAB_LLM="${LAB_LLM:-}"
+# As many users as the server decodes at once (the llm role's streamgate_llm_parallel). The model
 # decodes on one of the machine's two cores, beside the generator, the gateway and nginx: now and
 # then a starved moment merges a few tokens of the streams open then (2 of 193 answers at one
 # instant, the generator itself not lagging), so 3 % may look buffered; a buffering relay makes
@@ -25,16 +27,12 @@ LAB_LLM_UPSTREAM="${LAB_LLM_UPSTREAM:-0}"
 # closes after every streamed answer while promising keep-alive, and the gateway's one retry of a
 # request dropped on a reused connection goes to a fresh one (tests/unit/test_gateway_transport.py).
 LLM_LOADTEST_ARGS="${LLM_LOADTEST_ARGS:---users 8 --run-time 30s --slo-buffered-ratio 0.03}"
-LLM_PORT=8080
 LOG_DIR="$(mktemp -d -t streamgate-e2e-XXXXXX)"
 SUMMARY=()
 # Next to the lab's inventory, so the lab's group_vars apply to it too (git-ignored).
 SMALLER_INVENTORY=ansible/inventories/lab/hosts-minus-one-app.yml
-# The lab's inventory with the app hosts on the llama.cpp server (host variables win over the
-# lab's group_vars).
+# The lab's inventory with the app hosts on the llm host (labctl writes it; git-ignored).
 LLM_INVENTORY=ansible/inventories/lab/hosts-llm.yml
-LLM_MODEL="$LOG_DIR/test-llama-paced.gguf"
-LLM_PID=""
 
 # Prerequisites before the trap: a failure here has made no lab, so there is nothing to
 # remove (and lab-destroy would only remove a lab that someone else made).
@@ -56,12 +54,8 @@ teardown() {
         save_gateway_errors
     fi
     echo "== teardown (make lab-destroy)"
-    if [ -n "$LLM_PID" ]; then
-        kill "$LLM_PID" 2>/dev/null || true
-        wait "$LLM_PID" 2>/dev/null || true
-    fi
     make --no-print-directory lab-destroy || echo "lab_e2e: lab-destroy failed: remove the lab by hand" >&2
-    rm -f "$SMALLER_INVENTORY" "$LLM_INVENTORY" "$LLM_MODEL"
+    rm -f "$SMALLER_INVENTORY" "$LLM_INVENTORY"
     echo "== summary (logs in $LOG_DIR)"
     printf '  %s\n' "${SUMMARY[@]}"
     exit "$status"
@@ -89,7 +83,9 @@ recap_changed() {
     } END { print sum + 0 }' "$1"
 }
 
-step lab make --no-print-directory lab LAB_TOPOLOGY="$LAB_TOPOLOGY" LAB_RELEASE="$LAB_RELEASE"
+# The app hosts stream from the simulator first, whether or not there is an llm host.
+step lab make --no-print-directory lab LAB_TOPOLOGY="$LAB_TOPOLOGY" LAB_RELEASE="$LAB_RELEASE" \
+    LAB_LLM="$LAB_LLM" LAB_UPSTREAM=simulator
 
 # Scale-out, as an operator does it: deploy without the last app host, then with the whole
 # inventory. The hosts already deployed must report changed=0 except the edge (new upstream).
@@ -111,9 +107,9 @@ fi
 # -v: the secrets step below proves that not even a verbose run prints a key.
 step deploy make --no-print-directory deploy DEPLOY_ARGS=-v
 if [ -n "$added_app_host" ]; then
-    # The edge gets a new upstream, the simulator's firewall lets the new app host in; every
-    # other host (the app hosts already there) must report changed=0.
-    edge_hosts=$(.venv/bin/python -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))["all"]["children"]; print(" ".join([*c["edge"]["hosts"], *(c.get("simulator") or {}).get("hosts", {})]))' "$LAB_INVENTORY")
+    # The edge gets a new upstream, the simulator's and the llm server's firewalls let the new app
+    # host in; every other host (the app hosts already there) must report changed=0.
+    edge_hosts=$(.venv/bin/python -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))["all"]["children"]; print(" ".join([*c["edge"]["hosts"], *((c.get("simulator") or {}).get("hosts") or {}), *((c.get("llm") or {}).get("hosts") or {})]))' "$LAB_INVENTORY")
     touched=$(awk -v skip=" $added_app_host $edge_hosts localhost " '/^PLAY RECAP/ {recap = 1; next}
         recap && / changed=/ && index(skip, " " $1 " ") == 0 && $0 !~ / changed=0 / {print $1}' "$LOG_DIR/deploy.log")
     if [ -n "$touched" ]; then
@@ -161,33 +157,9 @@ fi
 # come after testinfra and the load test.
 step operations env STREAMGATE_E2E_LOG_DIR="$LOG_DIR" .venv/bin/python -m pytest -q -s -p no:cacheprovider \
     tests/ops --ansible-inventory="$PWD/$LAB_INVENTORY"
-if [ "$LAB_LLM_UPSTREAM" = 1 ]; then
-    # Any upstream: llama.cpp's own HTTP server (xllamacpp) on a generated model whose pace is a
-    # small real model's, bound to the controller's address on the lab network.
-    llm_address=$(.venv/bin/python -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["all"]["vars"]["lab_controller_address"])' "$LAB_INVENTORY")
-    llm_url="http://$llm_address:$LLM_PORT"
-    step llm-model .venv/bin/python tools/llm/make_test_model.py "$LLM_MODEL" --size paced
-    .venv/bin/python tools/llm/serve.py --model "$LLM_MODEL" --host "$llm_address" --port "$LLM_PORT" \
-        >"$LOG_DIR/llm-server.log" 2>&1 &
-    LLM_PID=$!
-    for _ in $(seq 60); do  # bounded: 60 tries, 1 s apart
-        curl -sf --max-time 2 "$llm_url/health" >/dev/null && break
-        kill -0 "$LLM_PID" 2>/dev/null || break
-        sleep 1
-    done
-    if ! curl -sf --max-time 2 "$llm_url/health" >/dev/null; then
-        SUMMARY+=("llm-server   FAILED: llama.cpp's server did not answer on $llm_url (log: $LOG_DIR/llm-server.log)")
-        exit 1
-    fi
-    SUMMARY+=("llm-server   ok: llama.cpp's server on $llm_url")
-    .venv/bin/python - "$LAB_INVENTORY" "$LLM_INVENTORY" "$llm_url/v1" <<'PY'
-import sys, yaml
-inventory = yaml.safe_load(open(sys.argv[1]))
-for host_vars in inventory["all"]["children"]["app"]["hosts"].values():
-    host_vars["streamgate_upstream_base_url"] = sys.argv[3]
-    host_vars["streamgate_upstream_kind"] = "openai-compatible"
-yaml.safe_dump(inventory, open(sys.argv[2], "w"))
-PY
+if [ -n "$LAB_LLM" ]; then
+    # Real inference: the app hosts redeployed to stream from the llm host's llama.cpp server.
+    step llm-inventory .venv/bin/python lab/labctl.py inventory --upstream llm --output "$LLM_INVENTORY"
     step deploy-llm make --no-print-directory deploy INVENTORY="$LLM_INVENTORY" DEPLOY_ARGS=-v
     step testinfra-llm make --no-print-directory testinfra INVENTORY="$LLM_INVENTORY"
     step loadtest-llm make --no-print-directory loadtest INVENTORY="$LLM_INVENTORY" LOADTEST_ARGS="$LLM_LOADTEST_ARGS"

@@ -4,10 +4,10 @@
     python tools/llm/make_test_model.py OUT.gguf [--seed 7] [--size tiny|paced]
 
 The same seed and size write the same bytes. The model knows nothing; it exists so that a real
-OpenAI-compatible server (llama.cpp's, see serve.py) streams real tokens in tests. What llama.cpp
-needs of it: the `llama.*` hyperparameters, a SentencePiece-style (`llama`) vocabulary with scores,
-types and bos/eos/unk, all 256 `<0xNN>` byte tokens (without them the tokenizer throws on any
-character it has no token for), and a chat template.
+OpenAI-compatible server (llama.cpp's: streamgate-llm-server, the llm role) streams real tokens in
+tests. What llama.cpp needs of it: the `llama.*` hyperparameters, a SentencePiece-style (`llama`)
+vocabulary with scores, types and bos/eos/unk, all 256 `<0xNN>` byte tokens (without them the
+tokenizer throws on any character it has no token for), and a chat template.
 
 Sizes: `tiny` (0.5 MB) decodes a token in about 0.1 ms on one core, too fast for a client to
 see tokens apart; `paced` (210 MB, written in about 2 s) takes 8 to 20 ms a token on one core
