@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "loadtest"))
 
-from loadgen import Outcome, Schedule, run_process
+from loadgen import Outcome, Schedule, collect_outcome, run_process
 from stack import REPO, Service, busy_cpu_seconds, cpu_seconds, free_port, tcp_connections
 from stream_bench import (
     BENCH_CLIENT_KEY,
@@ -248,16 +248,7 @@ def measure(
     }
     busy = busy_cpu_seconds() - busy_before
     client_cpu = cpu_seconds(client.pid) - client_before
-    outcome = Outcome()
-    deadline = schedule.end + STREAM_TIMEOUT_S + 15.0
-    if receiver.poll(max(0.0, deadline - time.monotonic())):
-        outcome.merge(receiver.recv())
-    else:
-        outcome.error("loadgen-lost")
-    client.join(max(0.0, deadline - time.monotonic()) + 1.0)
-    if client.is_alive():
-        client.kill()  # by PID: only our own forked load generator
-        client.join(5.0)
+    outcome = collect_outcome([(client, receiver)], schedule.end + STREAM_TIMEOUT_S + 15.0)
     window = schedule.end - schedule.warm
     row = summarize(target.name, level, window, outcome, cpu)
     others = busy - sum(cpu.values()) - client_cpu

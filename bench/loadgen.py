@@ -369,6 +369,22 @@ async def run_clients(
     return outcome
 
 
+def collect_outcome(workers, deadline: float) -> Outcome:
+    """Every load generator's results by `deadline` (one it lost is an error), each process
+    joined, or killed by PID (only our own forked load generators)."""
+    outcome = Outcome()
+    for process, receiver in workers:
+        if receiver.poll(max(0.0, deadline - time.monotonic())):
+            outcome.merge(receiver.recv())
+        else:
+            outcome.error("loadgen-lost")
+        process.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if process.is_alive():
+            process.kill()
+            process.join(5.0)
+    return outcome
+
+
 def run_process(conn, *args) -> None:
     """Entry of one load-generator process: run its share of clients, send the outcome back."""
     import uvloop

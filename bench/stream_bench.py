@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import Outcome, Schedule, run_process
+from loadgen import Outcome, Schedule, collect_outcome, run_process
 from profile_summary import report as profile_report
 from stack import (
     REPO,
@@ -567,17 +567,7 @@ def measure(
         except subprocess.TimeoutExpired:
             profiler.kill()  # by PID: the py-spy we started
             profiler.wait(PROFILER_EXIT_S)
-    outcome = Outcome()
-    deadline = schedule.end + STREAM_TIMEOUT_S + 15.0
-    for process, receiver in workers:
-        if receiver.poll(max(0.0, deadline - time.monotonic())):
-            outcome.merge(receiver.recv())
-        else:
-            outcome.error("loadgen-lost")
-        process.join(max(0.0, deadline - time.monotonic()) + 1.0)
-        if process.is_alive():
-            process.kill()  # by PID: only our own forked load generator
-            process.join(5.0)
+    outcome = collect_outcome(workers, schedule.end + STREAM_TIMEOUT_S + 15.0)
     window = schedule.end - schedule.warm
     chunks = outcome.completed * TOKENS
     # Per process, to show whether one worker ran hot while the other idled.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import time
 
 import pytest
-from loadgen import StreamConnection
+from loadgen import Outcome, StreamConnection, collect_outcome
 
 TOKENS = [b"Hello", b" wor", b"ld\r\n", b"0\r\n\r\n", b"!"]  # includes a fake terminator
 CHUNKED = (
@@ -65,3 +67,25 @@ def test_sse_arrivals_count_only_content_deltas():
     conn = feed(response, cuts, sse=True)
     assert conn.done.done()
     assert conn.content_arrivals == 2
+
+
+def _report_completed(conn, completed: int) -> None:
+    conn.send(Outcome(completed=completed))
+
+
+def _never_report(conn, _completed: int) -> None:
+    time.sleep(60)
+
+
+def test_collect_outcome_merges_every_generator_and_counts_a_lost_one():
+    """Two generators report; one never does: it is counted lost and killed, by its own PID."""
+    workers = []
+    for target, completed in ((_report_completed, 3), (_report_completed, 4), (_never_report, 0)):
+        receiver, sender = multiprocessing.Pipe(duplex=False)
+        process = multiprocessing.Process(target=target, args=(sender, completed))
+        process.start()
+        workers.append((process, receiver))
+    outcome = collect_outcome(workers, time.monotonic() + 2.0)
+    assert outcome.completed == 7
+    assert outcome.errors == {"loadgen-lost": 1}
+    assert not any(process.is_alive() for process, _ in workers)
