@@ -8,6 +8,8 @@ is stopped then. On a failing test, the logs of every process it used are attach
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from importlib.util import find_spec
@@ -17,6 +19,10 @@ import pytest
 from support import services
 from support.ci import skip_unless_ci
 from support.nginx import LocalNginx, require_nginx
+
+# ansible-inventory and ansible-playbook (testinfra's backend, the doctor, the operations suite)
+# are the ones next to this Python (the project venv), activated or not.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # Wire tests start real processes: a default bound so a hang fails instead of blocking CI.
 WIRE_TEST_TIMEOUT_S = 90
@@ -38,6 +44,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             elif isinstance(value, LocalNginx) and value.workdir is not None:
                 report.sections.append((f"nginx logs: {name}", value.logs()))
     return report
+
+
+@pytest.fixture(scope="session")
+def inventory(request: pytest.FixtureRequest) -> Path:
+    """The deployment the lab suites act on (--ansible-inventory: the lab's, its CA and client
+    key beside it); without one they skip, except under CI."""
+    path = request.config.option.ansible_inventory
+    if not path:
+        skip_unless_ci("needs --ansible-inventory (the lab's)")
+    return Path(path).resolve()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ checked gone) before the next:
 Measured on the split lab (bookworm, nginx 1.22, 2026-11-30): the healthy run and the five
 faults above, with the restores, take about 50 s.
 The nginx edits are made to the rendered site file and reloaded (never a playbook run: too slow);
-the file is written back byte for byte afterwards.
+the file is written back byte for byte afterwards. Run as `pytest tests/doctor_lab
+--ansible-inventory=INVENTORY` (the lab only, never real hosts: it injects faults).
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ def redirect_rules(port: str) -> str:
 class Lab:
     """The deployment as the doctor sees it, and root commands on its hosts over Ansible's SSH."""
 
-    def __init__(self, inventory_path: Path) -> None:
-        self.path = inventory_path
-        self.inventory = hops.read_inventory(inventory_path)
+    def __init__(self, inventory: Path) -> None:
+        self.path = inventory
+        self.inventory = hops.read_inventory(inventory)
         self.edge = self.inventory.groups["edge"][0]
         self.app_hosts = self.inventory.groups["app"]
 
@@ -106,8 +107,8 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(inventory_path) -> Lab:
-    found = Lab(inventory_path)
+def lab(inventory) -> Lab:
+    found = Lab(inventory)
     if len(found.app_hosts) < 2 or found.edge in found.app_hosts:
         pytest.skip("needs the split lab: an edge host and two app hosts")
     return found

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from streamgate.simulator.script import expected_text
 from support import browser
-from support.ci import skip_unless_ci
 from support.upstream import (
     SIMULATOR,
     deployment_upstream_kind,
@@ -32,14 +31,6 @@ pytestmark = pytest.mark.timeout(90)
 MIN_GROWTH_STEPS = 45
 MIN_GROWTH_SPAN_S = 0.8
 PACE = {"streamgate_sim_tokens": 50, "streamgate_sim_gap_ms": 20}
-
-
-@pytest.fixture(scope="module")
-def inventory(request) -> Path:
-    path = request.config.option.ansible_inventory
-    if not path:
-        skip_unless_ci("needs --ansible-inventory (the lab's)")
-    return Path(path).resolve()
 
 
 @pytest.fixture(scope="module")

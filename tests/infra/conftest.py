@@ -10,7 +10,6 @@ the inventory's SSH user is an ordinary sudo-capable user, as on cloud VMs.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,6 @@ from support import upstream
 from testinfra.utils.ansible_runner import AnsibleRunner
 
 from infra.helpers import private_address
-
-# testinfra's ansible backend runs `ansible-inventory`: take the one next to this Python
-# (the project venv) even when the venv is not activated.
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # A host that stops answering must fail the run, not hang it.
 HOST_TEST_TIMEOUT_S = 120

@@ -20,11 +20,8 @@ from pathlib import Path
 import pytest
 import testinfra
 import yaml
-from support.ci import skip_unless_ci
 
 REPO = Path(__file__).resolve().parents[2]
-# testinfra's ansible backend runs `ansible-inventory`: the one next to this Python (the venv).
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 OPS_TEST_TIMEOUT_S = 600
 
 
@@ -32,14 +29,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(OPS_TEST_TIMEOUT_S))
-
-
-@pytest.fixture(scope="session")
-def inventory(request) -> Path:
-    path = request.config.option.ansible_inventory
-    if not path:
-        skip_unless_ci("needs --ansible-inventory (the lab's)")
-    return Path(path).resolve()
 
 
 @pytest.fixture(scope="session")
