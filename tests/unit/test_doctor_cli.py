@@ -118,3 +118,22 @@ def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(argv)
     assert exited.value.code == 2
+
+
+def test_a_header_passed_on_from_a_streamed_hop_is_no_evidence_against_the_next():
+    """A relay in front of nginx holds the answer and passes nginx's Server header on: the relay
+    is named, and not blamed on nginx, whose own hop streamed."""
+    answer = cli.report([("nginx", STREAMED), ("front", BUFFERED)])
+    front = answer["hops"][-1]
+    assert (answer["first_buffering_hop"], front["verdict"]) == ("front", "buffered")
+    assert front["cause"] == "whole-answer", front["reason"]
+    assert front["headers"]["server"] == "nginx"  # still shown as it came
+
+
+def test_negative_control_a_server_header_of_its_own_still_names_nginx():
+    """The same buffered answer judged alone, or after a hop with another Server header: the
+    header is this hop's own, and the cause is nginx's."""
+    alone = cli.report([("front", BUFFERED)])["hops"][0]
+    other = probe_result(STREAMED["reads"], headers={"server": "uvicorn"})
+    after_other = cli.report([("gateway", other), ("nginx", BUFFERED)])["hops"][1]
+    assert alone["cause"] == after_other["cause"] == "nginx-buffering-body"

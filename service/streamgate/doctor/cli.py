@@ -37,9 +37,24 @@ HEADER_ABBREVIATIONS = {
 }
 
 
-def judge_hop(name: str, result: dict) -> dict:
-    """One hop's line of the report: its name, URL, the verdict and the probe's timeline."""
-    judged = verdict.judge(result)
+def judge_hop(name: str, result: dict, passed_on: dict | None = None) -> dict:
+    """One hop's line of the report: its name, URL, the verdict and the probe's timeline.
+
+    `passed_on`: the headers of the streamed hop before it. A header this hop shows with the same
+    value came from behind it (a relay passing nginx's Server header on), so it is no evidence
+    of what this hop did: the cause is judged without it (the report still shows it)."""
+    headers = result.get("headers") or {}
+    evidence = result
+    if passed_on:
+        # Transfer-Encoding is set by each hop itself (hop by hop): never passed on.
+        own = {
+            name: value
+            for name, value in headers.items()
+            if name.lower() == "transfer-encoding" or passed_on.get(name.lower()) != value
+        }
+        evidence = {**result, "headers": own}
+    judged = verdict.judge(evidence)
+    judged["headers"] = verdict.headers_that_matter(headers)
     return {
         "name": name,
         "url": result.get("url"),
@@ -79,7 +94,10 @@ def first_buffering_hop(judged: list[dict]) -> str | None:
 
 def report(probed: list[tuple[str, dict]]) -> dict:
     """The doctor's answer for (hop name, probe result) pairs in path order."""
-    judged = [judge_hop(name, result) for name, result in probed]
+    judged: list[dict] = []
+    for name, result in probed:
+        streamed_before = judged and judged[-1]["verdict"] == verdict.STREAMED
+        judged.append(judge_hop(name, result, judged[-1]["headers"] if streamed_before else None))
     degrading = degrading_hops(judged)
     for hop in judged:
         hop["degrades"] = hop["name"] in degrading

@@ -471,8 +471,14 @@ def judge(probe_result: dict) -> dict:
         "fix": fix,
         "cause": cause_id,
         **{key: _round(fact[key]) for key in SUMMARY_FIELDS},
-        "headers": {name: headers[name] for name in HEADERS_THAT_MATTER if name in headers},
+        "headers": headers_that_matter(headers),
     }
+
+
+def headers_that_matter(headers: dict[str, str]) -> dict[str, str]:
+    """The response headers the report shows, by lower-case name."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    return {name: lowered[name] for name in HEADERS_THAT_MATTER if name in lowered}
 
 
 SUMMARY_FIELDS = (
