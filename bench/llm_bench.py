@@ -26,7 +26,6 @@ import argparse
 import json
 import multiprocessing
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -50,15 +49,14 @@ from stream_bench import (
     sleep_until,
 )
 from streamcheck import OpenAIDecoder, StreamRecord, count_tokens, judge_protocol
+from support.services import make_test_model
 
-LLM_TOOLS = REPO / "tools" / "llm"
 RESULTS_DIR = REPO / "bench" / "results"
 MODEL_ALIAS = "test-llama"
 PROMPT = "Tell me about streaming."
 STREAM_TIMEOUT_S = 60.0
 STAGGER_S = 1.0  # spreads the clients' first requests
 SETTLE_S = 1.0
-MODEL_WRITE_TIMEOUT_S = 120.0
 NO_DONE = "no [DONE]"
 ERROR_EVENT = "in-band error"
 MALFORMED = "malformed event"
@@ -367,23 +365,12 @@ def failed_rows(rows: list[dict]) -> list[str]:
     ]
 
 
-def write_paced_model(run_dir: Path) -> Path:
-    model = run_dir / "test-llama-paced.gguf"
-    subprocess.run(
-        [sys.executable, str(LLM_TOOLS / "make_test_model.py"), str(model), "--size", "paced"],
-        check=True,
-        timeout=MODEL_WRITE_TIMEOUT_S,
-        stdout=subprocess.DEVNULL,
-    )
-    return model
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = RESULTS_DIR / f"llm-run-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = args.model or write_paced_model(run_dir)
+    model = args.model or make_test_model(run_dir, "paced")
     info = machine()
     services = build_services(model, run_dir, args)
     rows: list[dict] = []
