@@ -17,7 +17,7 @@ import testinfra
 from support import upstream
 from testinfra.utils.ansible_runner import AnsibleRunner
 
-from infra.helpers import private_address
+from infra.helpers import served_address
 
 # A host that stops answering must fail the run, not hang it.
 HOST_TEST_TIMEOUT_S = 120
@@ -80,9 +80,7 @@ def gateway_port(hostvars) -> int:
 def bind_address(hostvars) -> str:
     """The only address an app host's gateway may listen on: loopback when this host is the
     only edge."""
-    if hostvars["groups"]["edge"] == [hostvars["inventory_hostname"]]:
-        return "127.0.0.1"
-    return private_address(hostvars)
+    return served_address(hostvars, "edge")
 
 
 @pytest.fixture(scope="session")

@@ -136,6 +136,15 @@ def private_address(hostvars: dict) -> str:
     )
 
 
+def served_address(hostvars: dict, clients: str) -> str:
+    """The only address a host's service (gateway, simulator, llama.cpp) may listen on, and
+    where its clients reach it, as the roles derive it: loopback when every host of the
+    `clients` group is this host, else its private address."""
+    if hostvars["groups"][clients] == [hostvars["inventory_hostname"]]:
+        return "127.0.0.1"
+    return private_address(hostvars)
+
+
 def other_hosts(hostvars: dict, excluded_groups: tuple[str, ...]) -> list[str]:
     """Inventory hosts in none of `excluded_groups`."""
     groups = hostvars["groups"]

@@ -12,8 +12,8 @@ from infra.helpers import (
     MAX_EXPOSURE,
     assert_only_group_reaches,
     check_output_as_root,
-    private_address,
     security_exposure,
+    served_address,
 )
 
 testinfra_hosts = ["ansible://llm"]
@@ -29,9 +29,7 @@ def llm_port(hostvars) -> int:
 @pytest.fixture(scope="module")
 def llm_address(hostvars) -> str:
     """The only address the server may listen on: loopback when every app host is this host."""
-    if hostvars["groups"]["app"] == [hostvars["inventory_hostname"]]:
-        return "127.0.0.1"
-    return private_address(hostvars)
+    return served_address(hostvars, "app")
 
 
 def test_server_is_running_and_enabled(host):

@@ -11,8 +11,8 @@ from infra.helpers import (
     MAX_EXPOSURE,
     assert_only_group_reaches,
     check_output_as_root,
-    private_address,
     security_exposure,
+    served_address,
 )
 
 testinfra_hosts = ["ansible://simulator"]
@@ -26,9 +26,7 @@ def sim_port(hostvars) -> int:
 @pytest.fixture(scope="module")
 def sim_address(hostvars) -> str:
     """The only address the simulator may listen on: loopback when every app host is this host."""
-    if hostvars["groups"]["app"] == [hostvars["inventory_hostname"]]:
-        return "127.0.0.1"
-    return private_address(hostvars)
+    return served_address(hostvars, "app")
 
 
 def test_simulator_is_running_and_enabled(host):
