@@ -185,77 +185,55 @@ def test_a_header_line_break_in_an_option_is_refused():
 # ------------------------------------------------------------------------ hostile answers
 
 
-@pytest.mark.parametrize(
-    ("pieces", "error"),
-    [
-        pytest.param(
-            [(0, b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n")],
-            "head over 65536 bytes",
-            id="oversized-head",
-        ),
-        pytest.param(
-            [(0, b"HTTP/1.1 200 OK\r\n" + b"x-a: 1\r\n" * 300 + b"\r\n")],
-            "more than 200 header fields",
-            id="too-many-fields",
-        ),
-        pytest.param(
-            [(0, TEXT_HEAD + b"zz\r\nhello\r\n0\r\n\r\n")],
-            "bad chunk size line",
-            id="broken-chunk-size",
-        ),
-        pytest.param(
-            [(0, TEXT_HEAD + b"-5\r\nhello\r\n0\r\n\r\n")],
-            "bad chunk size line",
-            id="negative-chunk-size",
-        ),
-        pytest.param(
-            [(0, TEXT_HEAD + b"5\r\nhello!!\r\n0\r\n\r\n")],
-            "chunk not followed by CRLF",
-            id="chunk-longer-than-its-size",
-        ),
-        pytest.param(
-            [(0, TEXT_HEAD + chunk(b"hello"))],
-            "closed the connection before the end of the body",
-            id="cut-mid-body",
-        ),
-        pytest.param([], "closed the connection before the end of the head", id="no-answer"),
-        pytest.param(
-            [(0, b"SSH-2.0-OpenSSH_9.2\r\n\r\n")], "not an HTTP/1.x status line", id="not-http"
-        ),
-        pytest.param(
-            [(0, b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n")],
-            "bad header field line",
-            id="bad-field",
-        ),
-        pytest.param(
-            [(0, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhello")],
-            "more body bytes than the content-length",
-            id="body-over-content-length",
-        ),
-        pytest.param(
-            [(0, b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n")],
-            "bad content-length",
-            id="negative-content-length",
-        ),
-        pytest.param(
-            [(0, b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxx")],
-            "does not end in chunked",
-            id="transfer-coding-not-chunked",
-        ),
-        pytest.param(
-            [(0, b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 1\r\n\r\nx")],
-            "was not asked for",
-            id="unasked-content-coding",
-        ),
-        pytest.param(
-            [(0, b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n")],
-            "switched protocols",
-            id="switching-protocols",
-        ),
-    ],
-)
-def test_hostile_answers_end_with_a_sentence(pieces, error):
-    with canned(pieces) as seen:
+# Each answer sent at once, then the connection closed: id -> (the bytes, what the error says).
+HOSTILE_ANSWERS = {
+    "oversized-head": (
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n",
+        "head over 65536 bytes",
+    ),
+    "too-many-fields": (
+        b"HTTP/1.1 200 OK\r\n" + b"x-a: 1\r\n" * 300 + b"\r\n",
+        "more than 200 header fields",
+    ),
+    "broken-chunk-size": (TEXT_HEAD + b"zz\r\nhello\r\n0\r\n\r\n", "bad chunk size line"),
+    "negative-chunk-size": (TEXT_HEAD + b"-5\r\nhello\r\n0\r\n\r\n", "bad chunk size line"),
+    "chunk-longer-than-its-size": (
+        TEXT_HEAD + b"5\r\nhello!!\r\n0\r\n\r\n",
+        "chunk not followed by CRLF",
+    ),
+    "cut-mid-body": (
+        TEXT_HEAD + chunk(b"hello"),
+        "closed the connection before the end of the body",
+    ),
+    "no-answer": (b"", "closed the connection before the end of the head"),
+    "not-http": (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not an HTTP/1.x status line"),
+    "bad-field": (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "bad header field line"),
+    "body-over-content-length": (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhello",
+        "more body bytes than the content-length",
+    ),
+    "negative-content-length": (
+        b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+        "bad content-length",
+    ),
+    "transfer-coding-not-chunked": (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxx",
+        "does not end in chunked",
+    ),
+    "unasked-content-coding": (
+        b"HTTP/1.1 200 OK\r\ncontent-encoding: br\r\ncontent-length: 1\r\n\r\nx",
+        "was not asked for",
+    ),
+    "switching-protocols": (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n",
+        "switched protocols",
+    ),
+}
+
+
+@pytest.mark.parametrize(("answer", "error"), HOSTILE_ANSWERS.values(), ids=HOSTILE_ANSWERS.keys())
+def test_hostile_answers_end_with_a_sentence(answer, error):
+    with canned([(0, answer)] if answer else []) as seen:
         result = run("/v1/chat/stream", seen)
     assert result["error"] and error in result["error"], result["error"]
     assert result["error"].startswith("the response breaks HTTP/1.1")
