@@ -14,7 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streamgate.chat_request import (
     OPENAI,
+    OPENAI_CHECKS,
+    ROLES,
     SSE,
+    STREAM_ROUTE_KEYS,
     TEXT,
     ChatRequest,
     InvalidRequest,
@@ -27,31 +30,10 @@ pytestmark = pytest.mark.anyio  # coroutine tests run on asyncio via anyio's plu
 ALL, OWN = (TEXT, SSE, OPENAI), (TEXT, SSE)
 LIMIT = 100  # max_prompt_chars in these tests
 MEGA = 1_000_000  # a value size no error message may echo
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-# Top-level fields the gateway knows (the stream routes take the first seven).
-FIELDS = (
-    "prompt",
-    "messages",
-    "model",
-    "max_tokens",
-    "temperature",
-    "granularity",
-    "stream",
-    "stream_options",
-    "max_completion_tokens",
-    "top_p",
-    "n",
-    "stop",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "user",
-    "logit_bias",
-    "response_format",
-    "tools",
-    "tool_choice",
-    "top_k",
-)
+# Every top-level field the gateway knows, for the generated bodies: the stream routes' own, the
+# OpenAI parameters it checks, stream_options, and top_k (an extension passed upstream as sent).
+FIELDS = tuple(dict.fromkeys((*STREAM_ROUTE_KEYS, "stream_options", *OPENAI_CHECKS, "top_k")))
+BODY_TEXT_FIELDS = ("prompt", "messages")
 
 
 def user(content=None, **fields) -> dict:
@@ -869,7 +851,10 @@ messages = st.fixed_dictionaries(
     },
 )
 other_fields = st.dictionaries(
-    st.sampled_from(FIELDS[2:]) | st.text(max_size=6), json_values, max_size=2
+    st.sampled_from([name for name in FIELDS if name not in BODY_TEXT_FIELDS])
+    | st.text(max_size=6),
+    json_values,
+    max_size=2,
 )
 bodies = st.one_of(
     st.builds(
