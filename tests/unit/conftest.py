@@ -117,6 +117,11 @@ def bodies(sent) -> list[tuple[float, bytes]]:
     return [(at, m["body"]) for at, m in sent if m["type"] == "http.response.body" and m["body"]]
 
 
+def body_bytes(sent) -> bytes:
+    """The whole response body the client got."""
+    return b"".join(body for _, body in bodies(sent))
+
+
 @pytest.fixture
 def settings() -> Settings:
     return Settings(upstream_base_url="http://upstream.test/v1", upstream_retries=0, _env_file=None)  # type: ignore[call-arg]

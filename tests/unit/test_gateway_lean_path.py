@@ -24,7 +24,7 @@ from streamgate.upstream import make_client
 from support import sse
 from support.simulator_thread import SimulatorThread
 
-from .conftest import bodies, call
+from .conftest import body_bytes, call
 
 pytestmark = pytest.mark.anyio
 TOKENS = 120
@@ -88,7 +88,7 @@ async def slow_sometimes(message):
 async def test_every_token_arrives_once_and_in_order(lean_app, route, send_hook):
     app = lean_app()
     sent = await call(app, route, {"prompt": "x", "stream": True}, send_hook=send_hook)
-    text = b"".join(body for _, body in bodies(sent)).decode()
+    text = body_bytes(sent).decode()
     assert content_of(route, text) == "".join(expected_tokens(TOKENS))
     assert sent[-1][1]["more_body"] is False
     await app.state.upstream_client.close()
@@ -104,11 +104,14 @@ async def test_upstream_connections_are_reused(lean_app):
     await app.state.upstream_client.close()
 
 
+async def sse_events_of_fault(app, fault_model: str) -> list[tuple[str, str]]:
+    """The SSE route's events while the simulator plays `fault_model` (sim-fault-<kind>)."""
+    sent = await call(app, "/v1/chat/stream-sse", {"prompt": "x", "model": fault_model})
+    return sse_events(body_bytes(sent).decode())
+
+
 async def test_error_midstream_becomes_an_sse_error_event(lean_app):
-    sent = await call(
-        lean_app(), "/v1/chat/stream-sse", {"prompt": "x", "model": "sim-fault-error-midstream"}
-    )
-    events = sse_events(b"".join(body for _, body in bodies(sent)).decode())
+    events = await sse_events_of_fault(lean_app(), "sim-fault-error-midstream")
     assert events[-1][0] == "error"
     # The client reads what failed in its terms; the upstream's own words go to the log.
     assert orjson.loads(events[-1][1])["error"]["message"] == "upstream error mid-stream"
@@ -117,12 +120,9 @@ async def test_error_midstream_becomes_an_sse_error_event(lean_app):
 
 async def test_stall_midstream_hits_the_gap_timeout(lean_app):
     started = time.monotonic()
-    sent = await call(
-        lean_app(token_gap_timeout_s=0.2),
-        "/v1/chat/stream-sse",
-        {"prompt": "x", "model": "sim-fault-stall-midstream"},
+    events = await sse_events_of_fault(
+        lean_app(token_gap_timeout_s=0.2), "sim-fault-stall-midstream"
     )
-    events = sse_events(b"".join(body for _, body in bodies(sent)).decode())
     assert events[-1][0] == "error"
     assert "gap between tokens" in events[-1][1]
     assert time.monotonic() - started < 2
@@ -137,7 +137,7 @@ async def test_stall_before_the_first_token_is_a_504(lean_app):
     )
     start = next(m for _, m in sent if m["type"] == "http.response.start")
     assert start["status"] == 504
-    assert b"first token" in b"".join(body for _, body in bodies(sent))
+    assert b"first token" in body_bytes(sent)
     assert 0.3 <= time.monotonic() - started < 2
 
 
@@ -198,7 +198,7 @@ async def test_replayed_sdk_request_keeps_ids_faults_and_text(lean_app, simulato
 
     headers = [(b"x-request-id", b"replayed-42")]
     sent = await call(app, "/v1/chat/stream", {"prompt": "x"}, headers=headers)
-    assert b"".join(b for _, b in bodies(sent)).decode() == "".join(expected_tokens(TOKENS))
+    assert body_bytes(sent).decode() == "".join(expected_tokens(TOKENS))
     recent = simulator.call(lambda: simulator.stats.snapshot()["recent_request_ids"])
     assert recent[-1] == "replayed-42"
 
@@ -212,7 +212,7 @@ async def test_replayed_sdk_request_keeps_ids_faults_and_text(lean_app, simulato
 async def test_usage_is_asked_upstream_only_when_configured(lean_app, ask_usage):
     app = lean_app(upstream_include_usage=ask_usage)
     sent = await call(app, "/v1/chat/stream-sse", {"prompt": "x", "max_tokens": 7})
-    text = b"".join(body for _, body in bodies(sent)).decode()
+    text = body_bytes(sent).decode()
     assert content_of("/v1/chat/stream-sse", text) == "".join(expected_tokens(7))
     name, data = sse_events(text)[-1]
     assert name == "done"
@@ -225,7 +225,7 @@ async def test_usage_is_asked_upstream_only_when_configured(lean_app, ask_usage)
         "/v1/chat/completions",
         {"prompt": "x", "max_tokens": 7, "stream": True, "stream_options": {"include_usage": True}},
     )
-    text = b"".join(body for _, body in bodies(sent)).decode()
+    text = body_bytes(sent).decode()
     chunks = [json.loads(data) for _, data in sse_events(text) if data != "[DONE]"]
     assert content_of("/v1/chat/completions", text) == "".join(expected_tokens(7))
     assert any(chunk.get("usage") for chunk in chunks) == ask_usage

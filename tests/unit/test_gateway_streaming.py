@@ -8,7 +8,7 @@ import orjson
 import pytest
 from streamgate.settings import Settings
 
-from .conftest import bodies, call, chunk_event, stream_body
+from .conftest import bodies, body_bytes, call, chunk_event, stream_body
 
 pytestmark = pytest.mark.anyio
 
@@ -78,13 +78,13 @@ async def test_sse_heartbeat_while_upstream_headers_are_slow(make_app, fake_upst
 async def test_plain_text_never_gets_heartbeats(make_app, fake_upstream):
     fake_upstream.delays = [0.25]
     sent = await call(make_app(heartbeat_s=0.05), "/v1/chat/stream", {"prompt": "x"})
-    assert b"ping" not in b"".join(body for _, body in bodies(sent))
+    assert b"ping" not in body_bytes(sent)
 
 
 async def test_non_stream_completion_is_relayed_without_stream_options(make_app, fake_upstream):
     fake_upstream.parts = [b'{"id": "x", "object": "chat.completion", "choices": []}']
     sent = await call(make_app(), "/v1/chat/completions", {"prompt": "x"})
-    assert orjson.loads(b"".join(body for _, body in bodies(sent)))["object"] == "chat.completion"
+    assert orjson.loads(body_bytes(sent))["object"] == "chat.completion"
     payload = orjson.loads(fake_upstream.requests[0].content)
     assert payload["stream"] is False and "stream_options" not in payload
 
@@ -107,7 +107,7 @@ async def test_midstream_error_is_in_band_for_sse_and_openai(make_app, fake_upst
         sent = await call(make_app(), path, {"prompt": "x", "stream": True})
         start = next(m for _, m in sent if m["type"] == "http.response.start")
         assert start["status"] == 200
-        text = b"".join(body for _, body in bodies(sent))
+        text = body_bytes(sent)
         # In user terms; the upstream's own words ("model crashed") stay in the log.
         assert expect in text and b"upstream error mid-stream" in text
         assert b"model crashed" not in text
@@ -122,7 +122,7 @@ async def test_midstream_error_aborts_plain_text_without_final_chunk(make_app, f
     start = next(m for _, m in sent if m["type"] == "http.response.start")
     assert start["status"] == 200
     # What came before the error arrived; the error is not sent as model text.
-    assert b"".join(body for _, body in bodies(sent)) == b"Hi"
+    assert body_bytes(sent) == b"Hi"
     body_messages = [m for _, m in sent if m["type"] == "http.response.body"]
     assert body_messages and all(m.get("more_body", True) for m in body_messages)  # no clean end
 
@@ -167,7 +167,7 @@ async def test_role_only_first_chunk_does_not_count_as_first_token(make_app, fak
     sent = await call(
         make_app(first_token_timeout_s=0.2), "/v1/chat/completions", {"prompt": "x", "stream": True}
     )
-    text = b"".join(body for _, body in bodies(sent))
+    text = body_bytes(sent)
     assert b"first token" in text and b"Hi" not in text  # timed out waiting for content
 
 
