@@ -26,6 +26,12 @@ def chunked(*parts: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
 
 
+STREAMED_ANSWER = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n")
+)
+
+
 async def serve(response: bytes, pause_s: float = 0.0, ssl_context=None):
     async def handle(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
@@ -95,15 +101,18 @@ def certificate(tmp_path_factory):
     return directory / "cert.pem", directory / "key.pem"
 
 
-async def test_tls_upstream(certificate):
+@pytest.fixture(scope="module")
+def server_tls(certificate) -> ssl.SSLContext:
+    """The test server's side of TLS, with the self-signed certificate."""
     cert, key = certificate
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    response = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n")
-    )
-    server, port = await serve(response, ssl_context=server_context)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def test_tls_upstream(certificate, server_tls):
+    cert, _ = certificate
+    server, port = await serve(STREAMED_ANSWER, ssl_context=server_tls)
     async with server:
         trusting = LeanTransport(ssl.create_default_context(cafile=str(cert)))
         events = await read_all(f"https://localhost:{port}/v1", trusting)
@@ -127,11 +136,7 @@ async def test_close_delimited_body_ends_cleanly():
 
 @pytest.mark.parametrize(("pause_s", "times_out"), [(0.5, True), (0.0, False)])
 async def test_read_deadline(pause_s, times_out):
-    response = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n")
-    )
-    server, port = await serve(response, pause_s=pause_s)
+    server, port = await serve(STREAMED_ANSWER, pause_s=pause_s)
     async with server:
         if times_out:
             with pytest.raises(UpstreamReadTimeout):
@@ -189,17 +194,11 @@ def test_explicit_transport_wins_and_proxy_credentials_stay_out_of_the_log(monke
 
 @pytest.mark.parametrize("transport", ["lean", "sdk"])
 async def test_one_ca_policy_for_every_transport_system_store_or_ssl_cert_file(
-    certificate, monkeypatch, transport
+    certificate, server_tls, monkeypatch, transport
 ):
     """A private CA named by SSL_CERT_FILE is trusted by both clients; without it, neither
     trusts the certificate (no bundled CA list of their own decides instead)."""
-    cert, key = certificate
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    response = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        b"transfer-encoding: chunked\r\n\r\n" + chunked(EVENT, b"data: [DONE]\n\n")
-    )
+    cert, _ = certificate
 
     async def one_request() -> httpx2.Response:
         settings = Settings(
@@ -220,7 +219,7 @@ async def test_one_ca_policy_for_every_transport_system_store_or_ssl_cert_file(
 
     for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(name, raising=False)
-    server, port = await serve(response, ssl_context=server_context)
+    server, port = await serve(STREAMED_ANSWER, ssl_context=server_tls)
     async with server:
         with pytest.raises(openai.APIConnectionError):
             await one_request()
