@@ -18,7 +18,7 @@ from streamgate.doctor.probe import ChunkedDecoder, ProtocolError
 from streamgate.simulator.config import SimConfig
 from streamgate.simulator.faults import FAULT_KINDS
 from streamgate.simulator.script import MAX_TOKENS, expected_text, expected_tokens
-from support import sse
+from support import sdk, sse
 from support.sim_capacity import check_stream_body
 from support.simulator_thread import SimulatorThread
 
@@ -218,33 +218,16 @@ def test_openai_sdk_streams(sim):
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == expected_text(50)
+    assert sdk.streamed_text(chunks) == expected_text(50)
     assert chunks[-1].usage.completion_tokens == 50
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
 def test_async_openai_sdk_streams_and_not(sim):
-    async def run() -> tuple[str, str]:
-        async with openai.AsyncOpenAI(
-            base_url=sim.url + "/v1", api_key="unused", max_retries=0
-        ) as client:
-            stream = await client.chat.completions.create(
-                model="gpt-test",
-                messages=[{"role": "user", "content": "hi"}],
-                stream=True,
-                max_tokens=30,
-            )
-            streamed = "".join([c.choices[0].delta.content or "" async for c in stream])
-            whole = await client.chat.completions.create(
-                model="gpt-test",
-                messages=[{"role": "user", "content": "hi"}],
-                max_tokens=30,
-            )
-            return streamed, whole.choices[0].message.content
-
-    streamed, whole = asyncio.run(run())
-    assert streamed == whole == expected_text(30)
+    answers = asyncio.run(
+        sdk.streamed_and_whole(sim.url, streamed={"max_tokens": 30}, whole={"max_tokens": 30})
+    )
+    assert answers.streamed == answers.whole == expected_text(30)
 
 
 def test_models_and_health(sim):

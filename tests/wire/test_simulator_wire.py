@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 from streamgate.doctor.probe import decode_chunked
 from streamgate.simulator.script import expected_text
-from support import sse
+from support import sdk, sse
 from support.sim_capacity import SimulatorProcess, run_capacity_check
 
 pytestmark = pytest.mark.timeout(60)
@@ -130,33 +129,16 @@ def test_an_open_stream_is_active_not_cancelled(sim_process):
 
 
 def test_async_openai_sdk_against_the_process(sim_process):
-    async def run() -> tuple[str, str, int]:
-        async with openai.AsyncOpenAI(
-            base_url=sim_process.url + "/v1", api_key="unused", max_retries=0
-        ) as client:
-            stream = await client.chat.completions.create(
-                model="gpt-test",
-                messages=[{"role": "user", "content": "hello"}],
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            chunks = [chunk async for chunk in stream]
-            whole = await client.chat.completions.create(
-                model="gpt-test",
-                messages=[{"role": "user", "content": "hello"}],
-                max_tokens=12,
-            )
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        return (
-            streamed,
-            whole.choices[0].message.content,
-            chunks[-1].usage.completion_tokens,
+    answers = asyncio.run(
+        sdk.streamed_and_whole(
+            sim_process.url,
+            streamed={"stream_options": {"include_usage": True}},
+            whole={"max_tokens": 12},
         )
-
-    streamed, whole, usage_tokens = asyncio.run(run())
-    assert streamed == expected_text(50)
-    assert usage_tokens == 50
-    assert whole == expected_text(12)
+    )
+    assert answers.streamed == expected_text(50)  # the contract's default length
+    assert answers.usage_tokens == 50
+    assert answers.whole == expected_text(12)
 
 
 def test_sigterm_stops_the_process_promptly_even_with_streams_open():
