@@ -7,11 +7,12 @@ One decoder per framing (plain text, SSE, OpenAI chunks) turns a wire trace into
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from streamgate.formats import CHAT_ROUTES, OPENAI, SSE, TEXT
 
-from support import sse
+from support import sse, stream_probe
 from support.stream_probe import Trace
 
 # Format name -> path, from the service's one route table.
@@ -31,6 +32,21 @@ def body(route: str, *, max_tokens: int | None = None, model: str | None = None,
         payload["model"] = model
     payload.update(extra)
     return payload
+
+
+def request(
+    target,
+    route: str,
+    payload: dict | bytes | None = None,
+    *,
+    client=stream_probe.request,
+    **options,
+) -> Trace:
+    """One request of `route` to a service on loopback (a gateway, nginx: anything with a `port`)
+    with `payload` or else the route's own body; `client` is stream_probe.request (HTTP/1.1) or
+    h2_probe.request, `options` its own (headers, timeout_s, stop_when, tls, ...)."""
+    sent = body(route) if payload is None else payload
+    return client("127.0.0.1", target.port, ROUTES[route], sent, **options)
 
 
 @dataclass
@@ -59,7 +75,9 @@ class Relay:
 
 
 def decode(route: str, trace: Trace) -> Relay:
-    return {TEXT: _decode_text, SSE: _decode_sse, OPENAI: _decode_openai}[route](trace)
+    if route == TEXT:
+        return _decode_text(trace)
+    return _decode_events(trace, {SSE: _take_sse, OPENAI: _take_openai}[route])
 
 
 def _decode_text(trace: Trace) -> Relay:
@@ -89,44 +107,43 @@ def timed_events(trace: Trace) -> tuple[list[tuple[float, sse.Event]], sse.Strea
     return timed, sse.Stream(events, parser.comments, parser.unterminated)
 
 
-def _decode_sse(trace: Trace) -> Relay:
+def _decode_events(trace: Trace, take: Callable[[Relay, float, sse.Event], None]) -> Relay:
+    """An event framing: `take` reads each event into the relay, at the time it completed."""
     relay = Relay()
     timed, stream = timed_events(trace)
     relay.comments, relay.unparsed = stream.comments, stream.unterminated
     for at_s, event in timed:
-        if event.event == "message":
-            relay.deltas.append(TimedDelta(at_s, _sse_content(event.data)))
-        elif event.event == "error":
-            relay.error = _json_or_text(event.data)
-        elif event.event == "done":
-            relay.done_marker = True
-            payload = _json_or_text(event.data)
-            if isinstance(payload, dict):
-                relay.usage = payload.get("usage")
+        take(relay, at_s, event)
     relay.ended_properly = trace.complete and relay.done_marker and relay.error is None
     return relay
 
 
-def _decode_openai(trace: Trace) -> Relay:
-    relay = Relay()
-    timed, stream = timed_events(trace)
-    relay.comments, relay.unparsed = stream.comments, stream.unterminated
-    for at_s, event in timed:
-        if event.data == "[DONE]":
-            relay.done_marker = True
-            continue
-        chunk = json.loads(event.data)
-        if "error" in chunk:
-            relay.error = chunk["error"]
-            continue
-        if chunk.get("usage"):
-            relay.usage = chunk["usage"]
-        for choice in chunk.get("choices", []):
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                relay.deltas.append(TimedDelta(at_s, content))
-    relay.ended_properly = trace.complete and relay.done_marker and relay.error is None
-    return relay
+def _take_sse(relay: Relay, at_s: float, event: sse.Event) -> None:
+    if event.event == "message":
+        relay.deltas.append(TimedDelta(at_s, _sse_content(event.data)))
+    elif event.event == "error":
+        relay.error = _json_or_text(event.data)
+    elif event.event == "done":
+        relay.done_marker = True
+        payload = _json_or_text(event.data)
+        if isinstance(payload, dict):
+            relay.usage = payload.get("usage")
+
+
+def _take_openai(relay: Relay, at_s: float, event: sse.Event) -> None:
+    if event.data == "[DONE]":
+        relay.done_marker = True
+        return
+    chunk = json.loads(event.data)
+    if "error" in chunk:
+        relay.error = chunk["error"]
+        return
+    if chunk.get("usage"):
+        relay.usage = chunk["usage"]
+    for choice in chunk.get("choices", []):
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            relay.deltas.append(TimedDelta(at_s, content))
 
 
 def _sse_content(data: str) -> str:

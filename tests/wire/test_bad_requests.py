@@ -8,7 +8,7 @@ import json
 import uuid
 
 import pytest
-from support import chat, stream_probe
+from support import chat
 from support.procs import wait_until
 
 OVERSIZED_PROMPT = "x" * 32_001  # one over the default STREAMGATE_MAX_PROMPT_CHARS
@@ -67,10 +67,9 @@ def test_bad_request_gets_a_json_error_naming_the_problem(
 ):
     started_before = simulator.stats()["started"]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    trace = stream_probe.request(
-        "127.0.0.1",
-        gateway.port,
-        chat.ROUTES[route],
+    trace = chat.request(
+        gateway,
+        route,
         raw,
         headers={"Content-Type": "application/json"},
     )
@@ -149,10 +148,9 @@ def test_malformed_body_is_a_4xx_that_the_log_and_metrics_record(
     started_before = simulator.stats()["started"]
     counted_before = requests_counted(gateway.metrics(), route, status)
     request_id = f"bad-{uuid.uuid4().hex}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        gateway.port,
-        chat.ROUTES[route],
+    trace = chat.request(
+        gateway,
+        route,
         raw,
         headers={"X-Request-ID": request_id},
         timeout_s=20,

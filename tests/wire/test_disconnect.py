@@ -44,11 +44,9 @@ def cancel_record(simulator, request_id: str, *, timeout_s: float = 3.0) -> dict
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_hanging_up_mid_stream_cancels_the_upstream(target, route, simulator):
     request_id = f"wire-hangup-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        target.port,
-        chat.ROUTES[route],
-        chat.body(route),
+    trace = chat.request(
+        target,
+        route,
         headers={"X-Request-ID": request_id},
         timeout_s=10,
         stop_when=lambda t: stream_probe.separate_reads(t) >= TOKENS_BEFORE_HANGING_UP,
@@ -63,10 +61,9 @@ def test_hanging_up_mid_stream_cancels_the_upstream(target, route, simulator):
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_hanging_up_before_the_first_token_cancels_the_upstream(target, route, simulator):
     request_id = f"wire-hangup-early-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        target.port,
-        chat.ROUTES[route],
+    trace = chat.request(
+        target,
+        route,
         chat.body(route, model="sim-fault-stall-first"),
         headers={"X-Request-ID": request_id},
         timeout_s=10,
@@ -82,10 +79,9 @@ def test_hanging_up_before_the_first_token_cancels_the_upstream(target, route, s
 def test_negative_control_a_client_that_stays_sees_no_cancel(gateway, simulator):
     """The detector above must be able to fail: a stream read to its end is never 'cancelled'."""
     request_id = f"wire-stays-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        gateway.port,
-        chat.ROUTES[chat.SSE],
+    trace = chat.request(
+        gateway,
+        chat.SSE,
         chat.body(chat.SSE, max_tokens=5),
         headers={"X-Request-ID": request_id},
         timeout_s=10,
@@ -100,10 +96,9 @@ def test_hanging_up_on_a_non_streamed_request_cancels_the_upstream(target, simul
     """Non-streamed answers are produced the same way upstream: a hang-up stops them too, and
     the log says the client left (not 200 ok)."""
     request_id = f"wire-hangup-whole-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        target.port,
-        chat.ROUTES[chat.OPENAI],
+    trace = chat.request(
+        target,
+        chat.OPENAI,
         chat.body(chat.OPENAI, stream=False),
         headers={"X-Request-ID": request_id},
         timeout_s=10,

@@ -47,10 +47,9 @@ def fault_gateway(gateway_factory, simulator):
 
 
 def send(gateway, route: str, fault: str) -> stream_probe.Trace:
-    return stream_probe.request(
-        "127.0.0.1",
-        gateway.port,
-        chat.ROUTES[route],
+    return chat.request(
+        gateway,
+        route,
         chat.body(route, max_tokens=TOKENS, model=f"sim-fault-{fault}"),
         timeout_s=15,
     )
@@ -141,9 +140,7 @@ def nothing_listening() -> str:
 
 
 def post_through(proxy: LocalNginx) -> stream_probe.Trace:
-    return stream_probe.request(
-        "127.0.0.1", proxy.port, chat.ROUTES[chat.OPENAI], chat.body(chat.OPENAI), timeout_s=20
-    )
+    return chat.request(proxy, chat.OPENAI, timeout_s=20)
 
 
 def test_nginx_answers_no_reachable_app_with_a_json_error():

@@ -32,9 +32,7 @@ HANG_UP_AFTER_READS = 5
 
 
 def stream(service, route: str, **body) -> tuple[stream_probe.Trace, chat.Relay]:
-    trace = stream_probe.request(
-        "127.0.0.1", service.port, chat.ROUTES[route], chat.body(route, **body), timeout_s=20
-    )
+    trace = chat.request(service, route, chat.body(route, **body), timeout_s=20)
     return trace, chat.decode(route, trace)
 
 
@@ -86,7 +84,7 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
     for route, tokens in TOKENS_BY_ROUTE.items():
         trace, relay = stream(gateway, route, max_tokens=tokens)
         assert relay.ended_properly and relay.content == expected_text(tokens), trace.error
-    invalid = stream_probe.request("127.0.0.1", gateway.port, chat.ROUTES[chat.SSE], {"prompt": ""})
+    invalid = chat.request(gateway, chat.SSE, {"prompt": ""})
     assert invalid.status == 400
     fault, _ = stream(gateway, chat.SSE, model="sim-fault-500")
     assert fault.status == 502
@@ -123,11 +121,9 @@ def test_metrics_count_the_streams_errors_and_hang_ups_that_happened(metrics_gat
         active_while_streaming.append(value(gateway.metrics(), "streamgate_active_streams"))
         return True
 
-    hung_up = stream_probe.request(
-        "127.0.0.1",
-        gateway.port,
-        chat.ROUTES[chat.TEXT],
-        chat.body(chat.TEXT),
+    hung_up = chat.request(
+        gateway,
+        chat.TEXT,
         timeout_s=20,
         stop_when=hang_up,
     )
@@ -207,10 +203,9 @@ def test_hup_reload_finishes_in_flight_streams_and_applies_the_env_file(
         finished: dict[str, stream_probe.Trace] = {}
         in_flight = threading.Thread(
             target=lambda: finished.update(
-                trace=stream_probe.request(
-                    "127.0.0.1",
-                    gateway.port,
-                    chat.ROUTES[chat.SSE],
+                trace=chat.request(
+                    gateway,
+                    chat.SSE,
                     chat.body(chat.SSE, max_tokens=tokens),
                     timeout_s=30,
                 )
@@ -386,11 +381,9 @@ def test_default_gateway_logs_the_lean_transport(gateway):
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_every_token_arrives_exactly_through_the_proxy(proxied_gateway, proxy, route):
     request_id = f"wire-proxy-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        proxied_gateway.port,
-        chat.ROUTES[route],
-        chat.body(route),
+    trace = chat.request(
+        proxied_gateway,
+        route,
         headers={"X-Request-ID": request_id},
         timeout_s=20,
     )
@@ -422,10 +415,9 @@ HANG_UPS = {
 def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simulator, when):
     body, hang_up = HANG_UPS[when]
     request_id = f"wire-proxy-hangup-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        proxied_gateway.port,
-        chat.ROUTES[chat.SSE],
+    trace = chat.request(
+        proxied_gateway,
+        chat.SSE,
         chat.body(chat.SSE, **body),
         headers={"X-Request-ID": request_id},
         timeout_s=10,

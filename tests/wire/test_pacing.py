@@ -60,11 +60,9 @@ def pings_before_first_token(trace: stream_probe.Trace) -> list[float]:
 
 
 def test_sse_sends_pings_while_the_first_token_is_slow(heartbeat_target, slow_simulator):
-    trace = stream_probe.request(
-        "127.0.0.1",
-        heartbeat_target.port,
-        chat.ROUTES[chat.SSE],
-        chat.body(chat.SSE),
+    trace = chat.request(
+        heartbeat_target,
+        chat.SSE,
         timeout_s=15,
     )
     relay = chat.decode(chat.SSE, trace)
@@ -81,10 +79,9 @@ def test_sse_sends_pings_while_the_first_token_is_slow(heartbeat_target, slow_si
 
 def test_negative_control_no_pings_at_the_default_interval(gateway):
     """The ping detector reads zero where no ping is due (default 15 s, client leaves at 1.2 s)."""
-    trace = stream_probe.request(
-        "127.0.0.1",
-        gateway.port,
-        chat.ROUTES[chat.SSE],
+    trace = chat.request(
+        gateway,
+        chat.SSE,
         chat.body(chat.SSE, model="sim-fault-stall-first"),
         stop_after_s=SLOW_TTFT_MS / 1000,
         timeout_s=10,
@@ -133,10 +130,9 @@ def longest_hold_s(deltas: list[chat.TimedDelta]) -> float:
 def test_word_granularity_ends_chunks_on_word_boundaries_within_the_bound(
     gateway, simulator, route
 ):
-    trace = stream_probe.request(
-        "127.0.0.1",
-        gateway.port,
-        chat.ROUTES[route],
+    trace = chat.request(
+        gateway,
+        route,
         chat.body(route, granularity="word"),
         timeout_s=20,
     )
@@ -154,9 +150,7 @@ def test_word_granularity_ends_chunks_on_word_boundaries_within_the_bound(
 
 def test_negative_control_token_granularity_splits_words(gateway):
     """The word-boundary detector must be able to fail: token mode cuts words ("Stream|ing")."""
-    trace = stream_probe.request(
-        "127.0.0.1", gateway.port, chat.ROUTES[chat.SSE], chat.body(chat.SSE, max_tokens=20)
-    )
+    trace = chat.request(gateway, chat.SSE, chat.body(chat.SSE, max_tokens=20))
     relay = chat.decode(chat.SSE, trace)
 
     assert trace.status == 200, trace.status

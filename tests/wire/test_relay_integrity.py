@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 from streamgate.simulator.script import expected_text, expected_tokens
-from support import chat, stream_probe
+from support import chat
 
 CONTENT_TYPES = {
     chat.TEXT: "text/plain",
@@ -24,9 +24,7 @@ def target(request, gateway):
 def test_every_token_is_delivered_exactly_once_in_order(gateway, simulator, route):
     """The simulator's opening tokens hold newlines, "\\r\\n", "data:" and ":" line starts,
     non-Latin text and an emoji: each must survive its framing unchanged."""
-    trace = stream_probe.request(
-        "127.0.0.1", gateway.port, chat.ROUTES[route], chat.body(route), timeout_s=20
-    )
+    trace = chat.request(gateway, route, timeout_s=20)
     relay = chat.decode(route, trace)
 
     assert trace.status == 200 and relay.ended_properly, (trace.status, trace.error, relay.error)
@@ -40,9 +38,7 @@ def test_every_token_is_delivered_exactly_once_in_order(gateway, simulator, rout
 
 
 def test_sse_done_event_carries_the_usage(gateway):
-    trace = stream_probe.request(
-        "127.0.0.1", gateway.port, chat.ROUTES[chat.SSE], chat.body(chat.SSE, max_tokens=7)
-    )
+    trace = chat.request(gateway, chat.SSE, chat.body(chat.SSE, max_tokens=7))
     relay = chat.decode(chat.SSE, trace)
 
     assert relay.done_marker and relay.usage, (relay.done_marker, relay.usage, trace.body[-300:])
@@ -52,10 +48,9 @@ def test_sse_done_event_carries_the_usage(gateway):
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_client_request_id_reaches_the_upstream_and_comes_back(target, simulator, route):
     request_id = f"wire-rid-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        "127.0.0.1",
-        target.port,
-        chat.ROUTES[route],
+    trace = chat.request(
+        target,
+        route,
         chat.body(route, max_tokens=3),
         headers={"X-Request-ID": request_id},
     )
@@ -66,9 +61,7 @@ def test_client_request_id_reaches_the_upstream_and_comes_back(target, simulator
 
 
 def test_a_request_id_is_made_when_the_client_sends_none(target, simulator):
-    trace = stream_probe.request(
-        "127.0.0.1", target.port, chat.ROUTES[chat.SSE], chat.body(chat.SSE, max_tokens=3)
-    )
+    trace = chat.request(target, chat.SSE, chat.body(chat.SSE, max_tokens=3))
 
     made = trace.headers.get("x-request-id", "")
     assert trace.status == 200 and made, trace.headers
