@@ -29,16 +29,10 @@ import uuid
 from contextlib import ExitStack
 
 import pytest
-from streamgate.simulator.script import expected_text
 from support import chat, h2_probe, stream_probe
 from support.nginx import LocalNginx, require_nginx
-from support.stream_probe import BUFFERED, STREAMED
 from support.tls import LocalPKI, make_test_pki
-
-MIN_SEPARATE_READS = 45
-MIN_ARRIVAL_SPAN_S = 0.8
-FIRST_BYTE_MARGIN_S = 0.050
-CLIENT_HEADERS = {"Accept-Encoding": "gzip"}
+from support.word_by_word import CLIENT_HEADERS, assert_buffered, assert_word_by_word
 
 MOZILLA_INTERMEDIATE_TLS12 = [
     "ECDHE-RSA-AES128-GCM-SHA256",
@@ -103,36 +97,18 @@ def tls_context(pki: LocalPKI, **limits) -> ssl.SSLContext:
 # --- streams over TLS ---------------------------------------------------------------------------
 
 
-def describe(trace: stream_probe.Trace) -> str:
-    reads = [f"{read.at_s * 1000:.0f}ms:{len(read.data)}B" for read in trace.reads]
-    return f"{stream_probe.summarize(trace)} error={trace.error!r} reads={reads}"
+PROBES = {"http1.1": stream_probe.request, "http2": h2_probe.request}
 
 
-def probe_http1(proxy: LocalNginx, pki: LocalPKI, route: str) -> stream_probe.Trace:
-    return stream_probe.request(
-        "127.0.0.1",
-        proxy.port,
-        chat.ROUTES[route],
-        chat.body(route),
-        headers={**CLIENT_HEADERS, **bearer(client_key("h1"))},
+def probe(proxy: LocalNginx, pki: LocalPKI, route: str, protocol: str) -> stream_probe.Trace:
+    return chat.request(
+        proxy,
+        route,
+        client=PROBES[protocol],
+        headers={**CLIENT_HEADERS, **bearer(client_key(protocol))},
         timeout_s=20,
         tls=pki.client_context(),
     )
-
-
-def probe_http2(proxy: LocalNginx, pki: LocalPKI, route: str) -> stream_probe.Trace:
-    return h2_probe.request(
-        "127.0.0.1",
-        proxy.port,
-        chat.ROUTES[route],
-        chat.body(route),
-        headers={**CLIENT_HEADERS, **bearer(client_key("h2"))},
-        timeout_s=20,
-        tls=pki.client_context(),
-    )
-
-
-PROBES = {"http1.1": probe_http1, "http2": probe_http2}
 
 
 @pytest.mark.parametrize("protocol", list(PROBES))
@@ -140,32 +116,13 @@ PROBES = {"http1.1": probe_http1, "http2": probe_http2}
 def test_each_token_reaches_the_client_in_its_own_read_over_tls(
     edge, pki, simulator, protocol, route
 ):
-    trace = PROBES[protocol](edge, pki, route)
-
-    assert trace.status == 200 and trace.complete, (trace.status, trace.error, trace.body[:300])
-    assert (
-        stream_probe.streaming_verdict(
-            trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
-        )
-        == STREAMED
-    ), describe(trace)
-    first_byte_limit_s = simulator.ttft_ms / 1000 + FIRST_BYTE_MARGIN_S
-    assert stream_probe.first_byte_s(trace) <= first_byte_limit_s, describe(trace)
-    assert chat.decode(route, trace).content == expected_text(simulator.tokens)
+    assert_word_by_word(probe(edge, pki, route, protocol), route, simulator)
 
 
 @pytest.mark.parametrize("protocol", list(PROBES))
 def test_negative_control_buffering_nginx_over_tls_is_detected(buffering_edge, pki, protocol):
     assert "proxy_buffering on;" in buffering_edge.site_config
-    trace = PROBES[protocol](buffering_edge, pki, chat.TEXT)
-
-    assert trace.status == 200 and trace.complete, (trace.status, trace.error)
-    assert (
-        stream_probe.streaming_verdict(
-            trace, min_reads=MIN_SEPARATE_READS, min_span_s=MIN_ARRIVAL_SPAN_S
-        )
-        == BUFFERED
-    ), describe(trace)
+    assert_buffered(probe(buffering_edge, pki, chat.TEXT, protocol))
 
 
 # --- the TLS profile ----------------------------------------------------------------------------
