@@ -213,15 +213,23 @@ def longest_wait_for_a_new_stream(results: list[StreamResult], start: float, end
     return max(later - earlier for earlier, later in itertools.pairwise(marks))
 
 
-def figures(
-    what: str, rest: WindowReport, during: WindowReport, gaps_s: tuple[float, float]
-) -> str:
+def before_and_during(
+    what: str, load: StreamLoad, results: list[StreamResult], event_at: float, back_at: float
+) -> tuple[WindowReport, WindowReport, str]:
+    """The load's window at rest (the SETTLE_S before the event, half a second off each end)
+    against the one from the event until AFTER_S past `back_at` (service whole again), with
+    the longest wait for a new stream in each; and a summary line, printed."""
+    at_rest = (event_at - SETTLE_S + 0.5, event_at - 0.5)
+    during = (event_at, back_at + AFTER_S)
+    rest_report, during_report = load.report(at_rest), load.report(during)
+    gap_at_rest_s = longest_wait_for_a_new_stream(results, *at_rest)
+    gap_during_s = longest_wait_for_a_new_stream(results, *during)
     line = (
-        f"{what}: at rest {rest}; during {during}; longest time without a new stream "
-        f"served {gaps_s[1] * 1000:.0f} ms (at rest {gaps_s[0] * 1000:.0f} ms)"
+        f"{what}: at rest {rest_report}; during {during_report}; longest time without a new "
+        f"stream served {gap_during_s * 1000:.0f} ms (at rest {gap_at_rest_s * 1000:.0f} ms)"
     )
     print(f"\n{line}")
-    return line
+    return rest_report, during_report, line
 
 
 @pytest.fixture
@@ -258,14 +266,9 @@ def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
             time.sleep(AFTER_S + 0.5)
         finally:
             results = load.stop()
-        rest = load.report((usr2_at - SETTLE_S + 0.5, usr2_at - 0.5))
-        during = load.report((usr2_at, old_gone_at + AFTER_S))
-        gaps_s = (
-            longest_wait_for_a_new_stream(results, usr2_at - SETTLE_S + 0.5, usr2_at - 0.5),
-            longest_wait_for_a_new_stream(results, usr2_at, old_gone_at + AFTER_S),
+        rest, during, _ = before_and_during(
+            "upgrade in place (USR2)", load, results, usr2_at, old_gone_at
         )
-        summary = figures("upgrade in place (USR2)", rest, during, gaps_s)
-        print(summary)
         assert_nothing_lost(rest, during, min_streams=2 * CLIENTS)
 
         # The new code serves: the master that read release-2, and only its workers listen.
@@ -343,13 +346,7 @@ def test_control_a_stop_then_start_is_counted_as_lost_streams(
         proxy.stop()
         if restarted is not None:
             restarted.stop()
-    rest = load.report((stop_at - SETTLE_S + 0.5, stop_at - 0.5))
-    during = load.report((stop_at, started_at + AFTER_S))
-    gaps_s = (
-        longest_wait_for_a_new_stream(results, stop_at - SETTLE_S + 0.5, stop_at - 0.5),
-        longest_wait_for_a_new_stream(results, stop_at, started_at + AFTER_S),
-    )
-    summary = figures("stop then start", rest, during, gaps_s)
+    rest, during, summary = before_and_during("stop then start", load, results, stop_at, started_at)
     assert rest.lost == 0, summary
     assert during.lost > 0, summary
     assert set(during.failed) <= {"connect", "http-502", "aborted"}, summary
