@@ -76,6 +76,9 @@ BASE_PACKAGES = (
     "iproute2",
     "ca-certificates",
 )
+# The base image's tarball, made and unpacked with numeric owners and every extended attribute
+# (file capabilities) kept.
+TAR = ("tar", "--numeric-owner", "--xattrs", "--xattrs-include=*")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO_ROOT / "lab" / ".state"
@@ -221,23 +224,15 @@ def ensure_base_image(release: str) -> Path:
             raise LabError(f"debootstrap {release} failed:\n" + "\n".join(tail))
     prepare_base_image(build_dir)
     partial = tarball.with_suffix(".partial")
-    run(
-        [
-            "tar",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "-C",
-            str(build_dir),
-            "-cpf",
-            str(partial),
-            ".",
-        ]
-    )
+    run([*TAR, "-C", str(build_dir), "-cpf", str(partial), "."])
     partial.rename(tarball)
     remove_tree(build_dir)
     log(f"base image {release}: built in {time.monotonic() - started:.0f} s")
     return tarball
+
+
+def unpack(tarball: Path, directory: Path) -> None:
+    run([*TAR, "-C", str(directory), "-xpf", str(tarball)])
 
 
 def prepare_base_image(root: Path) -> None:
@@ -288,18 +283,7 @@ def ensure_image_tree(tarball: Path) -> Path:
         partial = tarball.with_suffix(".rootfs-partial")
         remove_tree(partial)
         partial.mkdir()
-        run(
-            [
-                "tar",
-                "--numeric-owner",
-                "--xattrs",
-                "--xattrs-include=*",
-                "-C",
-                str(partial),
-                "-xpf",
-                str(tarball),
-            ]
-        )
+        unpack(tarball, partial)
         partial.rename(tree)
     return tree
 
@@ -319,18 +303,7 @@ def mount_host_root(host: LabHost, tarball: Path) -> str:
         == 0
     ):
         return "overlay"
-    run(
-        [
-            "tar",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "-C",
-            str(host.root),
-            "-xpf",
-            str(tarball),
-        ]
-    )
+    unpack(tarball, host.root)
     return "copy"
 
 
