@@ -56,6 +56,21 @@ def describe(answer: dict) -> str:
     return f"{answer['diagnosis']} timeline={hop['timeline']['reads'][:12]}..."
 
 
+def diagnosed(url: str, capsys, verdict_and_cause: tuple[str, str], *extra: str) -> dict:
+    """The doctor's report on a faulted layer, checked to exit 1 naming this verdict and cause."""
+    status, answer = doctor(url, capsys, *extra)
+    hop = answer["hops"][0]
+    assert (status, hop["verdict"], hop["cause"]) == (1, *verdict_and_cause), describe(answer)
+    return answer
+
+
+def streamed(url: str, capsys, *extra: str) -> dict:
+    """The doctor's report on a chain without a fault, checked to exit 0 saying streamed."""
+    status, answer = doctor(url, capsys, *extra)
+    assert (status, answer["verdict"]) == (0, "streamed"), describe(answer)
+    return answer
+
+
 # --------------------------------------------------------------- a proxy with one fault
 
 
@@ -261,8 +276,7 @@ def test_the_https_edge_streams_over_http_1_1(gateway, stack, capsys):
 
 
 def test_plain_text_route_streams_through_the_chain(nginx, capsys):
-    status, answer = doctor(f"{nginx.base_url}{TEXT_PATH}", capsys)
-    assert (status, answer["verdict"]) == (0, "streamed"), describe(answer)
+    streamed(f"{nginx.base_url}{TEXT_PATH}", capsys)
 
 
 # ----------------------------------------------------------------- nginx misconfigured
@@ -270,11 +284,10 @@ def test_plain_text_route_streams_through_the_chain(nginx, capsys):
 
 def test_nginx_buffering_with_gzip_is_buffered_by_nginx(gateway, edited_nginx, capsys):
     broken = edited_nginx(gateway, break_buffering)
-    status, answer = doctor(f"{broken.base_url}{OPENAI_PATH}", capsys)
-    hop = answer["hops"][0]
-    assert (status, hop["verdict"], hop["cause"]) == (1, "buffered", "nginx-proxy-buffering"), (
-        describe(answer)
+    answer = diagnosed(
+        f"{broken.base_url}{OPENAI_PATH}", capsys, ("buffered", "nginx-proxy-buffering")
     )
+    hop = answer["hops"][0]
     assert hop["headers"]["content-encoding"] == "gzip"
     assert "proxy_buffering off" in hop["fix"]
 
@@ -283,20 +296,19 @@ def test_nginx_buffering_on_holds_the_head(slow_simulator, edited_nginx, capsys)
     """Measured on nginx 1.22: buffering on alone still passes each chunk at once, but the
     response head waits for the first body buffer."""
     held = edited_nginx(slow_simulator, buffering_on)
-    status, answer = doctor(f"{held.base_url}{OPENAI_PATH}", capsys, "--max-tokens", "30")
-    hop = answer["hops"][0]
-    assert (status, hop["verdict"], hop["cause"]) == (
-        1,
-        "headers-held",
-        "nginx-proxy-buffering",
-    ), describe(answer)
+    diagnosed(
+        f"{held.base_url}{OPENAI_PATH}",
+        capsys,
+        ("headers-held", "nginx-proxy-buffering"),
+        "--max-tokens",
+        "30",
+    )
 
 
 def test_nginx_from_the_templates_sends_the_head_at_once(slow_simulator, edited_nginx, capsys):
     """Negative control of the two above: the same nginx without the edits."""
     healthy = edited_nginx(slow_simulator)
-    status, answer = doctor(f"{healthy.base_url}{OPENAI_PATH}", capsys, "--max-tokens", "30")
-    assert (status, answer["verdict"]) == (0, "streamed"), describe(answer)
+    answer = streamed(f"{healthy.base_url}{OPENAI_PATH}", capsys, "--max-tokens", "30")
     assert answer["hops"][0]["head_wait_ms"] > 1000
 
 
@@ -305,61 +317,51 @@ def test_nginx_from_the_templates_sends_the_head_at_once(slow_simulator, edited_
 
 def test_compressing_layer_that_does_not_flush_is_named(gateway, proxy_factory, capsys):
     proxy = proxy_factory(gateway, "gzip")
-    status, answer = doctor(f"{proxy.base_url}{OPENAI_PATH}", capsys)
-    hop = answer["hops"][0]
-    assert (status, hop["verdict"], hop["cause"]) == (1, "buffered", "gzip"), describe(answer)
+    diagnosed(f"{proxy.base_url}{OPENAI_PATH}", capsys, ("buffered", "gzip"))
 
 
 def test_compressing_layer_that_flushes_every_write_streams(gateway, proxy_factory, capsys):
     """Negative control: compression itself is no fault when each write is flushed."""
     proxy = proxy_factory(gateway, "gzip", gzip_flush=True)
-    status, answer = doctor(f"{proxy.base_url}{OPENAI_PATH}", capsys)
-    assert (status, answer["verdict"]) == (0, "streamed"), describe(answer)
+    answer = streamed(f"{proxy.base_url}{OPENAI_PATH}", capsys)
     assert answer["hops"][0]["headers"]["content-encoding"] == "gzip"
 
 
 def test_flush_interval_is_coalesced(gateway, proxy_factory, capsys):
     proxy = proxy_factory(gateway, "coalesce", flush_ms=200)
-    status, answer = doctor(f"{proxy.base_url}{OPENAI_PATH}", capsys)
+    answer = diagnosed(f"{proxy.base_url}{OPENAI_PATH}", capsys, ("coalesced", "flush-interval"))
     hop = answer["hops"][0]
-    assert (status, hop["verdict"], hop["cause"]) == (1, "coalesced", "flush-interval"), describe(
-        answer
-    )
     assert 150 <= hop["gap_p50_ms"] <= 260, describe(answer)
 
 
 def test_size_buffer_is_coalesced(gateway, proxy_factory, capsys):
     proxy = proxy_factory(gateway, "coalesce", flush_bytes=4096)
-    status, answer = doctor(f"{proxy.base_url}{OPENAI_PATH}", capsys)
-    hop = answer["hops"][0]
-    assert (status, hop["verdict"], hop["cause"]) == (1, "coalesced", "size-buffer"), describe(
-        answer
-    )
-    assert "4.0 KiB" in hop["reason"]
+    answer = diagnosed(f"{proxy.base_url}{OPENAI_PATH}", capsys, ("coalesced", "size-buffer"))
+    assert "4.0 KiB" in answer["hops"][0]["reason"]
 
 
 def test_proxy_that_passes_each_piece_streams(gateway, proxy_factory, capsys):
     """Negative control of the coalescing and compressing modes: the same proxy, no fault."""
     proxy = proxy_factory(gateway, "pass")
-    status, answer = doctor(f"{proxy.base_url}{OPENAI_PATH}", capsys)
-    assert (status, answer["verdict"]) == (0, "streamed"), describe(answer)
+    streamed(f"{proxy.base_url}{OPENAI_PATH}", capsys)
 
 
 def test_proxy_holding_the_head_until_the_first_data(slow_simulator, proxy_factory, capsys):
     proxy = proxy_factory(slow_simulator, "hold-head")
-    status, answer = doctor(f"{proxy.base_url}{OPENAI_PATH}", capsys, "--max-tokens", "30")
-    hop = answer["hops"][0]
-    assert (status, hop["verdict"], hop["cause"]) == (1, "headers-held", "held-head"), describe(
-        answer
+    answer = diagnosed(
+        f"{proxy.base_url}{OPENAI_PATH}",
+        capsys,
+        ("headers-held", "held-head"),
+        "--max-tokens",
+        "30",
     )
-    assert hop["head_wait_ms"] <= verdict.HEAD_WITH_DATA_MS
+    assert answer["hops"][0]["head_wait_ms"] <= verdict.HEAD_WITH_DATA_MS
 
 
 def test_proxy_passing_the_head_at_once_streams(slow_simulator, proxy_factory, capsys):
     """Negative control: the same proxy and slow first token, the head passed on at once."""
     proxy = proxy_factory(slow_simulator, "pass")
-    status, answer = doctor(f"{proxy.base_url}{OPENAI_PATH}", capsys, "--max-tokens", "30")
-    assert (status, answer["verdict"]) == (0, "streamed"), describe(answer)
+    streamed(f"{proxy.base_url}{OPENAI_PATH}", capsys, "--max-tokens", "30")
 
 
 # --------------------------------------------------------------- the probe cannot run
@@ -454,15 +456,10 @@ def naive_nginx(app: services.Service, compression: str, stack: ExitStack) -> st
 
 def test_article_app_behind_a_compressing_nginx_is_buffered(article_app, stack, capsys):
     base = naive_nginx(article_app, GZIP_ON, stack)
-    status, answer = doctor(f"{base}{TEXT_PATH}", capsys)
-    hop = answer["hops"][0]
-    assert (status, hop["verdict"], hop["cause"]) == (1, "buffered", "nginx-proxy-buffering"), (
-        describe(answer)
-    )
+    diagnosed(f"{base}{TEXT_PATH}", capsys, ("buffered", "nginx-proxy-buffering"))
 
 
 def test_article_app_behind_the_same_nginx_without_gzip_streams(article_app, stack, capsys):
     """Negative control: the same hand-written nginx (buffering on by default) without gzip."""
     base = naive_nginx(article_app, "", stack)
-    status, answer = doctor(f"{base}{TEXT_PATH}", capsys)
-    assert (status, answer["verdict"]) == (0, "streamed"), describe(answer)
+    streamed(f"{base}{TEXT_PATH}", capsys)
