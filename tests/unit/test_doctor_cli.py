@@ -120,6 +120,30 @@ def test_usage_errors_exit_2(argv, capsys):
     assert exited.value.code == 2
 
 
+# The whole answer in one read from a server that names no known layer: the whole-answer cause.
+WHOLE_ANSWER = probe_result(
+    [(1050, 14000, 50)], headers={"transfer-encoding": "chunked", "server": "uvicorn"}
+)
+
+
+def test_in_hop_mode_the_fix_says_where_the_layer_sits_not_to_probe_each_hop():
+    """A run over every hop has probed each hop already: the fix for the hop it names must not
+    send the reader to --inventory, but say where between the hops the layer is."""
+    answer = cli.report([("upstream", STREAMED), ("gateway:app2", WHOLE_ANSWER)])
+    gateway = answer["hops"][-1]
+    assert (answer["first_buffering_hop"], gateway["cause"]) == ("gateway:app2", "whole-answer")
+    assert "--inventory" not in gateway["fix"] and "--inventory" not in answer["diagnosis"]
+    assert "hop before this one" in gateway["fix"], gateway["fix"]
+
+
+def test_negative_control_a_run_on_one_url_is_sent_to_hop_mode():
+    """The same answer probed at one URL: there the fix is to probe each hop."""
+    answer = cli.report([("gateway", WHOLE_ANSWER)])
+    assert answer["hops"][0]["cause"] == "whole-answer"
+    assert "Probe each hop (--inventory)" in answer["hops"][0]["fix"]
+    assert "Probe each hop (--inventory)" in answer["diagnosis"]
+
+
 def test_a_header_passed_on_from_a_streamed_hop_is_no_evidence_against_the_next():
     """A relay in front of nginx holds the answer and passes nginx's Server header on: the relay
     is named, and not blamed on nginx, whose own hop streamed."""

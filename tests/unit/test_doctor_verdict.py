@@ -205,7 +205,11 @@ def test_every_cause_row_is_reachable_and_explains_its_verdicts():
     assert len(ids) == len(set(ids))
     for cause in verdict.CAUSES:
         assert cause.verdicts and set(cause.verdicts) <= set(verdict.VERDICTS), cause.id
-        assert cause.evidence and cause.reason.endswith(".") and cause.fix.endswith("."), cause.id
+        fix = cause.fix.removesuffix("{find_the_layer}").rstrip()
+        assert cause.evidence and cause.reason.endswith(".") and fix.endswith("."), cause.id
+        # Where to look depends on the run's mode: only FIND_THE_LAYER names hop mode.
+        assert "--inventory" not in cause.fix, cause.id
+    assert all(text.endswith(".") for text in verdict.FIND_THE_LAYER.values())
 
 
 @pytest.mark.parametrize(

@@ -37,8 +37,11 @@ HEADER_ABBREVIATIONS = {
 }
 
 
-def judge_hop(name: str, result: dict, passed_on: dict | None = None) -> dict:
+def judge_hop(
+    name: str, result: dict, passed_on: dict | None = None, hop_mode: bool = False
+) -> dict:
     """One hop's line of the report: its name, URL, the verdict and the probe's timeline.
+    `hop_mode`: one hop of a run over every hop (--inventory), as verdict.judge takes it.
 
     `passed_on`: the headers of the streamed hop before it. A header this hop shows with the same
     value came from behind it (a relay passing nginx's Server header on), so it is no evidence
@@ -53,7 +56,7 @@ def judge_hop(name: str, result: dict, passed_on: dict | None = None) -> dict:
             if name.lower() == "transfer-encoding" or passed_on.get(name.lower()) != value
         }
         evidence = {**result, "headers": own}
-    judged = verdict.judge(evidence)
+    judged = verdict.judge(evidence, hop_mode)
     judged["headers"] = verdict.headers_that_matter(headers)
     return {
         "name": name,
@@ -93,11 +96,14 @@ def first_buffering_hop(judged: list[dict]) -> str | None:
 
 
 def report(probed: list[tuple[str, dict]]) -> dict:
-    """The doctor's answer for (hop name, probe result) pairs in path order."""
+    """The doctor's answer for (hop name, probe result) pairs in path order: several hops are a
+    run over every hop (--inventory), one is a run on one URL."""
+    hop_mode = len(probed) > 1
     judged: list[dict] = []
     for name, result in probed:
         streamed_before = judged and judged[-1]["verdict"] == verdict.STREAMED
-        judged.append(judge_hop(name, result, judged[-1]["headers"] if streamed_before else None))
+        passed_on = judged[-1]["headers"] if streamed_before else None
+        judged.append(judge_hop(name, result, passed_on, hop_mode))
     degrading = degrading_hops(judged)
     for hop in judged:
         hop["degrades"] = hop["name"] in degrading
@@ -107,30 +113,30 @@ def report(probed: list[tuple[str, dict]]) -> dict:
     return {
         "verdict": worst,
         "first_buffering_hop": first,
-        "diagnosis": diagnosis(judged, first),
+        "diagnosis": diagnosis(judged, first, hop_mode),
         "exit_code": verdict.exit_code(verdicts) if verdicts else 2,
         "hops": judged,
     }
 
 
-def diagnosis(judged: list[dict], first: str | None) -> str:
-    """One line: which hop, what happened, what to change."""
+def diagnosis(judged: list[dict], first: str | None, hop_mode: bool) -> str:
+    """One line: which hop (in hop mode), what happened, what to change."""
     failed = [hop for hop in judged if hop["verdict"] == verdict.FAILED]
     if first is not None:
         hop = next(hop for hop in judged if hop["name"] == first)
-        where = f"{hop['name']}: " if len(judged) > 1 else ""
+        where = f"{hop['name']}: " if hop_mode else ""
         return (
             f"{where}{hop['verdict']} ({hop['confidence']} confidence). {hop['reason']} "
             f"Fix: {hop['fix']}"
         )
     if failed:
         hop = failed[0]
-        where = f"{hop['name']}: " if len(judged) > 1 else ""
+        where = f"{hop['name']}: " if hop_mode else ""
         return f"{where}the probe could not run. {hop['reason']} Fix: {hop['fix']}"
     if not judged:
         return "Nothing was probed."
     last = judged[-1]
-    prefix = "Every hop streams; " if len(judged) > 1 else ""
+    prefix = "Every hop streams; " if hop_mode else ""
     return f"{prefix}streamed ({last['confidence']} confidence). {last['reason']}"
 
 

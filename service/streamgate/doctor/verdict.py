@@ -81,7 +81,16 @@ class Cause:
     verdicts: tuple[str, ...]  # the verdicts it explains
     evidence: str  # what in the probe points to it
     reason: str  # one sentence for a person ({...} filled from the facts)
-    fix: str  # one sentence
+    fix: str  # one or two sentences; {find_the_layer}: FIND_THE_LAYER of the run's mode
+
+
+# Where to look for the layer a cause names, by the run's mode: a run on one URL points to hop
+# mode; hop mode has probed every hop already, and the report names the first that degrades.
+FIND_THE_LAYER = {
+    False: "Probe each hop (--inventory) to find the layer.",
+    True: "If the hop before this one did better, the layer is this hop's own server or sits "
+    "between the two (a relay, a proxy, a redirect).",
+}
 
 
 # The table of known causes, one row per cause; the first row whose evidence holds is named.
@@ -122,8 +131,7 @@ CAUSES = (
         "the bytes broke HTTP/1.1 (head, chunk sizes, lengths, content coding) or the "
         "connection broke",
         "The answer could not be read: {error}.",
-        "Something between here and the app speaks broken HTTP; probe each hop (--inventory) "
-        "to find it.",
+        "Something between here and the app speaks broken HTTP. {find_the_layer}",
     ),
     Cause(
         "no-content",
@@ -140,7 +148,7 @@ CAUSES = (
         "The answer came whole with a Content-Length of {content_length}: some layer built the "
         "whole body before sending it.",
         "Make every layer stream: a non-streaming handler, a response-reading middleware or a "
-        "load balancer (AWS ALB in front of Lambda) builds whole bodies; check with --inventory.",
+        "load balancer (AWS ALB in front of Lambda) builds whole bodies. {find_the_layer}",
     ),
     Cause(
         "nginx-proxy-buffering",
@@ -174,8 +182,8 @@ CAUSES = (
         (BUFFERED, COALESCED),
         "Server: nginx, no compression, the stream held",
         "nginx (or a layer behind it) held the stream: {what}.",
-        "Set proxy_buffering off in nginx's streaming location and proxy_http_version 1.1; then "
-        "probe the hops behind it (--inventory).",
+        "Set proxy_buffering off in nginx's streaming location and proxy_http_version 1.1. "
+        "{find_the_layer}",
     ),
     Cause(
         "size-buffer",
@@ -201,7 +209,7 @@ CAUSES = (
         "several tokens per read at no clear rhythm",
         "The tokens came {tokens_per_read:.1f} per read in {token_reads} reads: some layer "
         "merges writes.",
-        "Probe each hop (--inventory) to find the layer that merges writes.",
+        "Make the layer that merges writes pass each one on. {find_the_layer}",
     ),
     Cause(
         "http2-headers",
@@ -219,7 +227,7 @@ CAUSES = (
         "The status and headers came only with the first data after {headers_ms:.0f} ms: a "
         "layer holds the head, or the app starts its answer only at its first token.",
         "If the app starts at its first token on purpose (streamgate's gateway does, to keep "
-        "real error statuses) this is its choice; else find the hop that holds it (--inventory).",
+        "real error statuses), this is its choice. {find_the_layer}",
     ),
     Cause(
         "whole-answer",
@@ -227,7 +235,7 @@ CAUSES = (
         "the whole answer at the end, no marker of which layer",
         "The whole answer came at once after {ttft_ms:.0f} ms (in {reads_text}): some "
         "layer held it (a buffering proxy, a load balancer, a TLS-inspecting proxy).",
-        "Probe each hop (--inventory) to find the layer that holds it.",
+        "Make the layer that holds it pass each write on. {find_the_layer}",
     ),
 )
 CAUSES_BY_ID = {cause.id: cause for cause in CAUSES}
@@ -415,8 +423,9 @@ def _fill(text: str, values: dict) -> str:
         return text
 
 
-def judge(probe_result: dict) -> dict:
-    """The verdict on one probe: verdict, confidence, reason, fix, cause and the numbers."""
+def judge(probe_result: dict, hop_mode: bool = False) -> dict:
+    """The verdict on one probe: verdict, confidence, reason, fix, cause and the numbers.
+    `hop_mode`: the probe is one hop of a run over every hop (--inventory)."""
     fact = facts(probe_result)
     cause_id = _failure_cause(probe_result, fact)
     verdict = FAILED if cause_id else _timing_verdict(fact)
@@ -437,6 +446,7 @@ def judge(probe_result: dict) -> dict:
         or f"Server: {headers.get('server')}",
         "buffer_kib": round((fact["read_bytes_p50"] or 0) / 1024, 1),
         "what": _what(verdict, fact),
+        "find_the_layer": FIND_THE_LAYER[hop_mode],
         "reads_text": _reads(fact["token_reads"]),
         "with_gzip": (
             ", so its gzip was never told to flush"
