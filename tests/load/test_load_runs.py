@@ -101,6 +101,22 @@ def run_load(
     )
 
 
+def run_passing(target: str, tmp_path: Path, **options) -> LoadResult:
+    """A run that must pass: exit 0 and every gate passed."""
+    result = run_load(target, tmp_path, **options)
+    assert result.exit_code == 0, result.explain()
+    assert result.failed_gates() == set(), result.explain()
+    return result
+
+
+def run_failing(target: str, tmp_path: Path, gate: str, **options) -> LoadResult:
+    """A run that must fail, with `gate` among the gates it failed."""
+    result = run_load(target, tmp_path, **options)
+    assert result.exit_code != 0, result.explain()
+    assert gate in result.failed_gates(), result.explain()
+    return result
+
+
 @pytest.fixture(scope="module")
 def chain(simulator_factory, gateway_factory, nginx_factory):
     """(nginx in front of the gateway, routes to load), or nginx in front of the simulator
@@ -116,9 +132,7 @@ def chain(simulator_factory, gateway_factory, nginx_factory):
 
 def test_run_through_the_chain_passes_every_gate(chain, tmp_path):
     proxy, routes = chain
-    result = run_load(proxy.base_url, tmp_path, users=30, run_time="10s", routes=routes)
-    assert result.exit_code == 0, result.explain()
-    assert result.failed_gates() == set(), result.explain()
+    result = run_passing(proxy.base_url, tmp_path, users=30, run_time="10s", routes=routes)
     assert result.responses >= 30, result.explain()
     for artifact in ("report.html", "stats_stats.csv", "stats_stats_history.csv", "latency.png"):
         assert (result.report / artifact).stat().st_size > 0, artifact
@@ -137,9 +151,9 @@ def test_run_through_the_chain_passes_every_gate(chain, tmp_path):
 
 def test_nginx_with_buffering_on_fails_buffered(simulator_factory, nginx_factory, tmp_path):
     buffering_proxy = nginx_factory(simulator_factory(), buffering_fault=True)
-    result = run_load(buffering_proxy.base_url, tmp_path, users=10, run_time="6s")
-    assert result.exit_code != 0, result.explain()
-    assert "buffered_ratio" in result.failed_gates(), result.explain()
+    result = run_failing(
+        buffering_proxy.base_url, tmp_path, "buffered_ratio", users=10, run_time="6s"
+    )
     assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
     # the text still arrives whole: the verdict is about timing, not content
     assert result.gates["corrupt_ratio"]["passed"], result.explain()
@@ -147,43 +161,41 @@ def test_nginx_with_buffering_on_fails_buffered(simulator_factory, nginx_factory
 
 def test_simulator_stalling_midstream_fails_the_gap_gate(simulator_factory, tmp_path):
     stalling = simulator_factory(stall_s=2)
-    result = run_load(
+    result = run_failing(
         stalling.base_url,
         tmp_path,
+        "itl_p99",
         users=10,
         run_time="8s",
         extra=["--model", "sim-fault-stall-midstream"],
     )
-    assert result.exit_code != 0, result.explain()
-    assert "itl_p99" in result.failed_gates(), result.explain()
     assert result.gates["itl_p99"]["value"] >= 1500, result.explain()
     # the stream resumes after the stall: complete and in order, only late
     assert {"corrupt_ratio", "failure_ratio"}.isdisjoint(result.failed_gates()), result.explain()
 
 
 def test_simulator_dropping_a_token_fails_corrupt(simulator, tmp_path):
-    result = run_load(
+    result = run_failing(
         simulator.base_url,
         tmp_path,
+        "corrupt_ratio",
         users=10,
         run_time="5s",
         extra=["--model", "sim-fault-drop-token"],
     )
-    assert result.exit_code != 0, result.explain()
-    assert "corrupt_ratio" in result.failed_gates(), result.explain()
     assert result.gates["corrupt_ratio"]["value"] == 1, result.explain()
     assert result.gates["failure_ratio"]["passed"], result.explain()  # complete, only wrong
 
 
 def test_errors_fail_the_failure_gate(simulator, tmp_path):
-    result = run_load(
+    result = run_failing(
         simulator.base_url,
         tmp_path,
+        "failure_ratio",
         users=5,
         run_time="4s",
         extra=["--model", "sim-fault-error-midstream"],
     )
-    assert "failure_ratio" in result.failed_gates(), result.explain()
     assert "in-band error event" in (result.report / "stats_failures.csv").read_text()
 
 
@@ -232,11 +244,14 @@ def stall_the_generator(runner: subprocess.Popen, *, stalls=12, stall_s=0.3, bet
 
 
 def test_a_stalled_generator_fails_validity_not_the_target(simulator, tmp_path):
-    result = run_load(
-        simulator.base_url, tmp_path, users=10, run_time="10s", during=stall_the_generator
+    result = run_failing(
+        simulator.base_url,
+        tmp_path,
+        "generator_lagged",
+        users=10,
+        run_time="10s",
+        during=stall_the_generator,
     )
-    assert result.exit_code != 0, result.explain()
-    assert "generator_lagged" in result.failed_gates(), result.explain()
     # the merged reads are the generator's: not blamed on the (healthy) simulator
     assert result.gates["buffered_ratio"]["passed"], result.explain()
 
@@ -254,11 +269,9 @@ def test_run_through_the_chain_from_llama_cpp_passes_every_gate(
     llama_server, gateway_factory, nginx_factory, tmp_path
 ):
     proxy = nginx_factory(gateway_factory(llama_server, workers=2))
-    result = run_load(
+    result = run_passing(
         proxy.base_url, tmp_path, users=6, run_time="10s", routes=ALL_ROUTES, extra=ANY_UPSTREAM
     )
-    assert result.exit_code == 0, result.explain()
-    assert result.failed_gates() == set(), result.explain()
     assert result.responses >= 30, result.explain()
     assert result.gates["corrupt_ratio"]["value"] == 0, result.explain()  # judged: protocol
 
@@ -267,10 +280,13 @@ def test_any_upstream_nginx_with_buffering_on_fails_buffered(
     llama_server, gateway_factory, nginx_factory, tmp_path
 ):
     buffering_proxy = nginx_factory(gateway_factory(llama_server, workers=2), buffering_fault=True)
-    result = run_load(
-        buffering_proxy.base_url, tmp_path, users=8, run_time="6s", extra=ANY_UPSTREAM
+    result = run_failing(
+        buffering_proxy.base_url,
+        tmp_path,
+        "buffered_ratio",
+        users=8,
+        run_time="6s",
+        extra=ANY_UPSTREAM,
     )
-    assert result.exit_code != 0, result.explain()
-    assert "buffered_ratio" in result.failed_gates(), result.explain()
     assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
     assert result.gates["corrupt_ratio"]["passed"], result.explain()
