@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+from streamgate.auth import hash_key
 
 from support.procs import ManagedProcess, on_a_free_port
 
@@ -157,6 +158,12 @@ def _start_simulator(log_dir: Path, port: int, settings: dict) -> Simulator:
     )
     process.wait_http(f"{simulator.base_url}/healthz", timeout_s=20)
     return simulator
+
+
+def client_keys_env_line(**keys: str) -> str:
+    """The gateway's env-file line that accepts these client keys (name=key), as hashes."""
+    hashes = ",".join(f"{name}:{hash_key(key)}" for name, key in keys.items())
+    return f"STREAMGATE_CLIENT_KEY_HASHES={hashes}\n"
 
 
 def start_gateway(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,11 +22,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from streamgate.auth import hash_key
 from streamgate.simulator.script import expected_text
 from support import browser, sse
-from support.nginx import LocalNginx, require_nginx
-from support.tls import LocalPKI, make_test_pki
+from support.nginx import LocalNginx
+from support.tls import LocalPKI
 
 GIXY = Path(sys.executable).with_name("gixy")
 TOKENS = 50
@@ -80,11 +78,6 @@ def serve_other_site(running: ExitStack) -> str:
 
 
 @pytest.fixture(scope="module")
-def pki() -> LocalPKI:
-    return make_test_pki()
-
-
-@pytest.fixture(scope="module")
 def allowed_origin(running) -> str:
     return serve_other_site(running)
 
@@ -100,35 +93,18 @@ def cors_simulator(simulator_factory):
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(gateway_factory, cors_simulator, tmp_path_factory):
-    env_file = tmp_path_factory.mktemp("keys") / "streamgate.env"
-    env_file.write_text(f"STREAMGATE_CLIENT_KEY_HASHES=web:{hash_key(CLIENT_KEY)}\n")
-    return gateway_factory(cors_simulator, workers=1, env_file=env_file)
-
-
-def start_edge(running: ExitStack, gateway, pki: LocalPKI, origins: list[str]) -> LocalNginx:
-    page_root = browser.copy_page()
-    running.callback(shutil.rmtree, page_root, ignore_errors=True)
-    proxy = LocalNginx(
-        [f"{gateway.host}:{gateway.port}"],
-        pki=pki,
-        overrides={
-            "__nginx_chat_page_root": str(page_root),
-            "nginx_cors_allowed_origins": origins,
-        },
-    )
-    running.callback(proxy.stop)
-    return proxy.start(require_nginx())
+def keyed_gateway(keyed_gateway_factory, cors_simulator):
+    return keyed_gateway_factory(cors_simulator, {"web": CLIENT_KEY}, workers=1)
 
 
 @pytest.fixture(scope="module")
-def cors_edge(running, keyed_gateway, pki, allowed_origin) -> LocalNginx:
-    return start_edge(running, keyed_gateway, pki, [allowed_origin])
+def cors_edge(page_edge_factory, keyed_gateway, allowed_origin) -> LocalNginx:
+    return page_edge_factory(keyed_gateway, {"nginx_cors_allowed_origins": [allowed_origin]})
 
 
 @pytest.fixture(scope="module")
-def default_edge(running, keyed_gateway, pki) -> LocalNginx:
-    return start_edge(running, keyed_gateway, pki, [])
+def default_edge(page_edge_factory, keyed_gateway) -> LocalNginx:
+    return page_edge_factory(keyed_gateway, {"nginx_cors_allowed_origins": []})
 
 
 @pytest.fixture(scope="module")

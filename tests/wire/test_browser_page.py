@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-from contextlib import ExitStack
 
 import pytest
-from streamgate.auth import hash_key
 from streamgate.simulator.script import expected_text
 from support import browser
-from support.nginx import LocalNginx, require_nginx
+from support.nginx import LocalNginx
 from support.procs import wait_until
-from support.tls import LocalPKI, make_test_pki
 
 MIN_GROWTH_STEPS = 45
 MIN_GROWTH_SPAN_S = 0.8
@@ -35,48 +31,26 @@ PROMPT = "Why does buffering break streaming?"
 
 
 @pytest.fixture(scope="module")
-def pki() -> LocalPKI:
-    return make_test_pki()
-
-
-@pytest.fixture(scope="module")
 def page_simulator(simulator_factory):
     """This module's own simulator, so its counters see only this module's streams."""
     return simulator_factory(tokens=TOKENS, gap_ms=20, ttft_ms=50)
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(gateway_factory, page_simulator, tmp_path_factory):
-    env_file = tmp_path_factory.mktemp("keys") / "streamgate.env"
-    env_file.write_text(f"STREAMGATE_CLIENT_KEY_HASHES=web:{hash_key(CLIENT_KEY)}\n")
-    return gateway_factory(page_simulator, workers=2, env_file=env_file)
-
-
-def start_edge(
-    running: ExitStack, gateway, pki: LocalPKI, overrides: dict | None = None, **options
-) -> LocalNginx:
-    page_root = browser.copy_page()
-    running.callback(shutil.rmtree, page_root, ignore_errors=True)
-    proxy = LocalNginx(
-        [f"{gateway.host}:{gateway.port}"],
-        pki=pki,
-        overrides={"__nginx_chat_page_root": str(page_root), **(overrides or {})},
-        **options,
-    )
-    running.callback(proxy.stop)
-    return proxy.start(require_nginx())
+def keyed_gateway(keyed_gateway_factory, page_simulator):
+    return keyed_gateway_factory(page_simulator, {"web": CLIENT_KEY}, workers=2)
 
 
 @pytest.fixture(scope="module")
-def edge(running, keyed_gateway, pki) -> LocalNginx:
+def edge(page_edge_factory, keyed_gateway) -> LocalNginx:
     """The HTTPS edge as the role renders it, the page on (its limits lifted: the tests open the
     page again and again from one address)."""
-    return start_edge(running, keyed_gateway, pki)
+    return page_edge_factory(keyed_gateway)
 
 
 @pytest.fixture(scope="module")
-def buffering_edge(running, keyed_gateway, pki):
-    proxy = start_edge(running, keyed_gateway, pki, buffering_fault=True)
+def buffering_edge(page_edge_factory, keyed_gateway):
+    proxy = page_edge_factory(keyed_gateway, buffering_fault=True)
     yield proxy
     proxy.stop()
 
@@ -217,29 +191,28 @@ def test_negative_control_an_answer_read_to_its_end_is_never_cancelled(page, pag
 # --- errors and keys ----------------------------------------------------------------------------
 
 
-def test_a_missing_key_is_an_error_and_the_key_field_gets_the_focus(page):
-    browser.ask(page, PROMPT, key="")
+NEEDS_A_KEY = "This gateway needs a valid client key"  # web/app.js, its 401 message
+
+
+@pytest.mark.parametrize(
+    ("key", "model", "error_start", "focus"),
+    [
+        pytest.param("", None, NEEDS_A_KEY, "key", id="missing-key-401"),
+        pytest.param(
+            "sk-wrong-key-000000000000000000000000", None, NEEDS_A_KEY, "key", id="wrong-key-401"
+        ),
+        pytest.param(CLIENT_KEY, "sim-fault-429", "Too many requests", "prompt", id="429"),
+    ],
+)
+def test_a_refused_request_is_an_error_never_model_text(page, key, model, error_start, focus):
+    """After a 401 the key field gets the focus (the key is what to fix); after a 429 the
+    prompt keeps it."""
+    browser.ask(page, PROMPT, key=key, model=model)
     browser.wait_answered(page)
     answer = browser.last_answer(page)
-    assert "client key" in answer.error, answer.describe()
-    assert page.evaluate("document.activeElement.id") == "key"
+    assert answer.error.startswith(error_start) and not answer.text, answer.describe()
+    assert page.evaluate("document.activeElement.id") == focus
     # Nothing was shown as the model's words.
-    assert page.locator("#log li.assistant").count() == 0
-
-
-def test_a_wrong_key_is_an_error_never_model_text(page):
-    browser.ask(page, PROMPT, key="sk-wrong-key-000000000000000000000000")
-    browser.wait_answered(page)
-    answer = browser.last_answer(page)
-    assert "client key" in answer.error and "401" not in answer.text, answer.describe()
-    assert page.locator("#log li.assistant").count() == 0
-
-
-def test_a_429_is_an_error_never_model_text(page):
-    browser.ask(page, PROMPT, key=CLIENT_KEY, model="sim-fault-429")
-    browser.wait_answered(page)
-    answer = browser.last_answer(page)
-    assert answer.error.startswith("Too many requests"), answer.describe()
     assert page.locator("#log li.assistant").count() == 0
 
 
@@ -282,9 +255,9 @@ def test_the_page_reads_on_a_phone(chromium, edge):
     assert labels == [True, True, True]
 
 
-def test_with_the_page_off_the_root_goes_to_the_app(running, keyed_gateway, pki):
+def test_with_the_page_off_the_root_goes_to_the_app(page_edge_factory, keyed_gateway, pki):
     """nginx_chat_page: false renders no page location: / and /page/ are the app's 404s."""
-    proxy = start_edge(running, keyed_gateway, pki, overrides={"nginx_chat_page": False})
+    proxy = page_edge_factory(keyed_gateway, {"nginx_chat_page": False})
     try:
         context = pki.client_context()
         answers = {}

@@ -15,6 +15,7 @@ import pytest
 from streamgate.auth import hash_key
 from streamgate.simulator.script import expected_text
 from support.procs import wait_until
+from support.services import client_keys_env_line
 
 from wire.test_metrics_and_reload import workers_started
 
@@ -26,15 +27,10 @@ TOKENS = 5
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-def env_line(**keys: str) -> str:
-    hashes = ",".join(f"{name}:{hash_key(key)}" for name, key in keys.items())
-    return f"STREAMGATE_CLIENT_KEY_HASHES={hashes}\n"
-
-
 @pytest.fixture(scope="module")
 def env_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("keys") / "streamgate.env"
-    path.write_text(env_line(web=KEY_WEB, batch=KEY_BATCH))
+    path.write_text(client_keys_env_line(web=KEY_WEB, batch=KEY_BATCH))
     return path
 
 
@@ -149,7 +145,7 @@ def test_a_removed_key_is_refused_after_a_reload_and_the_others_keep_working(
     gateway_factory, simulator, tmp_path
 ):
     env_file = tmp_path / "streamgate.env"
-    env_file.write_text(env_line(web=KEY_WEB, batch=KEY_BATCH))
+    env_file.write_text(client_keys_env_line(web=KEY_WEB, batch=KEY_BATCH))
     gateway = gateway_factory(simulator, workers=2, env_file=env_file)
     try:
         wait_until(
@@ -157,7 +153,7 @@ def test_a_removed_key_is_refused_after_a_reload_and_the_others_keep_working(
         )
         # Rotation: "web" is moved to a new key; the old one is removed.
         new_web = "sk-sg-web2-" + uuid.uuid4().hex + uuid.uuid4().hex
-        env_file.write_text(env_line(web2=new_web, batch=KEY_BATCH))
+        env_file.write_text(client_keys_env_line(web2=new_web, batch=KEY_BATCH))
         # Negative control: a changed file alone changes nothing; the reload applies it.
         assert post(gateway, KEY_WEB).status_code == 200
         assert post(gateway, new_web).status_code == 401

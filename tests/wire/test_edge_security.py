@@ -31,7 +31,7 @@ from contextlib import ExitStack
 import pytest
 from support import chat, h2_probe, stream_probe
 from support.nginx import LocalNginx, require_nginx
-from support.tls import LocalPKI, make_test_pki
+from support.tls import LocalPKI
 from support.word_by_word import CLIENT_HEADERS, assert_buffered, assert_word_by_word
 
 MOZILLA_INTERMEDIATE_TLS12 = [
@@ -61,11 +61,6 @@ def fresh_address() -> str:
 
 
 # --- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pki() -> LocalPKI:
-    return make_test_pki()
 
 
 def start_edge(running: ExitStack, upstream, pki: LocalPKI | None, **options) -> LocalNginx:
