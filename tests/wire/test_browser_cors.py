@@ -17,13 +17,13 @@ import http.server
 import json
 import subprocess
 import sys
-import threading
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from streamgate.simulator.script import expected_text
 from support import browser, sse
+from support.fixed_answer import serve_fixed_answer
 from support.nginx import LocalNginx
 from support.tls import LocalPKI
 
@@ -57,24 +57,9 @@ CALL_API = """async ([url, key]) => {
 }"""
 
 
-class OtherSite(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        page = b"<!doctype html><title>another site</title><p>another site</p>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def serve_other_site(running: ExitStack) -> str:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtherSite)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    running.callback(server.shutdown)
-    return f"http://127.0.0.1:{server.server_address[1]}"
+    page = b"<!doctype html><title>another site</title><p>another site</p>"
+    return f"http://127.0.0.1:{serve_fixed_answer(running, 200, 'text/html', page)}"
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,13 @@ import http.server
 import itertools
 import json
 import ssl
-import threading
 import time
 import uuid
 from contextlib import ExitStack
 
 import pytest
 from support import chat, h2_probe, stream_probe
+from support.fixed_answer import serve_fixed_answer
 from support.nginx import LocalNginx, require_nginx
 from support.tls import LocalPKI
 from support.word_by_word import CLIENT_HEADERS, assert_buffered, assert_word_by_word
@@ -541,34 +541,13 @@ def test_metrics_refused_when_the_allow_list_leaves_the_client_out(running, gate
         proxy.stop()
 
 
-class NotReadyApp(http.server.BaseHTTPRequestHandler):
-    """An app that is up but not ready, with its reasons, as the gateway answers /readyz then."""
-
-    def do_GET(self) -> None:
-        body = json.dumps(
-            {"status": "not ready", "problems": ["no upstream: set STREAMGATE_UPSTREAM_API_KEY"]}
-        ).encode()
-        self.send_response(503)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def not_ready_app():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotReadyApp)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    yield f"127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    """An app that is up but not ready, with its reasons, as the gateway answers /readyz then."""
+    reasons = {"status": "not ready", "problems": ["no upstream: set STREAMGATE_UPSTREAM_API_KEY"]}
+    with ExitStack() as stack:
+        port = serve_fixed_answer(stack, 503, "application/json", json.dumps(reasons).encode())
+        yield f"127.0.0.1:{port}"
 
 
 def test_readyz_tells_only_ready_or_not(edge, running, pki, not_ready_app):
