@@ -20,6 +20,13 @@ TOKENS = 10
 HALF = TOKENS // 2
 FIRST_TOKEN_TIMEOUT_S = 1.0
 TOKEN_GAP_TIMEOUT_S = 0.5
+# The fault gateways' settings: short timeouts so stalls end fast, no retries so each fault is
+# met exactly once (here and in test_faults_under_load).
+FAULT_SETTINGS = {
+    "first_token_timeout_s": FIRST_TOKEN_TIMEOUT_S,
+    "token_gap_timeout_s": TOKEN_GAP_TIMEOUT_S,
+    "upstream_retries": 0,
+}
 # Timeouts fire on the event loop of a shared machine: allow lateness, never earliness.
 TIMEOUT_EARLY_TOLERANCE_S = 0.05
 TIMEOUT_LATE_TOLERANCE_S = 1.5
@@ -34,14 +41,7 @@ MID_STREAM = ["error-midstream", "stall-midstream", "close-midstream"]
 
 @pytest.fixture(scope="module")
 def fault_gateway(gateway_factory, simulator):
-    """Short timeouts so stalls end fast; no retries, so each fault is met exactly once."""
-    gateway = gateway_factory(
-        simulator,
-        workers=1,
-        first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
-        token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S,
-        upstream_retries=0,
-    )
+    gateway = gateway_factory(simulator, workers=1, **FAULT_SETTINGS)
     yield gateway
     gateway.stop()
 

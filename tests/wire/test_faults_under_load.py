@@ -41,9 +41,8 @@ from support.procs import wait_until
 from wire.test_client_deadlines import cancelled, connect, logged, request_bytes
 from wire.test_faults import (
     BEFORE_FIRST_BYTE,
-    FIRST_TOKEN_TIMEOUT_S,
+    FAULT_SETTINGS,
     MID_STREAM,
-    TOKEN_GAP_TIMEOUT_S,
     TOKENS,
     check_failed_before_the_first_byte,
     check_failed_in_band,
@@ -299,14 +298,8 @@ def load_simulator(simulator_factory):
 
 @pytest.fixture(scope="module")
 def load_gateway(gateway_factory, load_simulator):
-    """Two workers, test_faults' short timeouts, no retries (each fault met once)."""
-    return gateway_factory(
-        load_simulator,
-        workers=2,
-        first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S,
-        token_gap_timeout_s=TOKEN_GAP_TIMEOUT_S,
-        upstream_retries=0,
-    )
+    """Two workers, test_faults' settings (short timeouts, no retries)."""
+    return gateway_factory(load_simulator, workers=2, **FAULT_SETTINGS)
 
 
 SCRIPTED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
