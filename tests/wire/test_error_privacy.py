@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from support import chat, stream_probe
+from support import chat
 from support.procs import free_port, wait_until
 
 PASSWORD = "s3cret-in-the-url"
@@ -41,11 +41,9 @@ def test_an_unreachable_upstream_is_named_in_user_terms_and_detailed_in_the_log(
 ):
     gateway, upstream = unreachable_gateway
     request_id = f"wire-privacy-{uuid.uuid4().hex[:12]}"
-    trace = stream_probe.request(
-        gateway.host,
-        gateway.port,
-        chat.ROUTES[route],
-        chat.body(route),
+    trace = chat.request(
+        gateway,
+        route,
         headers={"X-Request-ID": request_id},
         timeout_s=10,
     )
@@ -70,9 +68,7 @@ def test_readyz_says_ready_without_the_upstream_url(unreachable_gateway):
 
 def test_the_log_never_carries_the_upstream_urls_password(unreachable_gateway):
     gateway, upstream = unreachable_gateway
-    stream_probe.request(
-        gateway.host, gateway.port, chat.ROUTES[chat.TEXT], chat.body(chat.TEXT), timeout_s=10
-    )
+    chat.request(gateway, chat.TEXT, timeout_s=10)
     log = gateway.process.log_path.read_text(errors="replace")
     assert '"event":"worker_started"' in log  # the settings were logged: the URL was there
     assert f"127.0.0.1:{upstream.port}" in log
