@@ -2,7 +2,8 @@
 
 Each module names its group in `testinfra_hosts`. `make testinfra` passes `--hosts=ansible://all`,
 which testinfra lets override every module's own list, so the collection hook below keeps each
-host test only for the hosts of its module's groups. Tests that take no `host` (the validation
+host test only for the hosts of its module's groups (a test parametrized with a `service`: of
+that service's group). Tests that take no `host` (the validation
 play, parser checks) run once on the controller. Commands that need root run in `host.sudo()`:
 the inventory's SSH user is an ordinary sudo-capable user, as on cloud VMs.
 """
@@ -17,7 +18,7 @@ import testinfra
 from support import upstream
 from testinfra.utils.ansible_runner import AnsibleRunner
 
-from infra.helpers import served_address
+from infra.helpers import Service, served_address
 
 # A host that stops answering must fail the run, not hang it.
 HOST_TEST_TIMEOUT_S = 120
@@ -39,8 +40,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "infra" in item.path.parts and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(HOST_TEST_TIMEOUT_S))
-        host = getattr(item, "callspec", None) and item.callspec.params.get("_testinfra_host")
-        specs = getattr(item.module, "testinfra_hosts", None)
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        host = params.get("_testinfra_host")
+        # A test of one of the kit's services (test_services.py) runs on that service's hosts.
+        service = params.get("service")
+        specs = (
+            [f"ansible://{service.group}"]
+            if isinstance(service, Service)
+            else getattr(item.module, "testinfra_hosts", None)
+        )
         if runner is None or host is None or specs is None:
             kept.append(item)
             continue

@@ -8,10 +8,12 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from support import chat, stream_probe
 from support.stream_probe import Trace
+from support.upstream import setting
 
 # The load test's judges, so that a deployment is judged here as under load (one definition).
 sys.path.append(str(Path(__file__).resolve().parents[2] / "loadtest"))
@@ -143,6 +145,59 @@ def served_address(hostvars: dict, clients: str) -> str:
     if hostvars["groups"][clients] == [hostvars["inventory_hostname"]]:
         return "127.0.0.1"
     return private_address(hostvars)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A server the kit runs on the hosts of `group` for the hosts of `clients`."""
+
+    name: str
+    group: str
+    clients: str
+    unit: str
+    port_setting: str
+    firewall: str  # streamgate-firewall@<firewall>, nftables table inet streamgate_<firewall>
+    health_paths: tuple[str, ...]
+    dynamic_user: bool
+
+
+GATEWAY_SERVICE = Service(
+    name="gateway",
+    group="app",
+    clients="edge",
+    unit="streamgate",
+    port_setting="streamgate_port",
+    firewall="gateway",
+    health_paths=("/healthz", "/readyz"),
+    dynamic_user=False,  # the account `streamgate`, which owns its env file
+)
+SIMULATOR_SERVICE = Service(
+    name="simulator",
+    group="simulator",
+    clients="app",
+    unit="streamgate-sim",
+    port_setting="streamgate_sim_port",
+    firewall="simulator",
+    health_paths=("/healthz",),
+    dynamic_user=True,
+)
+LLM_SERVICE = Service(
+    name="llm",
+    group="llm",
+    clients="app",
+    unit="streamgate-llm",
+    port_setting="streamgate_llm_port",
+    firewall="llm",
+    health_paths=("/health",),  # 200 only once the model is loaded (503 before)
+    dynamic_user=True,
+)
+SERVICES = (GATEWAY_SERVICE, SIMULATOR_SERVICE, LLM_SERVICE)
+
+
+def service_url(hostvars: dict, service: Service) -> str:
+    """Where the service's clients reach it on the host of `hostvars`: http://ADDRESS:PORT."""
+    port = setting(hostvars, service.port_setting)
+    return f"http://{served_address(hostvars, service.clients)}:{port}"
 
 
 def other_hosts(hostvars: dict, excluded_groups: tuple[str, ...]) -> list[str]:

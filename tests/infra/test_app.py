@@ -1,4 +1,6 @@
-"""The gateway on every app host: account, files, unit, hardening, readiness."""
+"""The gateway on every app host: account, files, unit, hardening, readiness. What every server of
+the kit shares (running, bound where the edge reaches it, healthy, firewall, bounds, sandbox) is
+checked in test_services.py."""
 
 from __future__ import annotations
 
@@ -8,13 +10,7 @@ import pytest
 from support.ci import skip_unless_ci
 from support.upstream import setting
 
-from infra.helpers import (
-    MAX_EXPOSURE,
-    assert_only_group_reaches,
-    check_output_as_root,
-    parse_systemd_timespan,
-    security_exposure,
-)
+from infra.helpers import check_output_as_root, parse_systemd_timespan
 
 testinfra_hosts = ["ansible://app"]
 
@@ -79,34 +75,6 @@ def test_env_file_points_the_app_at_an_upstream(host, paths, bind_address, gatew
     env = check_output_as_root(host, f"cat {paths['env_file']}")
     assert re.search(r'^STREAMGATE_UPSTREAM_BASE_URL="https?://\S+"$', env, re.MULTILINE), env
     assert f'STREAMGATE_BIND="{bind_address}:{gateway_port}"' in env
-
-
-def test_gateway_is_running_and_enabled(host):
-    service = host.service("streamgate")
-    assert service.is_running
-    assert service.is_enabled
-
-
-def test_gateway_listens_on_its_private_address_only(host, bind_address, gateway_port):
-    assert host.socket(f"tcp://{bind_address}:{gateway_port}").is_listening
-    assert not host.socket(f"tcp://0.0.0.0:{gateway_port}").is_listening
-    assert not host.socket(f"tcp://:::{gateway_port}").is_listening
-
-
-def test_firewall_table_guards_the_gateway_port(host, gateway_port):
-    ruleset = check_output_as_root(host, "nft list table inet streamgate_gateway")
-    assert re.search(rf"tcp dport {gateway_port} .*reject with tcp reset", ruleset), ruleset
-    assert host.service("streamgate-firewall@gateway").is_enabled
-
-
-def test_only_the_edge_reaches_the_gateway(
-    host, hostvars, bind_address, inventory_host, gateway_port
-):
-    """Every edge host connects; every other host of the inventory and the controller are
-    refused."""
-    if bind_address == "127.0.0.1":
-        pytest.skip("single host: the gateway listens on loopback only")
-    assert_only_group_reaches(hostvars, inventory_host, "edge", bind_address, gateway_port)
 
 
 def test_gateway_runs_as_the_service_user(host):
@@ -175,31 +143,6 @@ def test_proxy_variables_reach_the_process_intact(host, hostvars, paths):
         assert seen.get(name) == str(value), name
     unit_text = host.file(paths["unit_file"]).content_string
     assert not any(str(value) in unit_text for value in wanted.values())
-
-
-@pytest.mark.parametrize(
-    ("unit_property", "pattern"),
-    [
-        ("MemoryMax", r"^[0-9]+$"),
-        ("TasksMax", r"^[0-9]+$"),
-        ("Wants", r"streamgate-firewall@gateway\.service"),
-    ],
-)
-def test_unit_resource_bounds_and_firewall(host, unit_property, pattern):
-    value = host.check_output(f"systemctl show -p {unit_property} --value streamgate")
-    assert re.search(pattern, value), (unit_property, value)
-
-
-def test_systemd_security_exposure_is_at_most_two(host):
-    assert security_exposure(host, "streamgate.service") <= MAX_EXPOSURE
-
-
-@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_gateway_answers_health_checks_on_the_host(host, bind_address, path, gateway_port):
-    status = host.check_output(
-        f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 http://{bind_address}:{gateway_port}{path}"
-    )
-    assert status == "200"
 
 
 @pytest.mark.parametrize(

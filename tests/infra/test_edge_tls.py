@@ -16,14 +16,12 @@ import re
 import shlex
 import socket
 import ssl
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from streamgate.simulator.script import expected_text
-from support import chat, h2_probe, stream_probe
+from support import chat, gixy, h2_probe, stream_probe
 from support.ci import skip_unless_ci
 from support.upstream import SIMULATOR, setting
 
@@ -35,7 +33,6 @@ from infra.helpers import (
 
 testinfra_hosts = ["ansible://edge"]
 
-GIXY = Path(sys.executable).with_name("gixy")
 CERTIFICATE = "/etc/nginx/streamgate-tls/fullchain.pem"
 PRIVATE_KEY = "/etc/nginx/streamgate-tls/privkey.pem"
 HOST_CA_FILE = "/tmp/streamgate-testinfra-ca.pem"
@@ -118,20 +115,11 @@ def test_plain_http_redirects_to_https(host):
 
 
 def gixy_findings(dump: str) -> list[dict]:
+    """gixy on the text of `nginx -T` (one file holding every included one)."""
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "nginx-T.conf"
         path.write_text(dump)
-        completed = subprocess.run(
-            [str(GIXY), "--format", "json", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    try:
-        return json.loads(completed.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"gixy did not report (rc {completed.returncode}):\n{completed.stderr[-2000:]}")
+        return gixy.findings(path)
 
 
 def test_gixy_finds_nothing_in_the_effective_config(effective_config):
@@ -257,6 +245,14 @@ def h2_trace(edge_address, tls_port, ca_file, client_key):
     return send
 
 
+def h2_verdict(trace) -> str:
+    """The simulator's answer over HTTP/2: streamed (enough separate reads over long enough) or
+    buffered."""
+    return stream_probe.streaming_verdict(
+        trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
+    )
+
+
 def test_tokens_arrive_one_by_one_over_http2(h2_trace, upstream_kind):
     trace = h2_trace(
         chat.body(chat.OPENAI, max_tokens=H2_STREAM_TOKENS, stream_options={"include_usage": True})
@@ -265,12 +261,7 @@ def test_tokens_arrive_one_by_one_over_http2(h2_trace, upstream_kind):
     if upstream_kind != SIMULATOR:
         assert any_upstream_verdict(chat.OPENAI, trace) is None, stream_probe.summarize(trace)
         return
-    assert (
-        stream_probe.streaming_verdict(
-            trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
-        )
-        == stream_probe.STREAMED
-    ), stream_probe.summarize(trace)
+    assert h2_verdict(trace) == stream_probe.STREAMED, stream_probe.summarize(trace)
     assert chat.decode(chat.OPENAI, trace).content == expected_text(H2_STREAM_TOKENS)
 
 
@@ -284,9 +275,4 @@ def test_negative_control_a_whole_answer_over_http2_is_judged_buffered(h2_trace,
             stream_probe.summarize(trace),
         )
         return
-    assert (
-        stream_probe.streaming_verdict(
-            trace, min_reads=H2_MIN_SEPARATE_READS, min_span_s=H2_MIN_ARRIVAL_SPAN_S
-        )
-        == stream_probe.BUFFERED
-    ), stream_probe.summarize(trace)
+    assert h2_verdict(trace) == stream_probe.BUFFERED, stream_probe.summarize(trace)

@@ -12,7 +12,7 @@ import pytest
 from support import passthrough, stream_probe
 from support.upstream import SIMULATOR, setting, upstream_kind
 
-from infra.helpers import check_output_as_root, probe_from, served_address
+from infra.helpers import LLM_SERVICE, check_output_as_root, probe_from, service_url
 
 testinfra_hosts = ["ansible://app"]
 
@@ -30,7 +30,7 @@ def llm_base_url(host, hostvars, inventory_host) -> str:
         pytest.skip("the app hosts stream from the simulator")
     llm_name = groups["llm"][0]
     llm_vars = inventory_host(llm_name).ansible.get_variables()
-    url = f"http://{served_address(llm_vars, 'app')}:{setting(llm_vars, 'streamgate_llm_port')}/v1"
+    url = f"{service_url(llm_vars, LLM_SERVICE)}/v1"
     # The inventory says openai-compatible: the gateway must really be on the llm host, or every
     # check below would be a check of some other server.
     # Only that line is read: the file also holds the upstream's key, which no log may show.

@@ -12,15 +12,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from support import nginx
+from support import gixy, nginx
 from support.tls import make_test_pki
 
-GIXY = Path(sys.executable).with_name("gixy")
 ARGUMENT_SPECS = nginx.ROLE / "meta" / "argument_specs.yml"
 TLS_MODES = {"tls-off": False, "tls-on": True}
 
@@ -51,24 +49,9 @@ def render_to(directory: Path, *, tls: bool, pki, edit=None) -> Path:
     return directory / "nginx.conf"
 
 
-def gixy_findings(main_config: Path) -> list[dict]:
-    completed = subprocess.run(
-        [str(GIXY), "--format", "json", str(main_config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    # gixy exits non-zero when it finds something; anything but JSON means it did not run.
-    try:
-        return json.loads(completed.stdout)
-    except json.JSONDecodeError:
-        pytest.fail(f"gixy did not report (rc {completed.returncode}):\n{completed.stderr}")
-
-
 @pytest.mark.parametrize("mode", list(TLS_MODES))
 def test_gixy_finds_nothing_in_the_rendered_config(tmp_path, pki, mode):
-    findings = gixy_findings(render_to(tmp_path, tls=TLS_MODES[mode], pki=pki))
+    findings = gixy.findings(render_to(tmp_path, tls=TLS_MODES[mode], pki=pki))
     assert findings == [], json.dumps(findings, indent=1)
 
 
@@ -79,7 +62,7 @@ def test_negative_control_gixy_reports_hsts_dropped_by_a_nested_add_header(tmp_p
             "    location /v1/ {\n", "    location /v1/ {\n        add_header X-Probe 1;\n"
         )
 
-    findings = gixy_findings(render_to(tmp_path, tls=True, pki=pki, edit=add_header_in_streams))
+    findings = gixy.findings(render_to(tmp_path, tls=True, pki=pki, edit=add_header_in_streams))
     assert [finding["plugin"] for finding in findings] == ["add_header_redefinition"], findings
     assert "strict-transport-security" in findings[0]["reason"]
 
@@ -134,7 +117,7 @@ def test_the_gixy_binary_is_the_pinned_one():
     pinned = re.search(r"^gixy-ng==([\d.]+)$", lock, re.MULTILINE)
     assert pinned, "gixy-ng is not pinned in requirements-dev.lock"
     version = subprocess.run(
-        [str(GIXY), "--version"], capture_output=True, text=True, timeout=30, check=False
+        [str(gixy.GIXY), "--version"], capture_output=True, text=True, timeout=30, check=False
     )
     assert pinned.group(1) in version.stdout + version.stderr
-    assert shutil.which(str(GIXY))
+    assert shutil.which(str(gixy.GIXY))
