@@ -83,6 +83,12 @@ def spiked(rest: WindowReport, during: WindowReport) -> bool:
     return during.ttft_p99_ms > TTFT_SPIKE_LIMIT * rest.ttft_p99_ms
 
 
+def at_rest_before(event_at: float, settle_s: float) -> tuple[float, float]:
+    """The window of load at rest before an event: the `settle_s` before it, half a second off
+    each end (the load still ramping up, the event's own start)."""
+    return (event_at - settle_s + 0.5, event_at - 0.5)
+
+
 def assert_nothing_lost(rest: WindowReport, during: WindowReport, *, min_streams: int) -> None:
     """At rest and during the operation every stream whole, at least `min_streams` of them
     during it, and no first-token spike."""

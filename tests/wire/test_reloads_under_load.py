@@ -19,7 +19,13 @@ import psutil
 import pytest
 from streamgate.simulator.script import expected_text
 from support import services
-from support.stream_load import StreamLoad, WindowReport, assert_nothing_lost, spiked
+from support.stream_load import (
+    StreamLoad,
+    WindowReport,
+    assert_nothing_lost,
+    at_rest_before,
+    spiked,
+)
 
 CLIENTS = 30
 TOKENS = 50
@@ -50,7 +56,7 @@ def run_operations(url: str, operate, times: int = RELOADS) -> tuple[WindowRepor
         for _ in range(times):
             before = time.monotonic()
             operate()
-            rest.append((before - SETTLE_S + 0.5, before - 0.5))
+            rest.append(at_rest_before(before, SETTLE_S))
             during.append((before, before + WINDOW_S))
             time.sleep(WINDOW_S + SETTLE_S)
     finally:

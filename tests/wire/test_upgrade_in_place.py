@@ -42,6 +42,7 @@ from support.stream_load import (
     StreamResult,
     WindowReport,
     assert_nothing_lost,
+    at_rest_before,
 )
 from support.systemd_stand_in import SystemdStandIn
 
@@ -216,10 +217,10 @@ def longest_wait_for_a_new_stream(results: list[StreamResult], start: float, end
 def before_and_during(
     what: str, load: StreamLoad, results: list[StreamResult], event_at: float, back_at: float
 ) -> tuple[WindowReport, WindowReport, str]:
-    """The load's window at rest (the SETTLE_S before the event, half a second off each end)
-    against the one from the event until AFTER_S past `back_at` (service whole again), with
-    the longest wait for a new stream in each; and a summary line, printed."""
-    at_rest = (event_at - SETTLE_S + 0.5, event_at - 0.5)
+    """The load's window at rest (the SETTLE_S before the event) against the one from the event
+    until AFTER_S past `back_at` (service whole again), with the longest wait for a new stream in
+    each; and a summary line, printed."""
+    at_rest = at_rest_before(event_at, SETTLE_S)
     during = (event_at, back_at + AFTER_S)
     rest_report, during_report = load.report(at_rest), load.report(during)
     gap_at_rest_s = longest_wait_for_a_new_stream(results, *at_rest)
