@@ -61,6 +61,13 @@ class Outcome:
     errors: dict[str, int] = field(default_factory=dict)
     cpu_s: float = 0.0
     window_s: float = 0.0
+    # The longest this process's event loop ran late in the window: a read it was too late
+    # for can hold two tokens that the stack delivered apart.
+    loop_lag_max_s: float = 0.0
+    # Body chunks of each completed chunked response: a hop writes one per read of its own
+    # upstream, so fewer chunks than tokens says a hop before this client merged tokens, and
+    # more chunks than reads (`arrivals`) that this client read late.
+    chunks: array = field(default_factory=lambda: array("i"))
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -76,6 +83,8 @@ class Outcome:
             self.errors[kind] = self.errors.get(kind, 0) + count
         self.cpu_s += other.cpu_s
         self.window_s = max(self.window_s, other.window_s)
+        self.loop_lag_max_s = max(self.loop_lag_max_s, other.loop_lag_max_s)
+        self.chunks.extend(other.chunks)
 
 
 class ResponseError(Exception):
@@ -316,6 +325,8 @@ async def virtual_client(
         outcome.ttft_s.append(conn.t_first - t_sent)
         outcome.gaps_s.extend(conn.gaps)
         outcome.arrivals.append(conn.content_arrivals)
+        if conn.decoder is not None:
+            outcome.chunks.append(conn.decoder.payload_chunks)
         if judge is not None:
             outcome.tokens.append(tokens)
             outcome.token_spans_s.append(conn.t_last - conn.t_first)
@@ -329,6 +340,21 @@ async def _measure_cpu_window(schedule: Schedule, outcome: Outcome) -> None:
     await asyncio.sleep(max(0.0, schedule.end - time.monotonic()))
     outcome.cpu_s = time.process_time() - cpu_start
     outcome.window_s = schedule.end - schedule.warm
+
+
+LAG_PROBE_S = 0.005
+
+
+async def watch_loop_lag(schedule: Schedule, outcome: Outcome) -> None:
+    """How late a short sleep wakes up, over the window: the load generator's own lag."""
+    await asyncio.sleep(max(0.0, schedule.warm - time.monotonic()))
+    for _ in range(int((schedule.end - schedule.warm) / LAG_PROBE_S) + 1):
+        asleep = time.monotonic()
+        if asleep >= schedule.end:
+            break
+        await asyncio.sleep(LAG_PROBE_S)
+        late = time.monotonic() - asleep - LAG_PROBE_S
+        outcome.loop_lag_max_s = max(outcome.loop_lag_max_s, late)
 
 
 async def run_clients(
@@ -365,7 +391,9 @@ async def run_clients(
         )
         for i in range(count)
     ]
-    await asyncio.gather(_measure_cpu_window(schedule, outcome), *tasks)
+    await asyncio.gather(
+        _measure_cpu_window(schedule, outcome), watch_loop_lag(schedule, outcome), *tasks
+    )
     return outcome
 
 

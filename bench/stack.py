@@ -165,12 +165,13 @@ def kernel_tcp() -> dict[str, int]:
     return found
 
 
-def http_json(port: int, path: str, timeout_s: float = 5.0) -> dict | None:
-    """GET a small JSON answer on loopback (Connection: close); None when nothing answers."""
+def http_json(port: int, path: str, timeout_s: float = 5.0, method: str = "GET") -> dict | None:
+    """A small JSON answer on loopback (Connection: close); None when nothing answers."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
             sock.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode()
+                f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: 0\r\n"
+                "Connection: close\r\n\r\n".encode()
             )
             parts = []
             for _ in range(1000):  # bounded: a /stats answer is a few KiB

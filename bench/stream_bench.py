@@ -52,6 +52,7 @@ from stack import (
     busy_cpu_seconds,
     cpu_seconds,
     free_port,
+    http_json,
     render_nginx,
     scheduled_runs,
     tcp_connections,
@@ -552,6 +553,7 @@ def measure(
     busy_before = busy_cpu_seconds()
     clients_before = sum(cpu_seconds(process.pid) for process, _ in workers)
     sim_conns_before = tcp_connections(services["sim"].port)
+    http_json(services["sim"].port, "/stats/reset", method="POST")  # its clock's lag, from here
     profilers = start_profilers(args, services[target.relay], profile_dir) if profile_dir else []
     sleep_until(schedule.end)
     cpu_after = {name: services[name].cpu_by_pid() for name in costed}
@@ -561,6 +563,7 @@ def measure(
     busy = busy_cpu_seconds() - busy_before
     clients_cpu = sum(cpu_seconds(process.pid) for process, _ in workers) - clients_before
     sim_conns_after = tcp_connections(services["sim"].port)
+    sim_stats = http_json(services["sim"].port, "/stats") or {}
     for profiler in profilers:
         try:
             profiler.wait(PROFILER_EXIT_S)
@@ -582,6 +585,23 @@ def measure(
     # The machine is shared: how much CPU others used, and how long ours waited for a core.
     row["other_processes_cores"] = round(max(0.0, busy - ours) / window, 2)
     row["runqueue_wait_s"] = {name: round(seconds, 2) for name, seconds in wait.items()}
+    # Where a response lost reads (two tokens in one): merged by a hop before the load generator
+    # (fewer body chunks than tokens: each hop writes what one read of its upstream brought),
+    # or read late by the load generator itself (more chunks than reads). The simulator's token
+    # clock running a gap late would send two tokens back to back; its lag and the load
+    # generator's own say whether the harness, rather than the relay, had the stall.
+    body_chunks = np.asarray(outcome.chunks)
+    reads = np.asarray(outcome.arrivals)
+    counted = len(body_chunks) > 0 and len(body_chunks) == len(reads)
+    row["reads_lost"] = {
+        "merged_before_client": int((body_chunks < TOKENS).sum()) if counted else None,
+        "read_late_by_client": int((reads < body_chunks).sum()) if counted else None,
+    }
+    sim_lag_ms = sim_stats.get("clock_lag_ms", {}).get("max")
+    row["harness_lag_max_ms"] = {
+        "sim": None if sim_lag_ms is None else round(sim_lag_ms, 1),
+        "client": round(outcome.loop_lag_max_s * 1000, 1),
+    }
     # Times each process tree was put on a CPU (about its wake-ups), per relayed chunk: fewer
     # means more chunks handled per wake-up.
     row["cpu_runs_per_chunk"] = {
@@ -889,6 +909,23 @@ def fmt(value, suffix: str = "") -> str:
     return "-" if value is None else f"{value}{suffix}"
 
 
+def reads_lost_lines(rows: list[dict]) -> list[str]:
+    """For each row where a response had two tokens in one read: where they merged."""
+    lines = []
+    for row in rows:
+        lost, lag = row.get("reads_lost"), row.get("harness_lag_max_ms")
+        if row["reads_min"] is None or row["reads_min"] >= TOKENS or not lost or not lag:
+            continue
+        lines.append(
+            f"{TARGETS[row['target']].title} @{row['level']}: tokens merged before the load "
+            f"generator in {fmt(lost['merged_before_client'])} responses, read late by it in "
+            f"{fmt(lost['read_late_by_client'])}; longest lag of the simulator's token clock "
+            f"{fmt(lag['sim'])} ms, of the load generator {fmt(lag['client'])} ms "
+            f"(tokens are {GAP_MS} ms apart)."
+        )
+    return ["", *lines] if lines else []
+
+
 def markdown(rows: list[dict], checks: list[dict], comparison: list[dict] | None = None) -> str:
     lines = [
         (
@@ -922,6 +959,7 @@ def markdown(rows: list[dict], checks: list[dict], comparison: list[dict] | None
             "about the machine than about the target."
         )
         lines += ["", warning]
+    lines += reads_lost_lines(rows)
     lines += [
         "",
         "| target (issue 2) | measured | limit | verdict | others' cores then |",

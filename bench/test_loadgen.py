@@ -7,7 +7,7 @@ import multiprocessing
 import time
 
 import pytest
-from loadgen import Outcome, StreamConnection, collect_outcome
+from loadgen import Outcome, Schedule, StreamConnection, collect_outcome, watch_loop_lag
 
 TOKENS = [b"Hello", b" wor", b"ld\r\n", b"0\r\n\r\n", b"!"]  # includes a fake terminator
 CHUNKED = (
@@ -67,6 +67,39 @@ def test_sse_arrivals_count_only_content_deltas():
     conn = feed(response, cuts, sse=True)
     assert conn.done.done()
     assert conn.content_arrivals == 2
+
+
+def test_chunks_tell_a_late_read_from_a_merge_before_the_client():
+    """Two chunks in one read: sent apart, read late here. One chunk carrying two tokens: a hop
+    before this client read them together. The benchmark tells the two apart by these counts."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    apart = b"5\r\nHello\r\n6\r\n world\r\n"
+    late = feed(head + apart + b"0\r\n\r\n", [len(head)])
+    assert (late.content_arrivals, late.decoder.payload_chunks) == (1, 2)
+    merged = feed(head + b"b\r\nHello world\r\n0\r\n\r\n", [len(head)])
+    assert (merged.content_arrivals, merged.decoder.payload_chunks) == (1, 1)
+    separate = feed(head + apart + b"0\r\n\r\n", [len(head), len(head) + 10])
+    assert (separate.content_arrivals, separate.decoder.payload_chunks) == (2, 2)
+
+
+@pytest.mark.parametrize("blocked_s", [0.0, 0.2])
+def test_loop_lag_is_the_longest_the_event_loop_was_held(blocked_s):
+    """A callback that holds the loop 200 ms shows as a lag of at least that; none, far less."""
+
+    async def main() -> Outcome:
+        outcome = Outcome()
+        now = time.monotonic()
+        schedule = Schedule(now, 0.0, now, now + 0.5, 1.0)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, time.sleep, blocked_s)  # holds the whole loop, as a stall would
+        await watch_loop_lag(schedule, outcome)
+        return outcome
+
+    lag_s = asyncio.run(main()).loop_lag_max_s
+    if blocked_s:
+        assert lag_s >= blocked_s - 0.006  # the probe may have slept through part of it
+    else:
+        assert lag_s < 0.1
 
 
 def _report_completed(conn, completed: int) -> None:

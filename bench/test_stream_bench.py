@@ -14,6 +14,7 @@ from stream_bench import (
     comparison_lines,
     needed_services,
     parse_args,
+    reads_lost_lines,
     tls_cost,
     tls_cost_lines,
     transport_comparison,
@@ -157,3 +158,22 @@ def test_tls_cost_is_nginx_tls_minus_nginx_at_the_same_level():
     )
     checks = {check["check"] for check in verdicts(rows)}
     assert "nginx-tls @500: p99 TTFT (ms)" in checks
+
+
+def test_reads_lost_says_where_only_for_rows_that_lost_reads():
+    def row(target: str, reads_min: int, merged: int, late: int) -> dict:
+        return {
+            "target": target,
+            "level": 500,
+            "reads_min": reads_min,
+            "reads_lost": {"merged_before_client": merged, "read_late_by_client": late},
+            "harness_lag_max_ms": {"sim": 5.0, "client": 6.5},
+        }
+
+    lines = reads_lost_lines([row("gateway", 50, 0, 0), row("nginx", 48, 120, 7)])
+    assert lines[1:] == [
+        "(c) nginx -> gateway @500: tokens merged before the load generator in 120 responses, "
+        "read late by it in 7; longest lag of the simulator's token clock 5.0 ms, of the load "
+        "generator 6.5 ms (tokens are 20 ms apart)."
+    ]
+    assert reads_lost_lines([row("gateway", 50, 0, 0)]) == []

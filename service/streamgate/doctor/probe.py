@@ -94,6 +94,7 @@ class ChunkedDecoder:
         self._pending = b""  # an unfinished line, or a partial CRLF after a chunk's payload
         self._left = 0  # payload bytes still due in the current chunk
         self.extensions: list[bytes] = []  # each chunk's extensions, as sent (b"" for none)
+        self.payload_chunks = 0  # with payload: a relaying hop writes one per read it made
         self.trailers: list[tuple[str, str]] = []  # (lower-case name, value)
         self._trailer_bytes = 0
         self.rest = b""
@@ -158,6 +159,7 @@ class ChunkedDecoder:
         if chunk_size > self.max_chunk_bytes:
             raise ProtocolError(f"chunk of {chunk_size} bytes, over {self.max_chunk_bytes}")
         self.extensions.append(extensions)
+        self.payload_chunks += 1 if chunk_size else 0
         self._left = chunk_size
         self._state = _DATA if chunk_size else _TRAILERS
 
