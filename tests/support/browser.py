@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[2]
 PAGE_SOURCE = REPO / "web"
 # Screenshots and other artifacts of the browser tests (git-ignored).
 REPORTS = REPO / "tests" / "reports" / "browser"
+# The local simulator behind the page: the growth the page must show is read against this pace.
+PAGE_TOKENS = 50
+PAGE_PACING = {"tokens": PAGE_TOKENS, "gap_ms": 20, "ttft_ms": 50}
 
 # Each growth of the latest answer's text, with the time it was seen (ms, performance.now()),
 # and every Content-Security-Policy violation the page caused.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import pytest
 from support import browser, services
@@ -29,6 +30,25 @@ def keyed_gateway_factory(
         env_file = tmp_path_factory.mktemp("keys") / "streamgate.env"
         env_file.write_text(services.client_keys_env_line(**keys))
         return gateway_factory(upstream, env_file=env_file, **settings)
+
+    return start
+
+
+class PageBackend(NamedTuple):
+    simulator: services.Simulator
+    gateway: services.Service
+
+
+@pytest.fixture(scope="session")
+def page_backend_factory(simulator_factory, keyed_gateway_factory) -> Callable[..., PageBackend]:
+    """start(client_key, workers=...) -> the simulator and gateway behind the chat page: a
+    simulator of the caller's own (its counters see only the caller's streams) at
+    browser.PAGE_PACING, and a gateway that takes only `client_key` (as "web")."""
+
+    def start(client_key: str, *, workers: int) -> PageBackend:
+        simulator = simulator_factory(**browser.PAGE_PACING)
+        gateway = keyed_gateway_factory(simulator, {"web": client_key}, workers=workers)
+        return PageBackend(simulator, gateway)
 
     return start
 

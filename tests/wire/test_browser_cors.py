@@ -15,20 +15,16 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import subprocess
-import sys
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 from streamgate.simulator.script import expected_text
-from support import browser, sse
+from support import browser, gixy, sse
+from support.browser import PAGE_TOKENS
 from support.fixed_answer import serve_fixed_answer
 from support.nginx import LocalNginx
 from support.tls import LocalPKI
 
-GIXY = Path(sys.executable).with_name("gixy")
-TOKENS = 50
 CLIENT_KEY = "sk-browser-cors-key-0123456789abcdef"
 API = "/v1/chat/completions"
 
@@ -73,23 +69,18 @@ def refused_origin(running) -> str:
 
 
 @pytest.fixture(scope="module")
-def cors_simulator(simulator_factory):
-    return simulator_factory(tokens=TOKENS, gap_ms=20, ttft_ms=50)
+def backend(page_backend_factory):
+    return page_backend_factory(CLIENT_KEY, workers=1)
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(keyed_gateway_factory, cors_simulator):
-    return keyed_gateway_factory(cors_simulator, {"web": CLIENT_KEY}, workers=1)
+def cors_edge(page_edge_factory, backend, allowed_origin) -> LocalNginx:
+    return page_edge_factory(backend.gateway, {"nginx_cors_allowed_origins": [allowed_origin]})
 
 
 @pytest.fixture(scope="module")
-def cors_edge(page_edge_factory, keyed_gateway, allowed_origin) -> LocalNginx:
-    return page_edge_factory(keyed_gateway, {"nginx_cors_allowed_origins": [allowed_origin]})
-
-
-@pytest.fixture(scope="module")
-def default_edge(page_edge_factory, keyed_gateway) -> LocalNginx:
-    return page_edge_factory(keyed_gateway, {"nginx_cors_allowed_origins": []})
+def default_edge(page_edge_factory, backend) -> LocalNginx:
+    return page_edge_factory(backend.gateway, {"nginx_cors_allowed_origins": []})
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +146,7 @@ def test_an_allowed_origin_streams_through_the_browser(chromium, cors_edge, allo
     result = call_from(chromium, allowed_origin, cors_edge)
     assert result.get("status") == 200, result
     assert result["reads"] > 1 and result["body"].rstrip().endswith("data: [DONE]"), result
-    assert streamed_text(result["body"]) == expected_text(TOKENS), result
+    assert streamed_text(result["body"]) == expected_text(PAGE_TOKENS), result
     # The browser's preflight was answered by nginx itself (no upstream address logged).
     preflights = access_lines(cors_edge, "OPTIONS")
     assert preflights and all(" 204 " in line and "upstream=-" in line for line in preflights)
@@ -168,12 +159,12 @@ def test_a_401_is_readable_by_the_allowed_origin(chromium, cors_edge, allowed_or
 
 
 def test_another_origin_is_refused_and_never_reaches_the_model(
-    chromium, cors_edge, refused_origin, cors_simulator
+    chromium, cors_edge, refused_origin, backend
 ):
-    started = cors_simulator.stats()["started"]
+    started = backend.simulator.stats()["started"]
     result = call_from(chromium, refused_origin, cors_edge)
     assert result.get("failed", "").startswith("TypeError"), result
-    assert cors_simulator.stats()["started"] == started
+    assert backend.simulator.stats()["started"] == started
 
 
 def test_the_preflight_headers_go_to_the_allowed_origin_only(
@@ -203,11 +194,5 @@ def test_gixy_finds_nothing_in_the_config_with_origins(cors_edge):
     """The CORS maps and headers keep the template gixy-clean (no add_header dropped in a nested
     block, no unsafe directive inside `if`): the default rendering is checked in tests/unit."""
     assert cors_edge.workdir is not None
-    completed = subprocess.run(
-        [str(GIXY), "--format", "json", str(cors_edge.workdir / "nginx.conf")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert json.loads(completed.stdout) == [], completed.stdout
+    findings = gixy.findings(cors_edge.workdir / "nginx.conf")
+    assert findings == [], json.dumps(findings, indent=1)

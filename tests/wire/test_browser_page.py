@@ -20,37 +20,31 @@ import json
 import pytest
 from streamgate.simulator.script import expected_text
 from support import browser
+from support.browser import PAGE_TOKENS
 from support.nginx import LocalNginx
 from support.procs import wait_until
 
 MIN_GROWTH_STEPS = 45
 MIN_GROWTH_SPAN_S = 0.8
-TOKENS = 50
 CLIENT_KEY = "sk-browser-test-key-0123456789abcdef"
 PROMPT = "Why does buffering break streaming?"
 
 
 @pytest.fixture(scope="module")
-def page_simulator(simulator_factory):
-    """This module's own simulator, so its counters see only this module's streams."""
-    return simulator_factory(tokens=TOKENS, gap_ms=20, ttft_ms=50)
+def backend(page_backend_factory):
+    return page_backend_factory(CLIENT_KEY, workers=2)
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(keyed_gateway_factory, page_simulator):
-    return keyed_gateway_factory(page_simulator, {"web": CLIENT_KEY}, workers=2)
-
-
-@pytest.fixture(scope="module")
-def edge(page_edge_factory, keyed_gateway) -> LocalNginx:
+def edge(page_edge_factory, backend) -> LocalNginx:
     """The HTTPS edge as the role renders it, the page on (its limits lifted: the tests open the
     page again and again from one address)."""
-    return page_edge_factory(keyed_gateway)
+    return page_edge_factory(backend.gateway)
 
 
 @pytest.fixture(scope="module")
-def buffering_edge(page_edge_factory, keyed_gateway):
-    proxy = page_edge_factory(keyed_gateway, buffering_fault=True)
+def buffering_edge(page_edge_factory, backend):
+    proxy = page_edge_factory(backend.gateway, buffering_fault=True)
     yield proxy
     proxy.stop()
 
@@ -89,7 +83,7 @@ def test_the_answer_grows_word_by_word_in_the_page_and_equals_the_simulators(pag
     answer = browser.last_answer(page)
     print(f"through the edge: {answer.describe()}")
     assert_streamed(answer)
-    assert answer.text == expected_text(TOKENS), answer.describe()
+    assert answer.text == expected_text(PAGE_TOKENS), answer.describe()
     assert not answer.error and not answer.outcome, answer.describe()
     # One mark per read, as many as the page counted; the measures are filled in.
     assert answer.marks == int(answer.reads_shown) >= MIN_GROWTH_STEPS, answer.describe()
@@ -107,7 +101,7 @@ def test_negative_control_a_buffering_nginx_fails_the_growth_assertion(chromium,
         page.close()
     print(f"through the buffering nginx: {answer.describe()}")
     # The whole answer arrived: only its pace gives the hop away.
-    assert answer.text == expected_text(TOKENS), answer.describe()
+    assert answer.text == expected_text(PAGE_TOKENS), answer.describe()
     with pytest.raises(AssertionError):
         assert_streamed(answer)
 
@@ -152,15 +146,15 @@ def test_the_conversation_is_sent_back_as_history(page):
     browser.ask(page, "second question")
     # Mid-answer, for the test report (not while an answer's growth is judged: a screenshot
     # holds the page's thread, and reads that wait meanwhile are taken as one).
-    browser.wait_growth(page, TOKENS + 20)
+    browser.wait_growth(page, PAGE_TOKENS + 20)
     browser.screenshot(page, "chat-page-mid-answer")
     browser.wait_answered(page)
     assert [m["role"] for m in bodies[1]["messages"]] == ["user", "assistant", "user"], bodies
-    assert bodies[1]["messages"][1]["content"] == first.text == expected_text(TOKENS)
+    assert bodies[1]["messages"][1]["content"] == first.text == expected_text(PAGE_TOKENS)
     assert bodies[1]["stream"] is True
 
 
-def test_stop_aborts_the_fetch_and_the_gateway_cancels_the_upstream(page, page_simulator):
+def test_stop_aborts_the_fetch_and_the_gateway_cancels_the_upstream(page, backend):
     browser.ask(page, PROMPT, key=CLIENT_KEY)
     browser.wait_growth(page, 5)
     page.focus("#stop")
@@ -168,23 +162,23 @@ def test_stop_aborts_the_fetch_and_the_gateway_cancels_the_upstream(page, page_s
     browser.wait_answered(page)
     answer = browser.last_answer(page)
     assert answer.outcome == "stopped" and not answer.error, answer.describe()
-    assert 0 < len(answer.text) < len(expected_text(TOKENS)), answer.describe()
+    assert 0 < len(answer.text) < len(expected_text(PAGE_TOKENS)), answer.describe()
 
     def cancelled():
-        cancels = page_simulator.stats()["recent_cancels"]
+        cancels = backend.simulator.stats()["recent_cancels"]
         return next((c for c in cancels if c["request_id"] == answer.request_id), None)
 
     cancel = wait_until(cancelled, timeout_s=3, what=f"the cancel of {answer.request_id}")
-    assert isinstance(cancel, dict) and 0 < cancel["tokens_sent"] < TOKENS, cancel
+    assert isinstance(cancel, dict) and 0 < cancel["tokens_sent"] < PAGE_TOKENS, cancel
 
 
-def test_negative_control_an_answer_read_to_its_end_is_never_cancelled(page, page_simulator):
+def test_negative_control_an_answer_read_to_its_end_is_never_cancelled(page, backend):
     """The cancel detector above must be able to fail."""
     browser.ask(page, PROMPT, key=CLIENT_KEY)
     browser.wait_answered(page)
     request_id = browser.last_answer(page).request_id
-    assert request_id in page_simulator.stats()["recent_request_ids"]
-    cancels = page_simulator.stats()["recent_cancels"]
+    assert request_id in backend.simulator.stats()["recent_request_ids"]
+    cancels = backend.simulator.stats()["recent_cancels"]
     assert all(c["request_id"] != request_id for c in cancels), cancels
 
 
@@ -222,7 +216,7 @@ def test_an_in_band_error_is_an_error_after_the_words_that_came(page):
     answer = browser.last_answer(page)
     assert answer.error.startswith("The answer broke off"), answer.describe()
     assert answer.outcome == "failed", answer.describe()
-    assert expected_text(TOKENS).startswith(answer.text), answer.describe()
+    assert expected_text(PAGE_TOKENS).startswith(answer.text), answer.describe()
     assert "error" not in answer.text.lower(), answer.describe()
 
 
@@ -255,9 +249,9 @@ def test_the_page_reads_on_a_phone(chromium, edge):
     assert labels == [True, True, True]
 
 
-def test_with_the_page_off_the_root_goes_to_the_app(page_edge_factory, keyed_gateway, pki):
+def test_with_the_page_off_the_root_goes_to_the_app(page_edge_factory, backend, pki):
     """nginx_chat_page: false renders no page location: / and /page/ are the app's 404s."""
-    proxy = page_edge_factory(keyed_gateway, {"nginx_chat_page": False})
+    proxy = page_edge_factory(backend.gateway, {"nginx_chat_page": False})
     try:
         context = pki.client_context()
         answers = {}
