@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shutil
 import sys
 import time
@@ -37,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "loadtest"))
 
-from loadgen import Outcome, Schedule, collect_outcome, run_process
+from loadgen import Outcome, Schedule, collect_outcome, start_process
 from stack import REPO, Service, busy_cpu_seconds, cpu_seconds, free_port, tcp_connections
 from stream_bench import (
     BENCH_CLIENT_KEY,
@@ -198,39 +197,28 @@ def measure(
     target: Target, level: int, args: argparse.Namespace, services: dict[str, Service]
 ) -> dict:
     """One closed-loop row: `level` streams on one load-generator process."""
-    start = time.monotonic() + 0.5
-    schedule = Schedule(
-        start=start,
+    schedule = Schedule.from_now(
+        warmup_s=args.warmup,
+        duration_s=args.duration,
         stagger_s=STAGGER_S,
-        warm=start + args.warmup,
-        end=start + args.warmup + args.duration,
         stream_timeout_s=STREAM_TIMEOUT_S,
     )
     key = BENCH_CLIENT_KEY if args.client_key and target.name != "engine" else None
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    client = context.Process(
-        target=run_process,
-        args=(
-            sender,
-            "127.0.0.1",
-            services[target.service].port,
-            "/v1/chat/completions",
-            request_body(args.tokens),
-            True,  # SSE: a read counts when it carries a non-empty content
-            None,  # no known text: judged by protocol
-            0,
-            level,
-            level,
-            schedule,
-            key,
-            None,
-            judge_openai_stream,
-        ),
-        daemon=True,
+    client, receiver = start_process(
+        "127.0.0.1",
+        services[target.service].port,
+        "/v1/chat/completions",
+        request_body(args.tokens),
+        True,  # SSE: a read counts when it carries a non-empty content
+        None,  # no known text: judged by protocol
+        0,
+        level,
+        level,
+        schedule,
+        key,
+        None,
+        judge_openai_stream,
     )
-    client.start()
-    sender.close()
     assert client.pid is not None  # started
     costed = ["engine", *target.costs]
     sleep_until(schedule.warm)
@@ -246,7 +234,7 @@ def measure(
     }
     busy = busy_cpu_seconds() - busy_before
     client_cpu = cpu_seconds(client.pid) - client_before
-    outcome = collect_outcome([(client, receiver)], schedule.end + STREAM_TIMEOUT_S + 15.0)
+    outcome = collect_outcome([(client, receiver)], schedule.results_due)
     window = schedule.end - schedule.warm
     row = summarize(target.name, level, window, outcome, cpu)
     others = busy - sum(cpu.values()) - client_cpu

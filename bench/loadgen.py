@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import multiprocessing
 import re
 import ssl
 import sys
@@ -19,6 +20,8 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 # One chunked decoder for the probe, the wire tests and the benchmark (stdlib only).
@@ -36,6 +39,10 @@ CONNECT_RETRY_PAUSE_S = 0.05
 Judge = Callable[[bytes], tuple[str, int]]
 
 
+LEAD_S = 0.5  # from planning a measurement to its first request: forking the load generators
+RESULTS_GRACE_S = 15.0  # for a load generator to pickle and send its outcome
+
+
 @dataclass
 class Schedule:
     """Absolute CLOCK_MONOTONIC times shared by all processes of one measurement."""
@@ -45,6 +52,25 @@ class Schedule:
     warm: float  # measurement window opens
     end: float  # window closes; no new requests after it
     stream_timeout_s: float
+
+    @classmethod
+    def from_now(
+        cls, *, warmup_s: float, duration_s: float, stagger_s: float, stream_timeout_s: float
+    ) -> Schedule:
+        """A measurement that starts once the load generators are forked (LEAD_S from now)."""
+        start = time.monotonic() + LEAD_S
+        return cls(
+            start=start,
+            stagger_s=stagger_s,
+            warm=start + warmup_s,
+            end=start + warmup_s + duration_s,
+            stream_timeout_s=stream_timeout_s,
+        )
+
+    @property
+    def results_due(self) -> float:
+        """By when every load generator has reported: its last stream ended or timed out."""
+        return self.end + self.stream_timeout_s + RESULTS_GRACE_S
 
 
 @dataclass
@@ -411,6 +437,17 @@ def collect_outcome(workers, deadline: float) -> Outcome:
             process.kill()
             process.join(5.0)
     return outcome
+
+
+def start_process(*args) -> tuple[BaseProcess, Connection]:
+    """One forked load-generator process running `run_clients(*args)`; its Outcome comes back
+    on the returned pipe (collect_outcome reads it)."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=run_process, args=(sender, *args), daemon=True)
+    process.start()
+    sender.close()
+    return process, receiver
 
 
 def run_process(conn, *args) -> None:

@@ -46,25 +46,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def runqueue_wait_seconds(pid: int) -> float:
-    """Time the process's threads were runnable but waiting for a CPU (schedstat, field 2):
-    how much a shared, busy machine held this process back."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for task in tasks:
-        try:
-            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / 1e9
-
-
-def scheduled_runs(pid: int) -> int:
-    """How many times the process's threads were put on a CPU (schedstat, field 3): each
-    wake-up is at least one."""
+def _schedstat_sum(pid: int, field_index: int) -> int:
+    """One field of /proc/<pid>/task/*/schedstat, summed over the process's threads."""
     total = 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -72,10 +55,23 @@ def scheduled_runs(pid: int) -> int:
         return 0
     for task in tasks:
         try:
-            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[2])
+            fields = Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()
+            total += int(fields[field_index])
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's threads were runnable but waiting for a CPU (schedstat, field 2):
+    how much a shared, busy machine held this process back."""
+    return _schedstat_sum(pid, 1) / 1e9
+
+
+def scheduled_runs(pid: int) -> int:
+    """How many times the process's threads were put on a CPU (schedstat, field 3): each
+    wake-up is at least one."""
+    return _schedstat_sum(pid, 2)
 
 
 def busy_cpu_seconds() -> float:

@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import multiprocessing
 import os
 import platform
 import re
@@ -43,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import Outcome, Schedule, collect_outcome, run_process
+from loadgen import Outcome, Schedule, collect_outcome, start_process
 from profile_summary import report as profile_report
 from stack import (
     REPO,
@@ -502,12 +501,10 @@ def measure(
     """One closed-loop measurement of one target at one level (optionally under py-spy)."""
     procs = args.client_procs or (1 if level < 200 else 2)
     procs = min(procs, level)
-    start = time.monotonic() + 0.5
-    schedule = Schedule(
-        start=start,
+    schedule = Schedule.from_now(
+        warmup_s=args.warmup,
+        duration_s=args.duration,
         stagger_s=STAGGER_S,
-        warm=start + args.warmup,
-        end=start + args.warmup + args.duration,
         stream_timeout_s=STREAM_TIMEOUT_S,
     )
     service = services[target.service]
@@ -515,16 +512,12 @@ def measure(
     cafile = args.tls_cafile if target.service == "nginx-tls" else None
     body = SIM_BODY if target.sse else PROMPT_BODY
     check = None if target.sse else expected
-    context = multiprocessing.get_context("fork")
     workers = []
     first = 0
     for proc_index in range(procs):
         count = level // procs + (1 if proc_index < level % procs else 0)
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(
-            target=run_process,
-            args=(
-                sender,
+        workers.append(
+            start_process(
                 "127.0.0.1",
                 service.port,
                 target.path,
@@ -537,12 +530,8 @@ def measure(
                 schedule,
                 key,
                 cafile,
-            ),
-            daemon=True,
+            )
         )
-        process.start()
-        sender.close()
-        workers.append((process, receiver))
         first += count
     costed = [name for name in ("sim", target.relay, *target.also_costs) if name]
     sleep_until(schedule.warm)
@@ -570,7 +559,7 @@ def measure(
         except subprocess.TimeoutExpired:
             profiler.kill()  # by PID: the py-spy we started
             profiler.wait(PROFILER_EXIT_S)
-    outcome = collect_outcome(workers, schedule.end + STREAM_TIMEOUT_S + 15.0)
+    outcome = collect_outcome(workers, schedule.results_due)
     window = schedule.end - schedule.warm
     chunks = outcome.completed * TOKENS
     # Per process, to show whether one worker ran hot while the other idled.
