@@ -233,6 +233,16 @@ def before_and_during(
     return rest_report, during_report, line
 
 
+def start_load(proxy) -> StreamLoad:
+    """CLIENTS closed-loop streams through `proxy`, each checked against the simulator's text."""
+    return StreamLoad(
+        f"{proxy.base_url}/v1/chat/completions",
+        BODY,
+        clients=CLIENTS,
+        expected_text=expected_text(TOKENS),
+    ).start()
+
+
 @pytest.fixture
 def stand_in():
     systemd = SystemdStandIn().start()
@@ -248,12 +258,7 @@ def test_upgrade_under_load_loses_no_stream_and_hands_systemd_the_new_master(
     old_workers = live_children(old)
     proxy = nginx_factory(gateway)
     try:
-        load = StreamLoad(
-            f"{proxy.base_url}/v1/chat/completions",
-            BODY,
-            clients=CLIENTS,
-            expected_text=expected_text(TOKENS),
-        ).start()
+        load = start_load(proxy)
         try:
             time.sleep(SETTLE_S)
             release.install("release-2")
@@ -327,12 +332,7 @@ def test_control_a_stop_then_start_is_counted_as_lost_streams(
     """The same load and counter see what `systemctl restart` does: a gap with no gateway."""
     gateway = gateway_factory(simulator, workers=2)
     proxy = nginx_factory(gateway)
-    load = StreamLoad(
-        f"{proxy.base_url}/v1/chat/completions",
-        BODY,
-        clients=CLIENTS,
-        expected_text=expected_text(TOKENS),
-    ).start()
+    load = start_load(proxy)
     restarted = None
     try:
         time.sleep(SETTLE_S)
