@@ -25,6 +25,7 @@ import json
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import pytest
@@ -67,6 +68,15 @@ def start_edge(running: ExitStack, upstream, pki: LocalPKI | None, **options) ->
     proxy = LocalNginx([f"{upstream.host}:{upstream.port}"], pki=pki, **options)
     running.callback(proxy.stop)
     return proxy.start(require_nginx())
+
+
+def without_lines(site: str, unwanted: Callable[[str], bool]) -> str:
+    """The site config without the lines `unwanted` picks; a negative control's edit, so it
+    must remove at least one (else the control would test the unchanged config)."""
+    lines = site.splitlines(keepends=True)
+    kept = [line for line in lines if not unwanted(line)]
+    assert len(kept) < len(lines), "the edit found no line to remove"
+    return "".join(kept)
 
 
 @pytest.fixture(scope="module")
@@ -198,15 +208,10 @@ def default_tls_edge(running, gateway, pki):
     """Negative control: the profile's lines replaced by nginx's defaults opened wide."""
 
     def nginx_defaults(site: str) -> str:
-        lines = [
-            line
-            for line in site.splitlines(keepends=True)
-            if "ssl_protocols" not in line and "ssl_ciphers" not in line
-        ]
+        text = without_lines(site, lambda line: "ssl_protocols" in line or "ssl_ciphers" in line)
         wide = (
             "    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;\n    ssl_ciphers ALL:@SECLEVEL=0;\n"
         )
-        text = "".join(lines)
         return text.replace(
             "    ssl_session_tickets off;\n", "    ssl_session_tickets on;\n" + wide
         )
@@ -467,13 +472,9 @@ def unlimited_edge(running, gateway, pki):
     """Negative control: the same edge with every limit_req/limit_conn line removed."""
 
     def without_limits(site: str) -> str:
-        kept = [
-            line
-            for line in site.splitlines(keepends=True)
-            if not line.lstrip().startswith(("limit_req ", "limit_conn "))
-        ]
-        assert len(kept) < len(site.splitlines(keepends=True))
-        return "".join(kept)
+        return without_lines(
+            site, lambda line: line.lstrip().startswith(("limit_req ", "limit_conn "))
+        )
 
     proxy = start_edge(running, gateway, pki, role_limits=True, site_edits=[without_limits])
     yield proxy
