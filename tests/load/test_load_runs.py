@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from streamgate.simulator.faults import FAULT_MODEL_PREFIX
 from support import services
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +118,14 @@ def run_failing(target: str, tmp_path: Path, gate: str, **options) -> LoadResult
     return result
 
 
+def run_with_fault(target: str, tmp_path: Path, gate: str, fault: str, **options) -> LoadResult:
+    """A run whose every request asks the simulator for `fault` (its model sim-fault-<fault>):
+    it must fail `gate`."""
+    return run_failing(
+        target, tmp_path, gate, extra=["--model", FAULT_MODEL_PREFIX + fault], **options
+    )
+
+
 @pytest.fixture(scope="module")
 def chain(simulator_factory, gateway_factory, nginx_factory):
     """(nginx in front of the gateway, routes to load), or nginx in front of the simulator
@@ -161,13 +170,8 @@ def test_nginx_with_buffering_on_fails_buffered(simulator_factory, nginx_factory
 
 def test_simulator_stalling_midstream_fails_the_gap_gate(simulator_factory, tmp_path):
     stalling = simulator_factory(stall_s=2)
-    result = run_failing(
-        stalling.base_url,
-        tmp_path,
-        "itl_p99",
-        users=10,
-        run_time="8s",
-        extra=["--model", "sim-fault-stall-midstream"],
+    result = run_with_fault(
+        stalling.base_url, tmp_path, "itl_p99", "stall-midstream", users=10, run_time="8s"
     )
     assert result.gates["itl_p99"]["value"] >= 1500, result.explain()
     # the stream resumes after the stall: complete and in order, only late
@@ -175,26 +179,16 @@ def test_simulator_stalling_midstream_fails_the_gap_gate(simulator_factory, tmp_
 
 
 def test_simulator_dropping_a_token_fails_corrupt(simulator, tmp_path):
-    result = run_failing(
-        simulator.base_url,
-        tmp_path,
-        "corrupt_ratio",
-        users=10,
-        run_time="5s",
-        extra=["--model", "sim-fault-drop-token"],
+    result = run_with_fault(
+        simulator.base_url, tmp_path, "corrupt_ratio", "drop-token", users=10, run_time="5s"
     )
     assert result.gates["corrupt_ratio"]["value"] == 1, result.explain()
     assert result.gates["failure_ratio"]["passed"], result.explain()  # complete, only wrong
 
 
 def test_errors_fail_the_failure_gate(simulator, tmp_path):
-    result = run_failing(
-        simulator.base_url,
-        tmp_path,
-        "failure_ratio",
-        users=5,
-        run_time="4s",
-        extra=["--model", "sim-fault-error-midstream"],
+    result = run_with_fault(
+        simulator.base_url, tmp_path, "failure_ratio", "error-midstream", users=5, run_time="4s"
     )
     assert "in-band error event" in (result.report / "stats_failures.csv").read_text()
 
