@@ -7,6 +7,7 @@ One decoder per framing (plain text, SSE, OpenAI chunks) turns a wire trace into
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,16 @@ def request(
     h2_probe.request, `options` its own (headers, timeout_s, stop_when, tls, ...)."""
     sent = body(route) if payload is None else payload
     return client("127.0.0.1", target.port, ROUTES[route], sent, **options)
+
+
+def tagged_request(
+    target, route: str, payload: dict | bytes | None = None, *, tag: str, **options
+) -> tuple[str, Trace]:
+    """request() with an X-Request-ID of its own, `tag`-<12 hex digits>, by which the
+    simulator's and the gateway's records of it are found: (that id, the trace)."""
+    request_id = f"{tag}-{uuid.uuid4().hex[:12]}"
+    trace = request(target, route, payload, headers={"X-Request-ID": request_id}, **options)
+    return request_id, trace
 
 
 @dataclass

@@ -7,8 +7,6 @@ the time it heard the close; the probe records when it hung up.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from support import chat, stream_probe
 from support.procs import wait_until
@@ -43,11 +41,10 @@ def cancel_record(simulator, request_id: str, *, timeout_s: float = 3.0) -> dict
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_hanging_up_mid_stream_cancels_the_upstream(target, route, simulator):
-    request_id = f"wire-hangup-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         target,
         route,
-        headers={"X-Request-ID": request_id},
+        tag="wire-hangup",
         timeout_s=10,
         stop_when=lambda t: stream_probe.separate_reads(t) >= TOKENS_BEFORE_HANGING_UP,
     )
@@ -60,12 +57,11 @@ def test_hanging_up_mid_stream_cancels_the_upstream(target, route, simulator):
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_hanging_up_before_the_first_token_cancels_the_upstream(target, route, simulator):
-    request_id = f"wire-hangup-early-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         target,
         route,
         chat.body(route, model="sim-fault-stall-first"),
-        headers={"X-Request-ID": request_id},
+        tag="wire-hangup-early",
         timeout_s=10,
         stop_after_s=WAIT_BEFORE_HANGING_UP_S,
     )
@@ -78,12 +74,11 @@ def test_hanging_up_before_the_first_token_cancels_the_upstream(target, route, s
 
 def test_negative_control_a_client_that_stays_sees_no_cancel(gateway, simulator):
     """The detector above must be able to fail: a stream read to its end is never 'cancelled'."""
-    request_id = f"wire-stays-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         gateway,
         chat.SSE,
         chat.body(chat.SSE, max_tokens=5),
-        headers={"X-Request-ID": request_id},
+        tag="wire-stays",
         timeout_s=10,
     )
     assert trace.status == 200 and trace.complete, (trace.status, trace.error)
@@ -95,12 +90,11 @@ def test_negative_control_a_client_that_stays_sees_no_cancel(gateway, simulator)
 def test_hanging_up_on_a_non_streamed_request_cancels_the_upstream(target, simulator, gateway):
     """Non-streamed answers are produced the same way upstream: a hang-up stops them too, and
     the log says the client left (not 200 ok)."""
-    request_id = f"wire-hangup-whole-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         target,
         chat.OPENAI,
         chat.body(chat.OPENAI, stream=False),
-        headers={"X-Request-ID": request_id},
+        tag="wire-hangup-whole",
         timeout_s=10,
         stop_after_s=WAIT_BEFORE_HANGING_UP_S,  # the whole answer takes about 1 s upstream
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import uuid
 from dataclasses import dataclass
 
 import pytest
@@ -40,11 +39,10 @@ def test_an_unreachable_upstream_is_named_in_user_terms_and_detailed_in_the_log(
     unreachable_gateway, route
 ):
     gateway, upstream = unreachable_gateway
-    request_id = f"wire-privacy-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         gateway,
         route,
-        headers={"X-Request-ID": request_id},
+        tag="wire-privacy",
         timeout_s=10,
     )
     assert trace.status == 502, (trace.status, trace.body[:300])

@@ -14,7 +14,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
 
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
@@ -380,11 +379,10 @@ def test_default_gateway_logs_the_lean_transport(gateway):
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_every_token_arrives_exactly_through_the_proxy(proxied_gateway, proxy, route):
-    request_id = f"wire-proxy-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         proxied_gateway,
         route,
-        headers={"X-Request-ID": request_id},
+        tag="wire-proxy",
         timeout_s=20,
     )
     relay = chat.decode(route, trace)
@@ -414,12 +412,11 @@ HANG_UPS = {
 @pytest.mark.parametrize("when", list(HANG_UPS))
 def test_hanging_up_through_the_proxy_cancels_the_upstream(proxied_gateway, simulator, when):
     body, hang_up = HANG_UPS[when]
-    request_id = f"wire-proxy-hangup-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         proxied_gateway,
         chat.SSE,
         chat.body(chat.SSE, **body),
-        headers={"X-Request-ID": request_id},
+        tag="wire-proxy-hangup",
         timeout_s=10,
         **hang_up,
     )

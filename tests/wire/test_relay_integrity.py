@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from streamgate.simulator.script import expected_text, expected_tokens
 from support import chat
@@ -47,12 +45,11 @@ def test_sse_done_event_carries_the_usage(gateway):
 
 @pytest.mark.parametrize("route", list(chat.ROUTES))
 def test_client_request_id_reaches_the_upstream_and_comes_back(target, simulator, route):
-    request_id = f"wire-rid-{uuid.uuid4().hex[:12]}"
-    trace = chat.request(
+    request_id, trace = chat.tagged_request(
         target,
         route,
         chat.body(route, max_tokens=3),
-        headers={"X-Request-ID": request_id},
+        tag="wire-rid",
     )
 
     assert trace.status == 200, (trace.status, trace.body[:300])
