@@ -126,6 +126,16 @@ def run_with_fault(target: str, tmp_path: Path, gate: str, fault: str, **options
     )
 
 
+def assert_buffering_is_caught(buffering_proxy, tmp_path: Path, **options) -> None:
+    """A run through nginx with buffering on fails buffered_ratio, most responses merged, while
+    the text still arrives whole: the verdict is about timing, not content."""
+    result = run_failing(
+        buffering_proxy.base_url, tmp_path, "buffered_ratio", run_time="6s", **options
+    )
+    assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
+    assert result.gates["corrupt_ratio"]["passed"], result.explain()
+
+
 @pytest.fixture(scope="module")
 def chain(simulator_factory, gateway_factory, nginx_factory):
     """(nginx in front of the gateway, routes to load), or nginx in front of the simulator
@@ -160,12 +170,7 @@ def test_run_through_the_chain_passes_every_gate(chain, tmp_path):
 
 def test_nginx_with_buffering_on_fails_buffered(simulator_factory, nginx_factory, tmp_path):
     buffering_proxy = nginx_factory(simulator_factory(), buffering_fault=True)
-    result = run_failing(
-        buffering_proxy.base_url, tmp_path, "buffered_ratio", users=10, run_time="6s"
-    )
-    assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
-    # the text still arrives whole: the verdict is about timing, not content
-    assert result.gates["corrupt_ratio"]["passed"], result.explain()
+    assert_buffering_is_caught(buffering_proxy, tmp_path, users=10)
 
 
 def test_simulator_stalling_midstream_fails_the_gap_gate(simulator_factory, tmp_path):
@@ -274,13 +279,4 @@ def test_any_upstream_nginx_with_buffering_on_fails_buffered(
     llama_server, gateway_factory, nginx_factory, tmp_path
 ):
     buffering_proxy = nginx_factory(gateway_factory(llama_server, workers=2), buffering_fault=True)
-    result = run_failing(
-        buffering_proxy.base_url,
-        tmp_path,
-        "buffered_ratio",
-        users=8,
-        run_time="6s",
-        extra=ANY_UPSTREAM,
-    )
-    assert result.gates["buffered_ratio"]["value"] > 0.5, result.explain()
-    assert result.gates["corrupt_ratio"]["passed"], result.explain()
+    assert_buffering_is_caught(buffering_proxy, tmp_path, users=8, extra=ANY_UPSTREAM)
