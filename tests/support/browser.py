@@ -101,6 +101,15 @@ def chromium(*, trusted_keys: tuple[str, ...] = ()) -> Iterator:
             browser.close()
 
 
+@contextmanager
+def chromium_trusting_loopback(ca_file: Path, *ports: int) -> Iterator:
+    """chromium() accepting the certificates of the HTTPS servers on these loopback ports, each
+    verified against `ca_file` first (the local edges of the wire tests)."""
+    keys = tuple(sorted({spki_pin("127.0.0.1", port, ca_file) for port in ports}))
+    with chromium(trusted_keys=keys) as instance:
+        yield instance
+
+
 def opens(other_browser, url: str) -> str:
     """How a second Chromium from the same Playwright, trusting no key, fares at `url`: "opened",
     or the error it met (controls of the trust above: a certificate error is expected)."""

@@ -85,10 +85,8 @@ def default_edge(page_edge_factory, backend) -> LocalNginx:
 
 @pytest.fixture(scope="module")
 def chromium(pki, cors_edge, default_edge):
-    keys = {
-        browser.spki_pin("127.0.0.1", p.port, pki.ca_certificate) for p in (cors_edge, default_edge)
-    }
-    with browser.chromium(trusted_keys=tuple(keys)) as instance:
+    ports = (cors_edge.port, default_edge.port)
+    with browser.chromium_trusting_loopback(pki.ca_certificate, *ports) as instance:
         yield instance
 
 

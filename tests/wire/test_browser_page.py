@@ -51,13 +51,8 @@ def buffering_edge(page_edge_factory, backend):
 
 @pytest.fixture(scope="module")
 def chromium(pki, edge, buffering_edge):
-    keys = tuple(
-        {
-            browser.spki_pin("127.0.0.1", proxy.port, pki.ca_certificate)
-            for proxy in (edge, buffering_edge)
-        }
-    )
-    with browser.chromium(trusted_keys=keys) as instance:
+    ports = (edge.port, buffering_edge.port)
+    with browser.chromium_trusting_loopback(pki.ca_certificate, *ports) as instance:
         yield instance
 
 
