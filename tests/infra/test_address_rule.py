@@ -1,7 +1,8 @@
 """The roles' rule for where a host's service listens and who may reach it (the filters in
 ansible/filter_plugins/streamgate_addresses.py), on made-up inventories, against the expected
-addresses and against helpers.served_address, the statement the host checks use. Runs on the
-controller; no host is touched.
+addresses and against the two other statements of it: helpers.served_address, which the host
+checks use, and the doctor's hops.advertised_address, which picks the address it probes.
+Runs on the controller; no host is touched.
 
 Negative control: a rule that serves on loopback whenever this host is one of its clients (not
 the only one) is told apart by the same table.
@@ -13,6 +14,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from streamgate.doctor.hops import Inventory, advertised_address
 
 from infra.helpers import served_address
 
@@ -78,6 +80,8 @@ def test_where_a_service_listens_and_who_reaches_it(inventory, host, clients, se
     assert filters.served_address(groups[clients], host, address) == served
     assert filters.client_addresses(groups[clients], host, hostvars) == sources
     assert served_address(helpers_view(inventory, host), clients) == served
+    doctors_view = Inventory(Path("hosts.yml"), groups, hostvars)
+    assert advertised_address(doctors_view, host, clients) == served
 
 
 def loopback_when_among_the_clients(clients, host, own_address):
